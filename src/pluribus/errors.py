@@ -1,0 +1,13 @@
+"""User-facing errors: one clear line, a non-zero exit, no traceback (the CLI catches these)."""
+
+
+class PluribusError(Exception):
+    """A mistake the user can fix (bad config, missing file, incompatible models)."""
+
+    exit_code = 1
+
+
+class ConfigError(PluribusError):
+    """An invalid config file or value; exit code 2, as for a command-line usage error."""
+
+    exit_code = 2

@@ -1,0 +1,71 @@
+"""The embedded world: ≥12 generated, checkable domains that run anywhere (DESIGN.md §5).
+
+Splits are disjoint by construction: a prompt's split is a hash of its text, so no test prompt can
+ever be generated for train, whatever the seeds. Records follow `pluribus.data`, so a user's JSONL
+drops in wherever the world's data does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from pluribus.data import Record
+from pluribus.errors import PluribusError
+from pluribus.world.domains import DOMAINS, Domain, Instance, parse_program, rubric_score, rubric_verdicts
+
+SPLITS = ("train", "test")
+TEST_FRACTION = 0.25
+
+__all__ = ["DOMAINS", "Domain", "Instance", "SPLITS", "domain", "generate", "split_of", "check",
+           "parse_program", "rubric_score", "rubric_verdicts", "trivial_floor"]
+
+
+def domain(name: str) -> Domain:
+    """The named domain, or one clear error listing the known ones."""
+    if name not in DOMAINS:
+        raise PluribusError(f"unknown domain '{name}' (known: {', '.join(DOMAINS)})")
+    return DOMAINS[name]
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to, fixed by a hash of its text."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2**64
+    return "test" if h < TEST_FRACTION else "train"
+
+
+def generate(name: str, split: str, n: int, seed: int = 0, unique: bool = True) -> list[Record]:
+    """`n` records of one domain and split, deterministic in (name, split, seed).
+
+    With `unique`, prompts do not repeat unless the domain's space runs out (then they may).
+    """
+    if split not in SPLITS:
+        raise PluribusError(f"unknown split '{split}' (use train or test)")
+    dom = domain(name)
+    rng = random.Random(f"{name}:{split}:{seed}")
+    records, seen, tries = [], set(), 0
+    while len(records) < n:
+        inst = dom.make(rng)
+        tries += 1
+        if split_of(inst.prompt) != split:
+            continue
+        if unique and inst.prompt in seen and tries < 50 * n:
+            continue
+        seen.add(inst.prompt)
+        records.append(Record(id=f"{name}-{split}-{seed}-{len(records)}", domain=name, prompt=inst.prompt,
+                              answer=inst.answer, tests=inst.tests, rubric=inst.rubric, meta=inst.meta))
+    return records
+
+
+def check(record: Record, response: str) -> float:
+    """The domain's reward for a response, in [0, 1]."""
+    return domain(record.domain).check(record, response)
+
+
+def trivial_floor(records: list[Record], candidates: int = 20) -> float:
+    """Pass rate of always giving one answer: the best, over the most common answers, of its pass@1."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.answer or ""] = counts.get(r.answer or "", 0) + 1
+    common = sorted(counts, key=counts.get, reverse=True)[:candidates]
+    return max(sum(check(r, a) >= 1.0 for r in records) / len(records) for a in common) if records else 0.0
