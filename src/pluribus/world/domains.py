@@ -102,7 +102,7 @@ def _linear_make(rng):
 
 def _linear_mistake(rng, inst):
     a, b, c = inst.meta["a"], inst.meta["b"], inst.meta["c"]
-    return _differ(str(c - b), inst.answer, lambda: str((c + b) // a))  # forgot to divide
+    return _differ(str(c - b), inst.answer, lambda: str(-int(inst.answer) or 1))  # forgot to divide
 
 
 def _max_make(rng):
@@ -134,8 +134,8 @@ def _word(rng, lo, hi, alphabet=string.ascii_lowercase):
 def _count_make(rng):
     letters = rng.sample("abcdefgh", 5)
     target, others = letters[0], letters[1:]
-    k = rng.randint(0, 7)
-    chars = [target] * k + [rng.choice(others) for _ in range(rng.randint(max(0, 5 - k), 11 - k))]
+    k = rng.randint(0, 9)
+    chars = [target] * k + [rng.choice(others) for _ in range(rng.randint(max(0, 5 - k), 12 - k))]
     rng.shuffle(chars)
     s = "".join(chars)
     return Instance(f"count {target} in {s}", str(k), {"target": target, "s": s})
@@ -184,6 +184,7 @@ def _case_mistake(rng, inst):
 
 # --- code: program synthesis from input/output examples -------------------------------------
 
+CODE_PREFIX = "f=lambda x:"
 _CODE_SHOWN = (1, 2, 3)
 _CODE_HIDDEN = (0, 4, 5, -2, 7)
 
@@ -200,13 +201,13 @@ def _code_make(rng):
     f = _compile_body(body)
     shown = " ".join(f"f({x})={f(x)}" for x in _CODE_SHOWN)
     tests = [f"assert f({x}) == {f(x)}" for x in _CODE_HIDDEN]
-    return Instance(f"code {shown}", f"def f(x):return {body}", {"family": family}, tests=tests)
+    return Instance(f"code {shown}", f"{CODE_PREFIX}{body}", {"family": family}, tests=tests)
 
 
 def _code_mistake(rng, inst):
     # Fits the first example only: a constant function.
     first = int(inst.prompt.split()[1].split("=")[1])
-    return _differ(f"def f(x):return {first}", inst.answer, lambda: "def f(x):return x")
+    return _differ(f"{CODE_PREFIX}{first}", inst.answer, lambda: f"{CODE_PREFIX}x")
 
 
 _SAFE_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.USub, ast.UAdd,
@@ -247,17 +248,16 @@ def _compile_body(body: str) -> Callable[[int], int]:
 
 
 def parse_program(response: str) -> Callable[[int], int] | None:
-    """The function a response defines, if it is `def f(x):return <arithmetic on x>`; else None.
+    """The function a response defines, if it is `f=lambda x:<arithmetic on x>`; else None.
 
     This evaluates without executing: the world's code domain stays safe with no sandbox. Real code
     (arbitrary Python) is checked by `pluribus.rewards` in the sandbox instead.
     """
     text = response.strip()
-    prefix = "def f(x):return "
-    if not text.startswith(prefix):
+    if not text.startswith(CODE_PREFIX):
         return None
     try:
-        return _compile_body(text[len(prefix):].strip())
+        return _compile_body(text[len(CODE_PREFIX):].strip())
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
 

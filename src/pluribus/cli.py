@@ -1,0 +1,120 @@
+"""The `pluribus` command. User mistakes end with one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from pluribus.errors import ConfigError, PluribusError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DeepSeek-V4 post-training: specialists, generative reward, multi-teacher OPD.")
+world_app = typer.Typer(no_args_is_help=True, help="The embedded world's domains.")
+app.add_typer(world_app, name="world")
+console = Console()
+
+
+@world_app.command("list")
+def world_list() -> None:
+    """List the built-in domains."""
+    from rich.table import Table
+
+    from pluribus.world import DOMAINS, generate
+
+    table = Table(title=f"{len(DOMAINS)} domains")
+    for col in ("domain", "reward", "description", "example"):
+        table.add_column(col)
+    for d in DOMAINS.values():
+        ex = generate(d.name, "train", 1)[0]
+        table.add_row(d.name, "rubric (GRM)" if d.rubric_domain else "checker", d.description,
+                      f"{ex.prompt} → {ex.answer}")
+    console.print(table)
+
+
+@world_app.command("export")
+def world_export(domain: str = typer.Option(..., help="domain name (see `pluribus world list`)"),
+                 split: str = typer.Option("train", help="train or test"),
+                 n: int = typer.Option(100, min=1, help="number of records"),
+                 seed: int = typer.Option(0),
+                 out: Path = typer.Option(..., help="output JSONL path")) -> None:
+    """Write records in the data contract (JSONL): id, domain, prompt, answer, tests, rubric, meta."""
+    from pluribus.data import write_jsonl
+    from pluribus.world import generate
+
+    write_jsonl(generate(domain, split, n, seed), out)
+    console.print(f"wrote {n} {domain}/{split} records to {out}")
+
+
+@app.command()
+def pretrain(config: Path = typer.Argument(..., help="YAML with the pretrain fields")) -> None:
+    """Train the tiny preset from scratch on world text (the weak base)."""
+    from pluribus.config import PretrainConfig, load_yaml
+    from pluribus.stages import pretrain as stage
+
+    console.print(f"base model saved to {stage.run(load_yaml(config, PretrainConfig))}")
+
+
+@app.command()
+def sft(config: Path = typer.Argument(..., help="YAML with the sft fields")) -> None:
+    """Supervised fine-tuning (full weights or LoRA)."""
+    from pluribus.config import SFTConfig, load_yaml
+    from pluribus.stages import sft as stage
+
+    console.print(f"model saved to {stage.run(load_yaml(config, SFTConfig))}")
+
+
+@app.command("eval")
+def eval_(model: Path = typer.Option(..., help="HF model folder"),
+          domains: Optional[list[str]] = typer.Option(None, "--domains", help="domains (repeat or comma-separate)"),
+          n: int = typer.Option(200, min=1, help="test prompts per domain"),
+          samples: int = typer.Option(8, min=1, help="sampled responses per prompt"),
+          seed: int = typer.Option(0),
+          as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """Per-domain greedy pass@1, mean sampled reward, pass@k and trivial floor."""
+    from pluribus.config import EvalConfig, validate
+    from pluribus.stages import evaluate
+
+    names = [d for item in domains or [] for d in item.split(",") if d]
+    cfg = validate(EvalConfig, {"model": str(model), "domains": names, "n": n, "samples": samples, "seed": seed},
+                   "eval")
+    from pluribus.world import domain as check_domain
+
+    for d in names:
+        check_domain(d)
+    scores = evaluate.run(cfg)
+    if as_json:
+        print(json.dumps(evaluate.as_json(scores), indent=2))
+    else:
+        console.print(evaluate.table(scores, title=f"{model}"))
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="pipeline YAML, e.g. examples/quickstart.yaml"),
+        smoke: bool = typer.Option(False, "--smoke", help="few steps on 3 domains: seconds, not minutes")) -> None:
+    """Run the whole recipe, stage by stage, resuming where a previous run stopped."""
+    from pluribus.pipeline import run_pipeline
+
+    run_pipeline(config, smoke=smoke)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except PluribusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

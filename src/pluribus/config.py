@@ -1,0 +1,179 @@
+"""Validated configuration: one pydantic model per stage, loaded from YAML.
+
+Every field is read by the stage it belongs to; unknown fields are errors (a typo must not be
+silently ignored). `load_yaml` turns any problem into one line naming the file, the field and the
+problem (a `ConfigError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pluribus.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    """Where training prompts come from: world domains (generated) and/or users' JSONL files."""
+
+    domains: list[str] = Field(default_factory=list, description="world domains to generate from")
+    n_per_domain: int = Field(500, gt=0, description="generated train records per world domain")
+    jsonl: list[str] = Field(default_factory=list, description="paths of JSONL files in the data contract")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_domains(self):
+        from pluribus.world import DOMAINS
+
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr·min_lr_ratio")
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+class LoraConfig(Strict):
+    rank: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class PretrainConfig(Strict):
+    """Train the tiny preset from scratch on world text whose answers are mostly wrong."""
+
+    out: str
+    size: int = Field(2, ge=1, description="the one size dial: hidden = 64·size")
+    arch: Literal["llama", "qwen2"] = "llama"
+    domains: list[str] = Field(default_factory=list, description="empty: all world domains")
+    steps: int = Field(1500, gt=0)
+    batch_size: int = Field(64, gt=0)
+    optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=50)
+    p_correct: float = Field(0.3, ge=0, le=1, description="share of corpus answers that are right")
+    p_mistake: float = Field(0.5, ge=0, le=1, description="share that follow the domain's systematic mistake")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shares(self):
+        if self.p_correct + self.p_mistake > 1:
+            raise ValueError("p_correct + p_mistake must be ≤ 1 (the rest is noise)")
+        return self
+
+
+class SFTConfig(Strict):
+    """Prompt-masked cross-entropy on chat-formatted demonstrations."""
+
+    model: str
+    out: str
+    data: DataConfig
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    optim: OptimConfig = OptimConfig()
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of full weights")
+    seed: int = 0
+
+
+class EvalConfig(Strict):
+    model: str
+    domains: list[str] = Field(default_factory=list, description="empty: all world domains")
+    n: int = Field(200, gt=0, description="test prompts per domain")
+    samples: int = Field(8, ge=1, description="sampled responses per prompt (mean reward, pass@k)")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(256, gt=0)
+    seed: int = 0
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def validate(cls: type[C], data: dict, where: str) -> C:
+    """Build a config, or raise one line: `<where>: <field.path>: <problem>`."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        raise ConfigError(f"{where}: {field}: {msg}") from None
+
+
+def load_yaml(path: str | Path, cls: type[C], section: str | None = None) -> C:
+    """Load and validate `cls` from a YAML file (or one top-level section of it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    if section is not None:
+        if section not in data:
+            raise ConfigError(f"{path}: {section}: missing section")
+        data = data[section]
+        return validate(cls, data or {}, f"{path}: {section}")
+    return validate(cls, data, str(path))
+
+
+class SamplingConfig(Strict):
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: no top-k truncation")
+
+
+class GRPOConfig(Strict):
+    """GRPO with the DeepSeek-V3.2 changes (see pluribus.core.grpo for the maths and its departures)."""
+
+    model: str
+    out: str
+    data: DataConfig
+    steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(16, gt=0)
+    group_size: int = Field(8, ge=2, description="G samples per prompt")
+    inner_updates: int = Field(1, ge=1, description="μ: optimizer passes over each rollout batch")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass (rollouts split evenly)")
+    sampling: SamplingConfig = SamplingConfig()
+    advantage_scale: Literal["none", "std"] = "none"
+    eps_low: float = Field(0.2, gt=0, lt=1)
+    eps_high: float = Field(0.28, gt=0)
+    kl_coef: float = Field(0.0, ge=0, description="KL to the reference in the loss; 0 skips the reference")
+    kl_estimator: Literal["k3", "k3_unbiased"] = "k3_unbiased"
+    off_policy_delta: float | None = Field(None, gt=0, description="V3.2 off-policy sequence masking threshold δ")
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    optim: OptimConfig = OptimConfig(lr=2e-4, warmup_steps=5, schedule="constant")
+    lora: LoraConfig | None = LoraConfig()
+    max_len_penalty_tokens: int | None = Field(None, gt=0, description="DAPO overlong penalty: max tokens")
+    len_penalty_cache_tokens: int = Field(8, ge=0)
+    eval_every: int = Field(0, ge=0, description="greedy pass@1 on held-out prompts every N steps; 0 never")
+    eval_n: int = Field(100, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batches(self):
+        rollouts = self.prompts_per_step * self.group_size
+        if rollouts % self.minibatches:
+            raise ValueError(f"prompts_per_step × group_size ({rollouts}) must divide into {self.minibatches} minibatches")
+        return self

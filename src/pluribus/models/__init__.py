@@ -1,0 +1,210 @@
+"""Models: load/save HF causal LMs and tokenizers, LoRA, chat rendering, log-prob helpers, the tiny preset.
+
+The only layer that knows `transformers` and `peft`. Everything is float32 by default: CPUs
+without a fast bf16 path run bf16 matmuls two orders of magnitude slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pluribus.errors import PluribusError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads weights at run time
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+META_FILE = "pluribus.json"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_config(size: int = 2, vocab_size: int = 103, arch: str = "llama", max_positions: int = 128):
+    """A tiny standard HF config; `size` is the one dial (hidden = 64·size, 4 layers).
+
+    size=2 is a ~0.8M-parameter Llama (hidden 128), which learns the world's domains in minutes.
+    """
+    from transformers import LlamaConfig, Qwen2Config
+
+    if size < 1:
+        raise PluribusError(f"model size must be ≥ 1, got {size}")
+    hidden = 64 * size
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3,
+                  num_hidden_layers=4, num_attention_heads=max(2, hidden // 32),
+                  num_key_value_heads=max(2, hidden // 32), max_position_embeddings=max_positions,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    raise PluribusError(f"unknown tiny architecture '{arch}' (use llama or qwen2)")
+
+
+def build_tiny(out_dir: str | Path, size: int = 2, seed: int = 0, arch: str = "llama") -> Path:
+    """Build the randomly initialised tiny preset with the char tokenizer and save it as an HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    from pluribus.models.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(size, len(tokenizer), arch))
+    return save(model, tokenizer, out_dir, {"preset": "tiny", "size": size, "arch": arch})
+
+
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: bool = True):
+    """(model, tokenizer) from a local HF folder: a full model or a LoRA adapter over its base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PluribusError(f"{path}: model folder not found")
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, local_files_only=True)
+        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    else:
+        raise PluribusError(f"{path}: not a model folder (no config.json or adapter_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.train(trainable)
+    return model, tokenizer
+
+
+def save(model, tokenizer, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Save an HF folder atomically: write into a temp folder, then rename over the target."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """What pluribus recorded next to a saved model (domain of an expert, its stage, ...)."""
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def add_lora(model, rank: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """Wrap a model with a trainable LoRA adapter on every attention and MLP projection."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [n for n in LORA_TARGETS if any(name.endswith(n) for name, _ in model.named_modules())]
+    if not targets:
+        raise PluribusError("LoRA: the model has none of the usual projection layers " + ", ".join(LORA_TARGETS))
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_lora(model):
+    """A plain model with the adapter folded into its weights (a no-op for a plain model)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# --- chat rendering ------------------------------------------------------------------------------
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation up to and including the assistant's opening marker."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_example(tokenizer, messages: list[dict[str, str]], response: str) -> tuple[list[int], int]:
+    """(ids of prompt + response + EOS, number of prompt tokens).
+
+    The response is encoded on its own and appended, so its ids are exactly what generation would
+    have produced; the template's own rendering of the full conversation must agree with them,
+    or the model would be trained on one tokenization and sample another.
+    """
+    prompt_ids = render_prompt(tokenizer, messages)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+# --- batching and log-probs ----------------------------------------------------------------------
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_B_L, attention_mask_B_L) padded to the longest sequence."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if side == "right":
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        else:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask_B_L: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded row sees the same positions as unpadded."""
+    return (attention_mask_B_L.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits_B_L_V: torch.Tensor, ids_B_L: torch.Tensor) -> torch.Tensor:
+    """log p(ids[t+1] | ids[≤t]) for each t: `[B, L-1]`, via log-softmax and gather."""
+    logp = torch.log_softmax(logits_B_L_V[:, :-1].float(), dim=-1)
+    return logp.gather(-1, ids_B_L[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prompt_response_batch(prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,
+                          response_mask_B_T: torch.Tensor, pad_id: int):
+    """Left-padded prompts + right-padded responses: `(ids_B_L, attn_B_L, pos_B_L, P)`.
+
+    Every response then starts at column P, so the logits predicting response token t sit at column
+    P - 1 + t for every row: one slice, no per-row gather.
+    """
+    prompt_B_P, prompt_attn = pad_batch(prompt_ids, pad_id, side="left")
+    ids = torch.cat([prompt_B_P, response_ids_B_T], dim=1)
+    attn = torch.cat([prompt_attn, response_mask_B_T.long()], dim=1)
+    return ids, attn, position_ids_from_mask(attn), prompt_B_P.shape[1]
+
+
+def response_logits(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,
+                    response_mask_B_T: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Logits `[B, T, V]` predicting each response token (position t sees prompt + response[:t])."""
+    ids, attn, pos, P = prompt_response_batch(prompt_ids, response_ids_B_T, response_mask_B_T, pad_id)
+    T = response_ids_B_T.shape[1]
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :T]
+
+
+def response_logprobs(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,
+                      response_mask_B_T: torch.Tensor, pad_id: int, temperature: float = 1.0,
+                      keep_mask_B_T_V: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs `[B, T]` of the response tokens, entropy `[B, T]`) as the sampler defined them.
+
+    Temperature and the sampler's keep mask (top-p/top-k) are applied before the softmax, so the
+    trainer's π_θ and the sampler's π_old are distributions over the same action space (V3.2).
+    """
+    logits = response_logits(model, prompt_ids, response_ids_B_T, response_mask_B_T, pad_id).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    if keep_mask_B_T_V is not None:
+        logits = logits.masked_fill(~keep_mask_B_T_V, float("-inf"))
+    logp_B_T_V = torch.log_softmax(logits, dim=-1)
+    chosen = logp_B_T_V.gather(-1, response_ids_B_T.unsqueeze(-1)).squeeze(-1)
+    p = logp_B_T_V.exp()
+    entropy = -(p * logp_B_T_V.nan_to_num(neginf=0.0)).sum(-1)
+    return chosen, entropy.detach()

@@ -1,0 +1,233 @@
+"""Rollouts: batched sampling with a KV cache, and a token-granular write-ahead log.
+
+`sample` turns prompts into a `Rollout`: response token ids, the sampler's log-probs, response
+masks, the top-p/top-k keep mask (DeepSeek-V3.2 keeps the sampler's truncation in training so
+π_θ and π_old share one action space), finish reasons.
+
+Randomness is per request and per position (a Gumbel-max draw seeded by (seed, request, t)), not
+per batch: a request samples the same tokens whatever else is in its batch. That is what lets an
+interrupted batch resume from its log (DeepSeek-V4 §5.2.3) and give the tokens an uninterrupted
+run would have given; regenerating interrupted requests from scratch biases towards short answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pluribus.models import pad_batch, position_ids_from_mask
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable truncation."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses, one row per request.
+
+    prompt_ids: token ids of each prompt (unpadded).
+    response_ids_B_T: generated ids, right-padded with pad_id; includes the EOS when one was sampled.
+    response_mask_B_T: 1 on generated tokens (EOS included), 0 on padding.
+    sampler_logprobs_B_T: log-prob of each token under the distribution it was sampled from
+        (temperature and truncation applied); 0 on padding.
+    keep_mask_B_T_V: which tokens the sampler's top-p/top-k left in play at each step, or None when
+        there was no truncation.
+    finish_reasons: "eos" or "length" per row.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids_B_T: torch.Tensor
+    response_mask_B_T: torch.Tensor
+    sampler_logprobs_B_T: torch.Tensor
+    keep_mask_B_T_V: torch.Tensor | None
+    finish_reasons: list[str]
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask_B_T.sum(-1)
+
+    def sequences(self) -> list[list[int]]:
+        """prompt + response ids per row, unpadded."""
+        return [p + self.response_ids_B_T[i, : int(n)].tolist()
+                for i, (p, n) in enumerate(zip(self.prompt_ids, self.lengths))]
+
+
+def truncate_logits(logits_B_V: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Bool keep-mask `[B, V]` of the tokens top-k and nucleus top-p leave in play (always ≥ 1)."""
+    keep = torch.ones_like(logits_B_V, dtype=torch.bool)
+    if top_k and top_k < logits_B_V.shape[-1]:
+        kth = torch.topk(logits_B_V, top_k, dim=-1).values[:, -1:]
+        keep &= logits_B_V >= kth
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits_B_V.masked_fill(~keep, float("-inf")), dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # keep a token when the mass before it is < top_p: the smallest set reaching top_p
+        before = probs.cumsum(-1) - probs
+        keep_sorted = before < top_p
+        keep &= torch.zeros_like(keep).scatter(-1, order, keep_sorted)
+    return keep
+
+
+def _gumbel(seeds: Sequence[int], steps: Sequence[int], vocab: int) -> torch.Tensor:
+    """Gumbel noise `[B, V]`, row b drawn from a generator seeded by (seeds[b], steps[b])."""
+    gen = torch.Generator()
+    rows = []
+    for s, t in zip(seeds, steps):
+        gen.manual_seed((s * 1_000_003 + t) % (2**63 - 1))
+        rows.append(torch.rand(vocab, generator=gen))
+    u = torch.stack(rows).clamp_(1e-20, 1.0)
+    return -torch.log(-torch.log(u))
+
+
+class TokenLog:
+    """Write-ahead log: one line per decode step with each active request's token and log-prob.
+
+    A request's prefix is everything logged for it; `replay` rebuilds the prefixes after a crash.
+    Lines are flushed as written; a torn last line (crash mid-write) is ignored on replay.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")
+
+    def append(self, step: int, tokens: dict[int, tuple[int, float]]) -> None:
+        self._f.write(json.dumps({"t": step, "tok": {str(k): v for k, v in tokens.items()}}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def replay(path: str | Path) -> dict[int, list[tuple[int, float]]]:
+        """request index → [(token, logprob), ...] as logged."""
+        prefixes: dict[int, list[tuple[int, float]]] = {}
+        path = Path(path)
+        if not path.is_file():
+            return prefixes
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # torn write at the crash point: everything before it is intact
+            for k, (tok, lp) in entry["tok"].items():
+                prefixes.setdefault(int(k), []).append((int(tok), float(lp)))
+        return prefixes
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
+           seed: int = 0, request_seeds: Sequence[int] | None = None, log_path: str | Path | None = None,
+           stop_after_steps: int | None = None, tokenizer=None) -> Rollout:
+    """Sample one response per prompt with a KV cache.
+
+    request_seeds: per-row seeds (default: seed·100003 + row); a row's tokens depend only on them.
+    log_path: token-granular write-ahead log; if it already holds tokens (an interrupted run), those
+        prefixes are kept and sampling continues after them.
+    stop_after_steps: stop early (to simulate a crash in tests); the log keeps what was sampled.
+    """
+    was_training = model.training
+    model.eval()
+    B = len(prompt_ids)
+    seeds = list(request_seeds) if request_seeds is not None else [seed * 100_003 + i for i in range(B)]
+    greedy = params.temperature <= 0
+    truncating = params.top_k > 0 or params.top_p < 1.0
+
+    prefixes = TokenLog.replay(log_path) if log_path else {}
+    out_tokens: list[list[int]] = [[t for t, _ in prefixes.get(i, [])] for i in range(B)]
+    out_logps: list[list[float]] = [[lp for _, lp in prefixes.get(i, [])] for i in range(B)]
+    keep_rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    finished = [bool(o) and (o[-1] == eos_id or len(o) >= params.max_new_tokens) for o in out_tokens]
+    log = TokenLog(log_path) if log_path else None
+
+    active = [i for i in range(B) if not finished[i]]
+    if active:
+        _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
+                eos_id, pad_id, greedy, truncating, log, stop_after_steps)
+    if log:
+        log.close()
+    model.train(was_training)
+
+    T = max([len(o) for o in out_tokens] + [1])
+    response = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    logps = torch.zeros((B, T))
+    for i in range(B):
+        n = len(out_tokens[i])
+        response[i, :n] = torch.tensor(out_tokens[i], dtype=torch.long)
+        mask[i, :n] = True
+        logps[i, :n] = torch.tensor(out_logps[i])
+    keep = None
+    if truncating:
+        V = model.config.vocab_size
+        keep = torch.ones((B, T, V), dtype=torch.bool)
+        for i in range(B):
+            if keep_rows[i]:  # replayed prefixes have no stored keep mask: they count as untruncated
+                rows = torch.stack(keep_rows[i])
+                keep[i, len(out_tokens[i]) - len(rows): len(out_tokens[i])] = rows
+    reasons = ["eos" if o and o[-1] == eos_id else "length" for o in out_tokens]
+    texts = [tokenizer.decode([t for t in o if t != eos_id]) for o in out_tokens] if tokenizer else []
+    return Rollout([list(p) for p in prompt_ids], response, mask, logps, keep, reasons, texts)
+
+
+def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
+            eos_id, pad_id, greedy, truncating, log, stop_after_steps):
+    """The decode loop over the unfinished rows; fills the per-row output lists in place."""
+    rows = [prompt_ids[i] + out_tokens[i] for i in active]
+    ids, attn = pad_batch(rows, pad_id, side="left")
+    pos = position_ids_from_mask(attn)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    alive = torch.ones(len(active), dtype=torch.bool)
+    steps = 0
+    while True:
+        step_of = [len(out_tokens[i]) for i in active]
+        if greedy:
+            logp = torch.log_softmax(logits, -1)
+            tok = logp.argmax(-1)
+            keep = None
+        else:
+            scaled = logits / params.temperature
+            keep = truncate_logits(scaled, params.top_k, params.top_p) if truncating else None
+            if keep is not None:
+                scaled = scaled.masked_fill(~keep, float("-inf"))
+            logp = torch.log_softmax(scaled, -1)
+            tok = (logp + _gumbel([seeds[i] for i in active], step_of, logits.shape[-1])).argmax(-1)
+        chosen_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        logged = {}
+        for j, i in enumerate(active):
+            if not alive[j]:
+                continue
+            t = int(tok[j])
+            out_tokens[i].append(t)
+            out_logps[i].append(float(chosen_logp[j]))
+            if keep is not None:
+                keep_rows[i].append(keep[j].clone())
+            logged[i] = (t, float(chosen_logp[j]))
+            if t == eos_id or len(out_tokens[i]) >= params.max_new_tokens:
+                alive[j] = False
+                finished[i] = True
+        if log is not None and logged:
+            log.append(steps, logged)
+        steps += 1
+        if not alive.any() or (stop_after_steps is not None and steps >= stop_after_steps):
+            return
+        feed = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        attn = torch.cat([attn, alive[:, None].long()], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=feed[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()

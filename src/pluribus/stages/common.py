@@ -1,0 +1,117 @@
+"""What every training loop shares: records from config, optimizer and schedule, the LM loss, seeding."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from pluribus.config import DataConfig, OptimConfig
+from pluribus.data import Record, read_jsonl
+from pluribus.models import pad_batch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_records(data: DataConfig, split: str = "train") -> list[Record]:
+    """World records for `data.domains` plus every record of `data.jsonl`."""
+    from pluribus.world import generate
+
+    records = [r for d in data.domains for r in generate(d, split, data.n_per_domain, data.seed)]
+    for path in data.jsonl:
+        records.extend(read_jsonl(path))
+    return records
+
+
+def make_optimizer(model, optim: OptimConfig, total_steps: int):
+    """AdamW over trainable parameters + a LambdaLR warmup then cosine/linear/constant schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def lm_loss(model, sequences: list[list[int]], loss_starts: list[int], pad_id: int) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over tokens at positions ≥ loss_start of each sequence; (loss, token count).
+
+    loss_start is the index of the first token that is a target: the prompt length for SFT (the
+    prompt is context, not a target), 1 for pretraining on whole texts.
+    """
+    ids, attn = pad_batch(sequences, pad_id)
+    labels = ids.clone()
+    positions = torch.arange(ids.shape[1])[None, :]
+    labels[(positions < torch.tensor(loss_starts)[:, None]) | (attn == 0)] = -100
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    targets = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=-100, reduction="sum")
+    count = int((targets != -100).sum())
+    return loss / max(1, count), count
+
+
+def length_buckets(items: list, length, batch_size: int, rng: random.Random) -> list[list]:
+    """Split items into batches of similar length (sorted, chunked, batches shuffled): less padding."""
+    ordered = sorted(items, key=length)
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> tuple[float, bool]:
+    """Clip, step, zero; skip the update when the gradient is not finite. (grad norm, stepped)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    stepped = math.isfinite(norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return norm, stepped
+
+
+class MetricsLog:
+    """Append-only JSONL of metric dicts, flushed per line (readable while the stage runs)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")
+
+    def write(self, **metrics) -> None:
+        import json
+
+        self._f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def progress(description: str, total: int):
+    """A rich progress bar with ETA (quiet when not on a terminal and under pytest)."""
+    import os
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    disable = "PYTEST_CURRENT_TEST" in os.environ or not sys.stderr.isatty()
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable,
+                   transient=False)
+    task = bar.add_task(description, total=total, info="")
+    return bar, task

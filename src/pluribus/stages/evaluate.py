@@ -1,0 +1,85 @@
+"""Evaluation: per-domain greedy pass@1, mean sampled reward and pass@k, plus the trivial floor.
+
+A response passes when its reward is 1. The same seed gives the same numbers: test records come
+from the seeded world and sampling noise is seeded per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from pluribus.config import EvalConfig
+from pluribus.data import Record
+from pluribus.models import load, render_prompt
+from pluribus.rollout import SamplingParams, sample
+from pluribus.world import DOMAINS, check, generate, trivial_floor
+
+
+@dataclass(frozen=True)
+class DomainScore:
+    domain: str
+    n: int
+    pass1_greedy: float
+    reward_sampled: float
+    pass_at_k: float
+    k: int
+    floor: float
+
+
+def generate_texts(model, tokenizer, records: list[Record], params: SamplingParams, seed: int,
+                   batch_size: int, samples: int = 1) -> list[list[str]]:
+    """`samples` responses per record (texts, EOS stripped), batched, seeded per (record, sample)."""
+    prompts = [render_prompt(tokenizer, r.messages()) for r in records]
+    jobs = [(i, s) for i in range(len(records)) for s in range(samples)]
+    out: list[list[str]] = [[] for _ in records]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        rollout = sample(model, [prompts[i] for i, _ in chunk], params, eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, request_seeds=[seed * 7_919 + i * 131 + s for i, s in chunk],
+                         tokenizer=tokenizer)
+        for (i, _), text in zip(chunk, rollout.texts):
+            out[i].append(text)
+    return out
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig,
+                   reward: Callable[[Record, str], float] = check) -> list[DomainScore]:
+    scores = []
+    for name in cfg.domains or list(DOMAINS):
+        records = generate(name, "test", cfg.n, seed=cfg.seed)
+        greedy = generate_texts(model, tokenizer, records, SamplingParams(cfg.max_new_tokens, temperature=0),
+                                cfg.seed, cfg.batch_size)
+        sampled = generate_texts(model, tokenizer, records, SamplingParams(cfg.max_new_tokens, cfg.temperature),
+                                 cfg.seed, cfg.batch_size, samples=cfg.samples)
+        pass1 = sum(reward(r, g[0]) >= 1.0 for r, g in zip(records, greedy)) / len(records)
+        rewards = [[reward(r, t) for t in ts] for r, ts in zip(records, sampled)]
+        mean_reward = sum(map(sum, rewards)) / (len(records) * cfg.samples)
+        pass_k = sum(any(x >= 1.0 for x in rs) for rs in rewards) / len(records)
+        scores.append(DomainScore(name, len(records), pass1, mean_reward, pass_k, cfg.samples, trivial_floor(records)))
+    return scores
+
+
+def run(cfg: EvalConfig) -> list[DomainScore]:
+    model, tokenizer = load(cfg.model, trainable=False)
+    return evaluate_model(model, tokenizer, cfg)
+
+
+def as_json(scores: list[DomainScore]) -> list[dict]:
+    return [asdict(s) for s in scores]
+
+
+def table(scores: list[DomainScore], title: str = "evaluation"):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("domain", "n", "greedy pass@1", "sampled reward", f"pass@{scores[0].k if scores else 'k'}", "floor"):
+        t.add_column(col, justify="right" if col != "domain" else "left")
+    for s in scores:
+        t.add_row(s.domain, str(s.n), f"{100 * s.pass1_greedy:.1f}", f"{100 * s.reward_sampled:.1f}",
+                  f"{100 * s.pass_at_k:.1f}", f"{100 * s.floor:.1f}")
+    if scores:
+        mean = lambda f: 100 * sum(map(f, scores)) / len(scores)  # noqa: E731
+        t.add_row("mean", "", f"{mean(lambda s: s.pass1_greedy):.1f}", f"{mean(lambda s: s.reward_sampled):.1f}",
+                  f"{mean(lambda s: s.pass_at_k):.1f}", f"{mean(lambda s: s.floor):.1f}", style="bold")
+    return t

@@ -1,0 +1,158 @@
+"""GRPO, DeepSeek-V3.2 style: G samples per prompt, rewards from the router, μ updates per batch.
+
+One step: sample prompts → G rollouts each (KV cache, sampler log-probs and keep mask) → rewards
+→ group advantages → (reference log-probs if kl_coef > 0) → μ passes of minibatch updates of
+`pluribus.core.grpo_loss`. π_old is the sampler's own distribution (temperature and top-p/top-k
+applied), and π_θ is computed over the same truncated action space. A step whose gradient is not
+finite is skipped and logged, never applied.
+
+The reference model is the starting weights: with LoRA, the same model with the adapter disabled
+(no second copy); with full weights, a frozen copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pluribus.config import EvalConfig, GRPOConfig
+from pluribus.core import group_advantages, grpo_loss
+from pluribus.data import Record
+from pluribus.models import add_lora, load, render_prompt, response_logprobs, save
+from pluribus.rewards.length import LengthPenalty
+from pluribus.rollout import SamplingParams, sample
+from pluribus.stages.common import (MetricsLog, load_records, make_optimizer, optimizer_step, progress,
+                                    seed_everything)
+
+RewardFn = Callable[[list[Record], list[str], list[int]], list[float | None]]
+
+
+def default_reward(cfg: GRPOConfig) -> RewardFn:
+    """The router's rewards (world checkers by default), with the overlong penalty when configured."""
+    from pluribus.rewards.router import RewardRouter
+
+    penalty = LengthPenalty(cfg.max_len_penalty_tokens, cfg.len_penalty_cache_tokens) \
+        if cfg.max_len_penalty_tokens else None
+    router = RewardRouter(length_penalty=penalty)
+    return lambda records, texts, lengths: router.score(records, texts, lengths if penalty else None)
+
+
+def _reference(model, lora: bool):
+    """A context manager under which `model` computes the reference policy."""
+    if lora:
+        return model.disable_adapter
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return lambda: contextlib.nullcontext(frozen)
+
+
+def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardFn | None = None,
+        meta: dict | None = None, eval_records: list[Record] | None = None) -> Path:
+    seed_everything(cfg.seed)
+    model, tokenizer = load(cfg.model)
+    lora = cfg.lora is not None and not hasattr(model, "disable_adapter")
+    if cfg.lora is not None and lora:
+        model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+    lora = hasattr(model, "disable_adapter")
+    reference = _reference(model, lora) if cfg.kl_coef > 0 else None
+    records = records if records is not None else load_records(cfg.data)
+    reward_fn = reward_fn or default_reward(cfg)
+    prompts = {r.id: render_prompt(tokenizer, r.messages()) for r in records}
+    params = SamplingParams(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p,
+                            cfg.sampling.top_k)
+    optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps * cfg.inner_updates * cfg.minibatches)
+    rng = random.Random(cfg.seed)
+    out = Path(cfg.out)
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
+    bar, task = progress("grpo", cfg.steps)
+    G = cfg.group_size
+    with bar:
+        for step in range(cfg.steps):
+            t0 = time.time()
+            batch = rng.sample(records, min(cfg.prompts_per_step, len(records)))
+            rows = [r for r in batch for _ in range(G)]
+            rollout = sample(model, [prompts[r.id] for r in rows], params, eos_id=tokenizer.eos_token_id,
+                             pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                             request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(rows))])
+            t_sample = time.time() - t0
+            lengths = rollout.lengths.tolist()
+            raw = reward_fn(rows, rollout.texts, lengths)
+            valid = torch.tensor([r is not None for r in raw])
+            rewards = torch.tensor([float("nan") if r is None else float(r) for r in raw])
+            adv = group_advantages(rewards, G, scale=cfg.advantage_scale, valid_N=valid)
+            stats = _update(model, cfg, rollout, adv, reference, optimizer, scheduler, tokenizer.pad_token_id)
+            elapsed = time.time() - t0
+            solved = rewards[valid] >= 1.0
+            record = dict(step=step, reward_mean=float(rewards[valid].mean()) if valid.any() else 0.0,
+                          reward_std=float(rewards[valid].std()) if valid.sum() > 1 else 0.0,
+                          pass_rate=float(solved.float().mean()) if valid.any() else 0.0,
+                          invalid_frac=float((~valid).float().mean()),
+                          response_len=sum(lengths) / len(lengths), lr=scheduler.get_last_lr()[0],
+                          tokens_per_s=sum(lengths) / max(t_sample, 1e-9), step_s=elapsed, **stats)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_records:
+                record["eval_pass1"] = greedy_pass1(model, tokenizer, eval_records, cfg.sampling.max_new_tokens)
+            metrics.write(**record)
+            bar.update(task, advance=1, info=f"reward {record['reward_mean']:.2f}")
+    metrics.close()
+    model.eval()
+    return save(model, tokenizer, out, {"stage": "grpo", **(meta or {}), "config": cfg.model_dump()})
+
+
+def _update(model, cfg: GRPOConfig, rollout, adv_N, reference, optimizer, scheduler, pad_id) -> dict:
+    """μ passes of minibatch updates on one rollout batch; returns averaged stats."""
+    N = adv_N.shape[0]
+    mask = rollout.response_mask_B_T
+    ref_logprobs = None
+    if reference is not None:
+        with torch.no_grad(), reference() as ref_model:
+            ref_logprobs, _ = response_logprobs(ref_model or model, rollout.prompt_ids, rollout.response_ids_B_T,
+                                                mask, pad_id, cfg.sampling.temperature, rollout.keep_mask_B_T_V)
+    sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "masked_seq_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+    skipped = updates = 0
+    size = N // cfg.minibatches
+    model.train()
+    for _ in range(cfg.inner_updates):
+        order = torch.randperm(N)
+        for m in range(cfg.minibatches):
+            idx = order[m * size:(m + 1) * size]
+            keep = None if rollout.keep_mask_B_T_V is None else rollout.keep_mask_B_T_V[idx]
+            logprobs, entropy = response_logprobs(model, [rollout.prompt_ids[i] for i in idx],
+                                                  rollout.response_ids_B_T[idx], mask[idx], pad_id,
+                                                  cfg.sampling.temperature, keep)
+            loss, stats = grpo_loss(logprobs, rollout.sampler_logprobs_B_T[idx], adv_N[idx], mask[idx],
+                                    ref_logprobs_B_T=None if ref_logprobs is None else ref_logprobs[idx],
+                                    kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.eps_low,
+                                    eps_high=cfg.eps_high, off_policy_delta=cfg.off_policy_delta,
+                                    aggregation=cfg.aggregation)
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            loss.backward()
+            norm, stepped = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
+            skipped += not stepped
+            updates += 1
+            sums["loss"] += float(loss)
+            sums["grad_norm"] += norm if stepped else 0.0
+            sums["entropy"] += float(entropy[mask[idx]].mean())
+            for k in ("clip_frac", "kl", "masked_seq_frac"):
+                sums[k] += float(stats[k])
+    out = {k: v / max(1, updates) for k, v in sums.items()}
+    out["skipped_updates"] = skipped
+    return out
+
+
+def greedy_pass1(model, tokenizer, records: list[Record], max_new_tokens: int, batch_size: int = 256) -> float:
+    """Greedy pass@1 on records with the world checkers (cheap progress signal inside a loop)."""
+    from pluribus.stages.evaluate import generate_texts
+    from pluribus.world import check
+
+    texts = generate_texts(model, tokenizer, records, SamplingParams(max_new_tokens, temperature=0), 0, batch_size)
+    return sum(check(r, t[0]) >= 1.0 for r, t in zip(records, texts)) / len(records)

@@ -1,0 +1,70 @@
+"""Pretrain the tiny preset from scratch on world text, so the base is weak but not hopeless.
+
+The corpus renders world train prompts as chats whose answers are right only `p_correct` of the
+time, follow the domain's systematic mistake `p_mistake` of the time, and are another prompt's
+answer otherwise. The base's most likely answer is therefore wrong (low greedy pass@1) while right
+answers are in its samples (pass@k > 0): RL has signal, and SFT must teach, not merely unlock.
+Test prompts never appear: the corpus draws from the train split only.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from pluribus.config import PretrainConfig
+from pluribus.models import build_tiny, count_parameters, load, render_example, save
+from pluribus.stages.common import (MetricsLog, length_buckets, lm_loss, make_optimizer, optimizer_step, progress,
+                                    seed_everything)
+from pluribus.world import DOMAINS, Instance, generate
+
+POOL_PER_DOMAIN = 4000
+BUCKET_BATCHES = 8  # draw this many batches at once and bucket them by length
+
+
+def corpus_answer(rng: random.Random, inst: Instance, pool: list, domain, p_correct: float, p_mistake: float) -> str:
+    u = rng.random()
+    if u < p_correct:
+        return inst.answer
+    if u < p_correct + p_mistake:
+        return domain.mistake(rng, inst)
+    return rng.choice(pool).answer
+
+
+def run(cfg: PretrainConfig) -> Path:
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    init_dir = build_tiny(out.with_name(out.name + ".init"), size=cfg.size, seed=cfg.seed, arch=cfg.arch)
+    model, tokenizer = load(init_dir)
+    domains = cfg.domains or list(DOMAINS)
+    pools = {d: [Instance(r.prompt, r.answer, r.meta, r.tests, r.rubric)
+                 for r in generate(d, "train", POOL_PER_DOMAIN, seed=cfg.seed + 1000)] for d in domains}
+    rng = random.Random(cfg.seed)
+    optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
+    bar, task = progress("pretrain", cfg.steps)
+    start = time.time()
+    batches: list[list[list[int]]] = []
+    with bar:
+        for step in range(cfg.steps):
+            if not batches:
+                texts = []
+                for _ in range(cfg.batch_size * BUCKET_BATCHES):
+                    d = rng.choice(domains)
+                    inst = rng.choice(pools[d])
+                    answer = corpus_answer(rng, inst, pools[d], DOMAINS[d], cfg.p_correct, cfg.p_mistake)
+                    texts.append(render_example(tokenizer, [{"role": "user", "content": inst.prompt}], answer)[0])
+                batches = length_buckets(texts, len, cfg.batch_size, rng)
+            seqs = batches.pop()
+            loss, _ = lm_loss(model, seqs, [1] * len(seqs), tokenizer.pad_token_id)
+            loss.backward()
+            norm, _ = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
+            if step % 25 == 0 or step == cfg.steps - 1:
+                metrics.write(step=step, loss=loss.item(), grad_norm=norm, lr=scheduler.get_last_lr()[0],
+                              elapsed_s=time.time() - start)
+            bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+    metrics.close()
+    model.eval()
+    return save(model, tokenizer, out, {"stage": "pretrain", "size": cfg.size, "arch": cfg.arch,
+                                        "parameters": count_parameters(model), "config": cfg.model_dump()})

@@ -1,0 +1,63 @@
+"""Supervised fine-tuning: prompt-masked cross-entropy on chat-formatted demonstrations.
+
+Full weights or a LoRA adapter; gradient accumulation; warmup + decay; the result is an HF folder
+(a LoRA run saves the adapter, which `pluribus.models.load` puts back on its base).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from pluribus.config import SFTConfig
+from pluribus.data import Record
+from pluribus.errors import PluribusError
+from pluribus.models import add_lora, load, render_example, save
+from pluribus.stages.common import (MetricsLog, lm_loss, load_records, make_optimizer, optimizer_step, progress,
+                                    seed_everything)
+
+
+def demonstrations(tokenizer, records: list[Record]) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) per record that has an answer to imitate."""
+    demos = [render_example(tokenizer, r.messages(), r.answer) for r in records if r.answer is not None]
+    if not demos:
+        raise PluribusError("sft: no record has an 'answer' to imitate")
+    return demos
+
+
+def run(cfg: SFTConfig, records: list[Record] | None = None, meta: dict | None = None) -> Path:
+    seed_everything(cfg.seed)
+    model, tokenizer = load(cfg.model)
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+    model.train()
+    demos = demonstrations(tokenizer, records if records is not None else load_records(cfg.data))
+    rng = random.Random(cfg.seed)
+    optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
+    out = Path(cfg.out)
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
+    bar, task = progress("sft", cfg.steps)
+    order: list[int] = []
+    start = time.time()
+    with bar:
+        for step in range(cfg.steps):
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = []
+                for _ in range(cfg.batch_size):  # epochs over a shuffled order, no example twice per epoch
+                    if not order:
+                        order = list(range(len(demos)))
+                        rng.shuffle(order)
+                    batch.append(demos[order.pop()])
+                loss, _ = lm_loss(model, [ids for ids, _ in batch], [n for _, n in batch], tokenizer.pad_token_id)
+                (loss / cfg.grad_accum).backward()
+                total += float(loss) / cfg.grad_accum
+            norm, _ = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
+            if step % 10 == 0 or step == cfg.steps - 1:
+                metrics.write(step=step, loss=total, grad_norm=norm, lr=scheduler.get_last_lr()[0],
+                              elapsed_s=time.time() - start)
+            bar.update(task, advance=1, info=f"loss {total:.3f}")
+    metrics.close()
+    model.eval()
+    return save(model, tokenizer, out, {"stage": "sft", **(meta or {}), "config": cfg.model_dump()})

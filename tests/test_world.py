@@ -1,0 +1,153 @@
+"""The embedded world: checkers accept right answers and reject wrong ones, splits are disjoint,
+exports follow the data contract and are right when checked independently of the project's code."""
+
+import json
+import re
+
+import pytest
+
+from pluribus.data import Record, read_jsonl, write_jsonl
+from pluribus.errors import PluribusError
+from pluribus.world import DOMAINS, check, generate, split_of, trivial_floor
+from pluribus.world.domains import Instance
+
+
+def test_at_least_twelve_domains_with_a_rubric_domain():
+    assert len(DOMAINS) >= 12
+    assert any(d.rubric_domain for d in DOMAINS.values())
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_checker_accepts_right_and_rejects_wrong(name):
+    records = generate(name, "test", 60, seed=3)
+    import random
+
+    rng = random.Random(0)
+    for r in records:
+        assert check(r, r.answer) == 1.0
+        assert check(r, "  " + r.answer + "\n") == 1.0  # surrounding white space is not an error
+        mistake = DOMAINS[name].mistake(rng, Instance(r.prompt, r.answer, r.meta, r.tests, r.rubric))
+        assert 0.0 <= check(r, mistake) < 1.0, (r.prompt, mistake)
+        assert check(r, "") < 1.0
+        assert 0.0 <= check(r, "garbage !!") < 1.0
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_train_and_test_are_disjoint(name):
+    train = {r.prompt for r in generate(name, "train", 3000, seed=0)}
+    test = {r.prompt for s in (0, 1) for r in generate(name, "test", 300, seed=s)}
+    assert not train & test
+    assert all(split_of(p) == "test" for p in test)
+
+
+def test_generation_is_deterministic_and_seeded():
+    a = generate("add", "train", 20, seed=5)
+    assert a == generate("add", "train", 20, seed=5)
+    assert [r.prompt for r in a] != [r.prompt for r in generate("add", "train", 20, seed=6)]
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_trivial_floor_is_low(name):
+    assert trivial_floor(generate(name, "test", 200)) <= 0.20
+
+
+def _independent_answer(prompt: str, meta: dict) -> str | None:
+    """Solve the task from the prompt text alone, with none of the project's code."""
+    op, _, rest = prompt.partition(" ")
+    if op == "add":
+        a, b = map(int, rest.split())
+        return str(a + b)
+    if op == "calc":
+        assert re.fullmatch(r"[0-9+\-*]+", rest)
+        return str(eval(rest))
+    if op == "solve":
+        m = re.fullmatch(r"(\d+)x([+-]\d+)=(-?\d+)", rest)
+        a, b, c = map(int, m.groups())
+        return str((c - b) // a)
+    if op == "max":
+        return str(max(map(int, rest.split())))
+    if op == "bin":
+        return bin(int(rest))[2:]
+    if op == "count":
+        letter, _, s = rest.partition(" in ")
+        return str(s.count(letter))
+    if op == "reverse":
+        return rest[::-1]
+    if op == "sort":
+        return " ".join(sorted(rest.split(), key=int))
+    if op in ("upper", "lower", "swap"):
+        return {"upper": rest.upper(), "lower": rest.lower(), "swap": rest.swapcase()}[op]
+    if op == "say":
+        word, n, sep, case = re.fullmatch(r"(\w+) (\d)x sep(.) (upper|lower)", rest).groups()
+        return sep.join([word.upper() if case == "upper" else word] * int(n))
+    if op == "describe":
+        n = int(rest)
+        prime = n > 1 and all(n % d for d in range(2, n))
+        return " ".join(["even" if n % 2 == 0 else "odd", f"s{sum(int(c) for c in rest)}"] + (["prime"] if prime else []))
+    return None
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_exported_test_records_are_right(name, tmp_path):
+    from typer.testing import CliRunner
+
+    from pluribus.cli import app
+
+    out = tmp_path / f"{name}.jsonl"
+    result = CliRunner().invoke(app, ["world", "export", "--domain", name, "--split", "test", "--n", "50",
+                                      "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 50
+    for obj in lines:
+        assert {"id", "domain", "prompt"} <= set(obj) and obj["domain"] == name
+        if name == "code":  # run the answer against its own tests, in a fresh namespace
+            namespace: dict = {}
+            exec(obj["answer"], namespace)  # noqa: S102 - our own generated answer, not model output
+            for test in obj["tests"]:
+                exec(test, namespace)  # noqa: S102
+        else:
+            assert _independent_answer(obj["prompt"], obj.get("meta", {})) == obj["answer"], obj
+    assert [r.to_json() for r in read_jsonl(out)] == lines
+
+
+def test_user_jsonl_loads_like_world_data(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"id": "u1", "domain": "add", "prompt": [{"role": "user", "content": "add 2 2"}],
+                                "answer": "4"}) + "\n")
+    (record,) = read_jsonl(path)
+    assert record.messages() == [{"role": "user", "content": "add 2 2"}]
+    assert check(record, "4") == 1.0 and check(record, "5") == 0.0
+
+
+def test_bad_jsonl_is_one_clear_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "1", "domain": "add", "prompt": "x"}\n{not json\n')
+    with pytest.raises(PluribusError, match=r"bad.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+    path.write_text('{"id": "1", "prompt": "x"}\n')
+    with pytest.raises(PluribusError, match="missing field 'domain'"):
+        read_jsonl(path)
+    with pytest.raises(PluribusError, match="not found"):
+        read_jsonl(tmp_path / "none.jsonl")
+
+
+def test_rubric_records_round_trip(tmp_path):
+    records = generate("describe", "test", 5)
+    write_jsonl(records, tmp_path / "r.jsonl")
+    back = read_jsonl(tmp_path / "r.jsonl")
+    assert back == records
+    assert {c.kind for c in back[0].rubric} == {"essential", "important", "optional", "pitfall"}
+
+
+def test_code_checker_never_executes_model_output():
+    (record,) = generate("code", "test", 1)
+    assert check(record, "f=lambda x:__import__('os').system('touch /tmp/pwned')") == 0.0
+    assert check(record, "f=lambda x:(lambda: 1)()") == 0.0
+    assert check(record, "f=lambda x:" + "9" * 50) == 0.0
+
+
+def test_unknown_domain_is_a_clear_error():
+    with pytest.raises(PluribusError, match="unknown domain 'nope'"):
+        generate("nope", "train", 1)
+    assert isinstance(Record(id="x", domain="add", prompt="p"), Record)
