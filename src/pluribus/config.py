@@ -66,12 +66,22 @@ class PretrainConfig(Strict):
     optim: OptimConfig = OptimConfig(lr=3e-3, warmup_steps=50)
     p_correct: float = Field(0.3, ge=0, le=1, description="share of corpus answers that are right")
     p_mistake: float = Field(0.5, ge=0, le=1, description="share that follow the domain's systematic mistake")
+    shares_by_domain: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="domain -> (p_correct, p_mistake), for domains whose answers are long")
     seed: int = 0
+
+    def shares(self, domain: str) -> tuple[float, float]:
+        return self.shares_by_domain.get(domain, (self.p_correct, self.p_mistake))
 
     @model_validator(mode="after")
     def _shares(self):
-        if self.p_correct + self.p_mistake > 1:
-            raise ValueError("p_correct + p_mistake must be ≤ 1 (the rest is noise)")
+        from pluribus.world import DOMAINS
+
+        for name, (correct, mistake) in [("default", (self.p_correct, self.p_mistake)), *self.shares_by_domain.items()]:
+            if name != "default" and name not in DOMAINS:
+                raise ValueError(f"unknown domain '{name}'")
+            if not (0 <= correct and 0 <= mistake and correct + mistake <= 1):
+                raise ValueError(f"{name}: p_correct + p_mistake must be in [0, 1] (the rest is noise)")
         return self
 
 
@@ -116,8 +126,8 @@ def validate(cls: type[C], data: dict, where: str) -> C:
         raise ConfigError(f"{where}: {field}: {msg}") from None
 
 
-def load_yaml(path: str | Path, cls: type[C], section: str | None = None) -> C:
-    """Load and validate `cls` from a YAML file (or one top-level section of it)."""
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file, or one line naming the file (and line) and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -129,6 +139,12 @@ def load_yaml(path: str | Path, cls: type[C], section: str | None = None) -> C:
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    return data
+
+
+def load_yaml(path: str | Path, cls: type[C], section: str | None = None) -> C:
+    """Load and validate `cls` from a YAML file (or one top-level section of it)."""
+    data = read_yaml(path)
     if section is not None:
         if section not in data:
             raise ConfigError(f"{path}: {section}: missing section")
@@ -176,4 +192,48 @@ class GRPOConfig(Strict):
         rollouts = self.prompts_per_step * self.group_size
         if rollouts % self.minibatches:
             raise ValueError(f"prompts_per_step × group_size ({rollouts}) must divide into {self.minibatches} minibatches")
+        return self
+
+
+class TeacherConfig(Strict):
+    """One OPD teacher: a model folder, the domains it teaches, its weight w_i in Eq. 29."""
+
+    path: str = Field(description="a LoRA adapter saved by pluribus.models.save (over a shared base) or a full HF model folder")
+    domains: list[str] = Field(min_length=1, description="domains whose samples this teacher scores")
+    weight: float = Field(1.0, gt=0, description="w_i: the teacher's weight in Σ_i w_i · KL_i")
+    name: str | None = Field(None, description="label in metrics (default: the domains joined by '+')")
+
+
+class OPDConfig(Strict):
+    """Multi-teacher on-policy distillation (DeepSeek-V4 Eq. 29); see pluribus.stages.opd."""
+
+    model: str = Field(description="the student's starting point (the general SFT model): full weights or a LoRA adapter")
+    out: str
+    data: DataConfig
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    domain_weights: dict[str, float] = Field(default_factory=dict,
+                                             description="prompt sampling weight per domain; empty: uniform over the data's domains")
+    steps: int = Field(200, gt=0)
+    prompts_per_step: int = Field(32, gt=0, description="student rollouts per step (one per prompt)")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig,
+                                     description="full-vocabulary KL needs no top-p/top-k: leave them off")
+    chunk_size: int = Field(1024, gt=0, description="positions per chunk when teacher logits are rebuilt from hidden states")
+    optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, schedule="cosine")
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter on the student; None: full weights")
+    save_merged: bool = Field(True, description="with a LoRA student, save its adapter merged into full weights")
+    allow_eos_mismatch: bool = Field(False, description="accept a teacher whose EOS differs from the student's")
+    reward_every: int = Field(1, ge=0, description="log per-domain checker rewards every N steps (watching only); 0 never")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _teachers(self):
+        seen: dict[str, int] = {}
+        for i, teacher in enumerate(self.teachers):
+            for domain in teacher.domains:
+                if domain in seen:
+                    raise ValueError(f"domain '{domain}' has two teachers (teachers[{seen[domain]}] and teachers[{i}])")
+                seen[domain] = i
+        bad = {d: w for d, w in self.domain_weights.items() if w < 0}
+        if bad:
+            raise ValueError(f"domain_weights must be ≥ 0, got {bad}")
         return self

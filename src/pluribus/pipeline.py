@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from pydantic import Field
+from rich.console import Console
 
-from pluribus.config import EvalConfig, PretrainConfig, SFTConfig, Strict, validate
-from pluribus.errors import ConfigError
+from pluribus.config import EvalConfig, PretrainConfig, SFTConfig, Strict, read_yaml, validate
 
 STAGES = ("pretrain", "sft", "eval")
 SMOKE_DOMAINS = ["reverse", "max", "case"]
@@ -45,18 +44,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_pipeline(path: str | Path, smoke: bool = False) -> PipelineConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    raw = read_yaml(path)
     cfg = validate(PipelineConfig, raw, str(path))
     if smoke:
-        cfg = validate(PipelineConfig, _merge({"domains": SMOKE_DOMAINS, **raw}, cfg.smoke), f"{path} (smoke)")
+        cfg = validate(PipelineConfig, _merge(raw | {"domains": SMOKE_DOMAINS}, cfg.smoke), f"{path} (smoke)")
     return cfg
 
 
@@ -114,7 +105,7 @@ def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
                             f"{where}: eval")
             scores = evaluate.run(ecfg)
             results[label] = evaluate.as_json(scores)
-            evaluate.console_print(evaluate.table(scores, title=label))
+            Console(width=120).print(evaluate.table(scores, title=label))
         (stage_dir / "scores.json").write_text(json.dumps(results, indent=2))
 
     _stage(run_dir, "eval", {"eval": cfg.eval, "domains": domains,

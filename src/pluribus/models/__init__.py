@@ -18,6 +18,7 @@ from pluribus.errors import PluribusError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads weights at run time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 META_FILE = "pluribus.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,11 +74,30 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: boo
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     else:
         raise PluribusError(f"{path}: not a model folder (no config.json or adapter_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = _faithful_tokenizer(path, AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.train(trainable)
     return model, tokenizer
+
+
+_PROBE = "Hello, world!  add 12 345\n f=lambda x:x*x+1 <|eos|>"
+
+
+def _faithful_tokenizer(path: Path, auto_tokenizer):
+    """The tokenizer exactly as saved in tokenizer.json.
+
+    For some model types (qwen2 in transformers 5.x) AutoTokenizer rebuilds the pre-tokenizer from
+    the model type, which silently changes a custom vocabulary's ids. Where the saved
+    tokenizer.json tokenizes a probe differently from what AutoTokenizer gives, the saved one wins.
+    """
+    if not (path / "tokenizer.json").is_file():
+        return auto_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    exact = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    same = auto_tokenizer(_PROBE, add_special_tokens=False)["input_ids"] == exact(_PROBE, add_special_tokens=False)["input_ids"]
+    return auto_tokenizer if same else exact
 
 
 def save(model, tokenizer, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -102,6 +102,11 @@ class TokenLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():  # drop a torn last line so new entries start on a line of their own
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
         self._f = open(self.path, "a")
 
     def append(self, step: int, tokens: dict[int, tuple[int, float]]) -> None:

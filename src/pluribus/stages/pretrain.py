@@ -2,7 +2,8 @@
 
 The corpus renders world train prompts as chats whose answers are right only `p_correct` of the
 time, follow the domain's systematic mistake `p_mistake` of the time, and are another prompt's
-answer otherwise. The base's most likely answer is therefore wrong (low greedy pass@1) while right
+answer otherwise (per-domain shares can differ: a long answer sampled token by token needs a
+larger share of right demonstrations before any whole sample comes out right). The base's most likely answer is therefore wrong (low greedy pass@1) while right
 answers are in its samples (pass@k > 0): RL has signal, and SFT must teach, not merely unlock.
 Test prompts never appear: the corpus draws from the train split only.
 """
@@ -53,7 +54,7 @@ def run(cfg: PretrainConfig) -> Path:
                 for _ in range(cfg.batch_size * BUCKET_BATCHES):
                     d = rng.choice(domains)
                     inst = rng.choice(pools[d])
-                    answer = corpus_answer(rng, inst, pools[d], DOMAINS[d], cfg.p_correct, cfg.p_mistake)
+                    answer = corpus_answer(rng, inst, pools[d], DOMAINS[d], *cfg.shares(d))
                     texts.append(render_example(tokenizer, [{"role": "user", "content": inst.prompt}], answer)[0])
                 batches = length_buckets(texts, len, cfg.batch_size, rng)
             seqs = batches.pop()

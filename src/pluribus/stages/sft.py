@@ -52,7 +52,7 @@ def run(cfg: SFTConfig, records: list[Record] | None = None, meta: dict | None =
                     batch.append(demos[order.pop()])
                 loss, _ = lm_loss(model, [ids for ids, _ in batch], [n for _, n in batch], tokenizer.pad_token_id)
                 (loss / cfg.grad_accum).backward()
-                total += float(loss) / cfg.grad_accum
+                total += loss.item() / cfg.grad_accum
             norm, _ = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
             if step % 10 == 0 or step == cfg.steps - 1:
                 metrics.write(step=step, loss=total, grad_norm=norm, lr=scheduler.get_last_lr()[0],

@@ -1,0 +1,164 @@
+"""Multi-teacher on-policy distillation (DeepSeek-V4 §5.2, Eq. 29): many experts merged into one student.
+
+One step: draw prompts from a mixed-domain stream (per-domain sampling weights) → order them by
+their domain's teacher → student rollouts (`pluribus.rollout.sample`) → per teacher, once: its
+last-layer hidden states at the response positions (`TeacherPool.teacher_states`) → student
+forward with grad → exact full-vocabulary reverse KL rebuilt chunk by chunk through each teacher's
+head, weighted per teacher, backpropagated one teacher head at a time (`distill_backward`) →
+optimizer step (skipped when the gradient is not finite) with warmup and a decaying schedule
+(cosine by default: a constant rate was seen to undo progress late in training).
+
+The checkers' rewards are logged per domain to watch the merge; they never enter the loss.
+The student starts from `cfg.model` (full weights, or a LoRA adapter: a saved adapter keeps
+training, `cfg.lora` adds one to a full model). The teachers are separate models loaded from their
+own folders, never the student's weights. A LoRA student is saved merged into full weights by
+default (`save_merged`), so the result is a plain HF model like the experts' base.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pluribus.config import OPDConfig
+from pluribus.data import Record
+from pluribus.errors import PluribusError
+from pluribus.models import add_lora, load, merge_lora, render_prompt, save
+from pluribus.rollout import SamplingParams, sample
+from pluribus.stages.common import MetricsLog, load_records, make_optimizer, optimizer_step, progress, seed_everything
+from pluribus.teachers import (TeacherPool, TeacherSpec, check_head_reproduces_logits, distill_backward,
+                               output_head, response_hidden_states)
+
+RewardFn = Callable[[list[Record], list[str]], list[float | None]]
+
+
+def default_reward() -> RewardFn:
+    """The router's rewards for the domains it knows (world checkers by default); None elsewhere."""
+    from pluribus.rewards.router import RewardRouter
+
+    router = RewardRouter()
+    known = set(router.domains)
+
+    def score(records: list[Record], texts: list[str]) -> list[float | None]:
+        rows = [i for i, r in enumerate(records) if r.domain in known]
+        rewards: list[float | None] = [None] * len(records)
+        for i, reward in zip(rows, router.score([records[i] for i in rows], [texts[i] for i in rows])):
+            rewards[i] = reward
+        return rewards
+
+    return score
+
+
+class DomainStream:
+    """Prompts drawn domain by domain: a domain with probability ∝ its weight, then a record of it at random."""
+
+    def __init__(self, records: list[Record], weights: dict[str, float], seed: int):
+        self.by_domain: dict[str, list[Record]] = {}
+        for r in records:
+            self.by_domain.setdefault(r.domain, []).append(r)
+        unknown = sorted(set(weights) - set(self.by_domain))
+        if unknown:
+            raise PluribusError(f"domain_weights name domain(s) {unknown} with no records "
+                                f"(the data has {sorted(self.by_domain)})")
+        chosen = {d: weights.get(d, 0.0 if weights else 1.0) for d in self.by_domain}
+        self.weights = {d: w for d, w in chosen.items() if w > 0}
+        if not self.weights:
+            raise PluribusError("the prompt stream is empty: no records, or every domain weight is 0")
+        self._rng = random.Random(seed)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.weights)
+
+    def draw(self, n: int) -> list[Record]:
+        domains = self._rng.choices(list(self.weights), weights=list(self.weights.values()), k=n)
+        return [self._rng.choice(self.by_domain[d]) for d in domains]
+
+
+def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn | None = None,
+        meta: dict | None = None) -> Path:
+    seed_everything(cfg.seed)
+    model, tokenizer = load(cfg.model)
+    if cfg.lora is not None and not hasattr(model, "disable_adapter"):
+        model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+    student_head, student_bias = output_head(model)
+    check_head_reproduces_logits(model, f"student ({cfg.model})")
+    pool = TeacherPool([TeacherSpec(t.name or "+".join(t.domains), Path(t.path), tuple(t.domains), t.weight)
+                        for t in cfg.teachers], tokenizer, vocab_size=student_head.shape[0],
+                       allow_eos_mismatch=cfg.allow_eos_mismatch)
+    stream = DomainStream(records if records is not None else load_records(cfg.data), cfg.domain_weights, cfg.seed)
+    pool.route(stream.domains)  # fails now, not mid-run, when a domain has no teacher
+    reward_fn = reward_fn or default_reward()
+    names = [spec.name for spec in pool.teachers]
+    prompts: dict[str, list[int]] = {}
+    params = SamplingParams(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p,
+                            cfg.sampling.top_k)
+    optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
+    out = Path(cfg.out)
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    bar, task = progress("opd", cfg.steps)
+    with bar:
+        for step in range(cfg.steps):
+            t0 = time.time()
+            drawn = stream.draw(cfg.prompts_per_step)
+            teacher_index = pool.route([r.domain for r in drawn])
+            order = pool.order(teacher_index)
+            batch, teacher_index = [drawn[i] for i in order], [teacher_index[i] for i in order]
+            for r in batch:
+                if r.id not in prompts:
+                    prompts[r.id] = render_prompt(tokenizer, r.messages())
+            rollout = sample(model, [prompts[r.id] for r in batch], params, eos_id=eos_id, pad_id=pad_id,
+                             tokenizer=tokenizer,
+                             request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(batch))])
+            t_sample = time.time()
+            states = pool.teacher_states(rollout.prompt_ids, rollout.response_ids_B_T, rollout.response_mask_B_T,
+                                         teacher_index, pad_id)
+            t_teachers = time.time()
+            model.train()
+            student_hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
+                                                    rollout.response_mask_B_T, pad_id)
+            loss, kl_mean_E, tokens_E = distill_backward(student_hidden, student_head, states, pool.weights_E,
+                                                         cfg.chunk_size, student_bias)
+            del student_hidden, states
+            if torch.isfinite(loss):
+                grad_norm, stepped = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                grad_norm, stepped = float("nan"), False
+            t_end = time.time()
+            tokens = int(tokens_E.sum())
+            record = dict(step=step, loss=float(loss), grad_norm=grad_norm, skipped=int(not stepped),
+                          lr=scheduler.get_last_lr()[0],
+                          kl=float((kl_mean_E * tokens_E).sum() / max(1, tokens)),
+                          tokens=tokens, response_len=tokens / len(batch),
+                          tokens_per_s=tokens / max(t_end - t0, 1e-9), sample_s=t_sample - t0,
+                          teacher_s=t_teachers - t_sample, student_s=t_end - t_teachers, step_s=t_end - t0)
+            record.update({f"kl_{names[e]}": float(kl_mean_E[e]) for e in range(len(names)) if tokens_E[e] > 0})
+            record.update({f"rollouts_{d}": n for d, n in sorted(Counter(r.domain for r in batch).items())})
+            if cfg.reward_every and step % cfg.reward_every == 0:
+                record.update(_domain_rewards(batch, reward_fn(batch, rollout.texts)))
+            metrics.write(**record)
+            bar.update(task, advance=1, info=f"kl {record['kl']:.3f}")
+    metrics.close()
+    pool.release()
+    model.eval()
+    lora = hasattr(model, "disable_adapter")
+    saved = merge_lora(model) if lora and cfg.save_merged else model
+    return save(saved, tokenizer, out, {"stage": "opd", **(meta or {}), "lora_merged": lora and cfg.save_merged,
+                                        "config": cfg.model_dump()})
+
+
+def _domain_rewards(batch: list[Record], rewards: list[float | None]) -> dict[str, float]:
+    """Mean reward per domain, over the samples that have one."""
+    by_domain: dict[str, list[float]] = {}
+    for r, reward in zip(batch, rewards):
+        if reward is not None:
+            by_domain.setdefault(r.domain, []).append(float(reward))
+    return {f"reward_{d}": sum(v) / len(v) for d, v in sorted(by_domain.items())}

@@ -1,0 +1,361 @@
+"""The teacher pool: route samples to their domain's teacher, run each teacher once per batch, cache its hidden states.
+
+DeepSeek-V4 §5.2.2 schedules ten-plus teachers so that memory does not grow with their number:
+samples are ordered by teacher index, each teacher runs once per mini-batch, only its last-layer
+hidden states are kept, and its logits are rebuilt through its output head at training time.
+
+What is resident, and when:
+- A *unit* is what must be in memory to run a teacher: a shared base with the LoRA adapters of
+  every teacher over it (one peft model: `PeftModel.from_pretrained` for the first adapter,
+  `load_adapter` for the rest, `set_adapter` to switch), or one full-weight model. The pool holds at
+  most one unit; moving to another frees the resident one first (then loads). Twelve LoRA teachers
+  over one base are one unit, about the memory of one teacher, that never reloads.
+- The unit resident at the end of a batch stays for the next one, whose teachers are visited
+  starting with it, so a pool of one unit never reloads and each other unit loads once per batch.
+- Hidden states are cached per teacher group, `[N_e, D_e]`, on the pool's device; no logits.
+- Heads: a LoRA teacher's head is the resident base's (held by reference, no copy). A full-weight
+  teacher's model is freed after its forward; its head is read back from its safetensors file when
+  the loss needs it, one teacher at a time (V4 loads offloaded heads on demand). Where the head
+  cannot be found in the files, a reference to it is kept instead (its `[V, D]` stays in memory).
+
+Where this departs from V4: loading is synchronous (V4 prefetches the next teacher while the
+current one computes, which would hold two at once), and the pool runs on one device.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from pluribus.errors import PluribusError
+from pluribus.teachers.compat import check_compatible
+from pluribus.teachers.hidden import check_head_reproduces_logits, output_head, response_hidden_states
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher.
+
+    name: label in errors and metrics.
+    path: a LoRA adapter folder (adapter_config.json; its base is `base_model_name_or_path`) or a
+        full HF model folder (config.json).
+    domains: the domains whose samples it scores.
+    weight: w_i in `Σ_i w_i · KL_i`.
+    """
+
+    name: str
+    path: Path
+    domains: tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TeacherHead:
+    """A teacher's output head: in memory (`weight_V_D`), or a safetensors tensor read on each `load`."""
+
+    weight_V_D: Tensor | None = None
+    bias_V: Tensor | None = None
+    weight_file: tuple[Path, str] | None = None
+    bias_file: tuple[Path, str] | None = None
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def load(self) -> tuple[Tensor, Tensor | None]:
+        """(weight `[V, D]`, bias `[V]` or None) on the device; a disk head is read now and lives while held."""
+        if self.weight_file is None:
+            return self.weight_V_D, self.bias_V
+        return _read_tensor(*self.weight_file, self.dtype, self.device), \
+            None if self.bias_file is None else _read_tensor(*self.bias_file, self.dtype, self.device)
+
+
+@dataclass
+class TeacherGroup:
+    """The cached view of one teacher on one batch.
+
+    teacher: index into the pool's teachers.
+    rows: its positions among the batch's N response positions (contiguous: samples are ordered by teacher).
+    hidden_N_D: the teacher's final-norm hidden states at those positions, no grad.
+    head: where its output head is.
+    """
+
+    teacher: int
+    rows: slice
+    hidden_N_D: Tensor
+    head: TeacherHead
+
+
+@dataclass
+class TeacherStates:
+    """Everything the OPD loss needs from the teachers for one batch, groups in row order.
+
+    teacher_index_N: the teacher of each of the N response positions.
+    """
+
+    teacher_index_N: Tensor
+    groups: list[TeacherGroup]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What is loaded together: a full model (`adapters` empty), or a base with adapters (teacher → folder)."""
+
+    path: Path
+    adapters: tuple[tuple[int, Path], ...] = ()
+
+
+def _load_model(path: Path, dtype: torch.dtype):
+    """A causal LM from a local folder (module-level so tests can watch every load)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    from pluribus.models import _faithful_tokenizer
+
+    tokenizer = _faithful_tokenizer(path, AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    if tokenizer.pad_token_id is None:  # as pluribus.models.load does
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adapter_base(path: Path) -> Path:
+    base = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if not base.is_absolute() and not base.is_dir() and (path / base).is_dir():
+        base = path / base
+    if not (base / "config.json").is_file():
+        raise PluribusError(f"{path}: the adapter's base model folder {base} was not found")
+    return base.resolve()
+
+
+class TeacherPool:
+    """Teachers by domain; `teacher_states` runs each teacher of a batch once, at most one unit resident.
+
+    Tokenizers are checked against the student's when the pool is built (nothing loads then); models
+    load on first use. `loads` and `adapter_switches` count unit loads and `set_adapter` calls.
+    """
+
+    def __init__(self, teachers: Sequence[TeacherSpec], student_tokenizer, *, vocab_size: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", allow_eos_mismatch: bool = False):
+        if not teachers:
+            raise PluribusError("OPD needs at least one teacher")
+        self.teachers = list(teachers)
+        self.vocab_size = vocab_size
+        self.dtype = dtype
+        self.device = device
+        self._teacher_of: dict[str, int] = {}
+        for e, spec in enumerate(self.teachers):
+            if spec.weight <= 0:
+                raise PluribusError(f"teacher '{spec.name}': weight must be > 0, got {spec.weight}")
+            for domain in spec.domains:
+                if domain in self._teacher_of:
+                    raise PluribusError(f"domain '{domain}' has two teachers: "
+                                        f"'{self.teachers[self._teacher_of[domain]].name}' and '{spec.name}'")
+                self._teacher_of[domain] = e
+        if len({spec.name for spec in self.teachers}) != len(self.teachers):
+            raise PluribusError("teacher names must be unique")
+        self._units, self._unit_of = self._plan_units()
+        for spec in self.teachers:
+            check_compatible(student_tokenizer, _load_tokenizer(spec.path), allow_eos_mismatch,
+                             teacher=f"teacher '{spec.name}' ({spec.path})")
+        self._resident: tuple[int, object] | None = None
+        self._active_adapter: str | None = None
+        self._checked: set[int] = set()
+        self._disk_heads: dict[int, TeacherHead] = {}
+        self.loads = 0
+        self.adapter_switches = 0
+
+    # --- routing -----------------------------------------------------------------------------------
+
+    @property
+    def weights_E(self) -> Tensor:
+        """`[E]` teacher weights w_i, in teacher-index order."""
+        return torch.tensor([spec.weight for spec in self.teachers], dtype=torch.float32)
+
+    @property
+    def domains(self) -> dict[str, int]:
+        """domain → teacher index."""
+        return dict(self._teacher_of)
+
+    def route(self, domains: Sequence[str]) -> list[int]:
+        """The teacher index of each sample's domain; a domain with no teacher is an error."""
+        missing = sorted({d for d in domains if d not in self._teacher_of})
+        if missing:
+            raise PluribusError(f"domain(s) {missing} have no teacher: every domain in the prompt stream needs "
+                                "one (a domain left out is forgotten)")
+        return [self._teacher_of[d] for d in domains]
+
+    @staticmethod
+    def order(teacher_index: Sequence[int]) -> list[int]:
+        """The permutation that sorts samples by teacher index (stable): each teacher's samples contiguous."""
+        return sorted(range(len(teacher_index)), key=lambda i: teacher_index[i])
+
+    # --- hidden states -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def teacher_states(self, prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask_B_T: Tensor,
+                       teacher_index_B: Sequence[int], pad_id: int) -> TeacherStates:
+        """Each teacher's final-norm hidden states at its samples' response positions; one forward per teacher.
+
+        The samples must already be ordered by teacher (`order`).
+        """
+        index_B = [int(e) for e in teacher_index_B]
+        if len(index_B) != len(prompt_ids) or len(index_B) != response_ids_B_T.shape[0]:
+            raise PluribusError(f"teacher_states: {len(index_B)} teacher indices for {len(prompt_ids)} prompts "
+                                f"and {response_ids_B_T.shape[0]} responses")
+        if index_B != sorted(index_B):
+            raise PluribusError("teacher_states: samples must be ordered by teacher index (use TeacherPool.order)")
+        if index_B and not 0 <= index_B[0] <= index_B[-1] < len(self.teachers):
+            raise PluribusError(f"teacher_states: teacher index out of range [0, {len(self.teachers)})")
+        mask_B_T = response_mask_B_T.bool()
+        lengths_B = mask_B_T.sum(-1).tolist()
+        spans: dict[int, tuple[slice, slice]] = {}  # teacher → (its samples, its rows among the N positions)
+        row = 0
+        for b, (e, n) in enumerate(zip(index_B, lengths_B)):
+            samples, rows = spans.get(e, (slice(b, b), slice(row, row)))
+            spans[e] = (slice(samples.start, b + 1), slice(rows.start, row + n))
+            row += n
+        cached: dict[int, TeacherGroup] = {}
+        for e in self._visit_order(list(spans)):
+            samples, rows = spans[e]
+            model = self._activate(e)
+            hidden_N_D = response_hidden_states(model, prompt_ids[samples], response_ids_B_T[samples],
+                                                mask_B_T[samples], pad_id)
+            cached[e] = TeacherGroup(e, rows, hidden_N_D, self._head(e, model))
+            del model
+        teacher_index_N = torch.repeat_interleave(torch.tensor(index_B, dtype=torch.long),
+                                                  torch.tensor(lengths_B, dtype=torch.long))
+        return TeacherStates(teacher_index_N, [cached[e] for e in sorted(cached)])
+
+    def release(self) -> None:
+        """Free the resident unit (its memory returns before the next load)."""
+        self._resident = None
+        self._active_adapter = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- scheduling --------------------------------------------------------------------------------
+
+    def _plan_units(self) -> tuple[list[_Unit], list[int]]:
+        bases: dict[Path, list[tuple[int, Path]]] = {}
+        units: list[_Unit] = []
+        unit_of = [0] * len(self.teachers)
+        for e, spec in enumerate(self.teachers):
+            path = Path(spec.path)
+            if (path / "adapter_config.json").is_file():
+                bases.setdefault(_adapter_base(path), []).append((e, path))
+            elif (path / "config.json").is_file():
+                unit_of[e] = len(units)
+                units.append(_Unit(path.resolve()))
+            else:
+                raise PluribusError(f"teacher '{spec.name}': {path} is not a model folder "
+                                    "(no adapter_config.json or config.json)")
+        for base, adapters in bases.items():
+            for e, _ in adapters:
+                unit_of[e] = len(units)
+            units.append(_Unit(base, tuple(adapters)))
+        return units, unit_of
+
+    def _visit_order(self, teachers: list[int]) -> list[int]:
+        """The resident unit's teachers first (its active adapter first of all), then unit by unit, by index.
+
+        So a batch costs one load per unit not already resident and one switch per other adapter.
+        """
+        resident = self._resident[0] if self._resident else -1
+        return sorted(teachers, key=lambda e: (self._unit_of[e] != resident, self._unit_of[e],
+                                               f"t{e}" != self._active_adapter, e))
+
+    def _activate(self, e: int):
+        """The model that computes teacher e: its unit loaded (the previous one freed first), its adapter set."""
+        unit_id = self._unit_of[e]
+        if self._resident is None or self._resident[0] != unit_id:
+            self.release()
+            self._resident = (unit_id, self._load_unit(self._units[unit_id]))
+            self.loads += 1
+        model = self._resident[1]
+        adapter = f"t{e}"
+        if self._units[unit_id].adapters and self._active_adapter != adapter:
+            model.set_adapter(adapter, inference_mode=True)
+            self._active_adapter = adapter
+            self.adapter_switches += 1
+        if e not in self._checked:
+            check_head_reproduces_logits(model, f"teacher '{self.teachers[e].name}'", self.vocab_size)
+            self._checked.add(e)
+        return model
+
+    def _load_unit(self, unit: _Unit):
+        model = _load_model(unit.path, self.dtype)
+        if unit.adapters:
+            from peft import PeftModel
+
+            (first, first_path), *rest = unit.adapters
+            model = PeftModel.from_pretrained(model, str(first_path), adapter_name=f"t{first}", is_trainable=False)
+            for e, path in rest:
+                model.load_adapter(str(path), adapter_name=f"t{e}", is_trainable=False)
+            self._active_adapter = f"t{first}"
+        model.requires_grad_(False)
+        return model.to(self.device).eval()
+
+    def _head(self, e: int, model) -> TeacherHead:
+        if self._units[self._unit_of[e]].adapters:
+            weight_V_D, bias_V = output_head(model)  # the resident base's (or the adapter's own), no copy
+            return TeacherHead(weight_V_D.detach(), None if bias_V is None else bias_V.detach())
+        if e in self._disk_heads:
+            return self._disk_heads[e]
+        head = _head_on_disk(model, self._units[self._unit_of[e]].path, self.dtype, self.device)
+        if head.weight_file is not None:  # an in-memory fallback must not outlive this batch
+            self._disk_heads[e] = head
+        return head
+
+
+# --- heads on disk -----------------------------------------------------------------------------------
+
+def _head_on_disk(model, folder: Path, dtype: torch.dtype, device: str) -> TeacherHead:
+    """Where the model's head lives in its safetensors files; failing that, a reference to it in memory."""
+    weight_V_D, bias_V = output_head(model)
+    weight_map = _safetensors_map(folder)
+
+    def locate(tensor: Tensor | None) -> tuple[Path, str] | None:
+        if tensor is None:
+            return None
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if param is tensor and name in weight_map:
+                return folder / weight_map[name], name
+        return None
+
+    weight_file, bias_file = locate(weight_V_D), locate(bias_V)
+    found = weight_file is not None and (bias_V is None or bias_file is not None)
+    if found and _read_tensor(*weight_file, dtype, "cpu", meta_only=True) == tuple(weight_V_D.shape):
+        return TeacherHead(weight_file=weight_file, bias_file=bias_file, dtype=dtype, device=device)
+    return TeacherHead(weight_V_D.detach(), None if bias_V is None else bias_V.detach())
+
+
+def _safetensors_map(folder: Path) -> dict[str, str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single.name for name in f.keys()}
+
+
+def _read_tensor(file: Path, name: str, dtype: torch.dtype, device: str, meta_only: bool = False):
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        if meta_only:
+            return tuple(f.get_slice(name).get_shape())
+        return f.get_tensor(name).to(dtype)

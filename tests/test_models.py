@@ -1,0 +1,101 @@
+"""Models: tokenizer round-trip, save/load with identical logits (Llama and Qwen2), LoRA, rendering."""
+
+import pytest
+import torch
+
+from pluribus.errors import PluribusError
+from pluribus.models import (add_lora, load, render_example, render_prompt, response_logprobs, save,
+                             token_logprobs)
+from pluribus.models.tokenizer import CHARS, build_char_tokenizer
+
+TEXT = "add 12 345 -> Hello, World! f=lambda x:x*x+1 ~`{}[]"
+
+
+def test_char_tokenizer_is_one_token_per_character():
+    tok = build_char_tokenizer()
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(TEXT)
+    assert tok.decode(ids) == TEXT
+    assert len(set(tok(c, add_special_tokens=False)["input_ids"][0] for c in CHARS)) == len(CHARS)
+    assert tok.eos_token == "<|eos|>" and tok.pad_token == "<|pad|>" and tok.eos_token_id != tok.pad_token_id
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_tokenizer_round_trip_after_reload(fixture, request):
+    path = request.getfixturevalue(fixture)
+    _, tok = load(path)
+    ref = build_char_tokenizer()
+    assert tok(TEXT, add_special_tokens=False)["input_ids"] == ref(TEXT, add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "reverse abc"}]
+    assert render_prompt(tok, messages) == render_prompt(ref, messages)
+    assert tok.decode(render_prompt(tok, messages)) == "<|user|>reverse abc<|assistant|>"
+    assert tok.eos_token_id == ref.eos_token_id and tok.pad_token_id == ref.pad_token_id
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_save_load_gives_identical_logits(fixture, request, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load(request.getfixturevalue(fixture))
+    with torch.no_grad():
+        for p in model.parameters():  # move off the init so a load that re-initialises would show
+            p.add_(0.01 * torch.randn_like(p))
+    ids = torch.tensor([render_prompt(tok, [{"role": "user", "content": "max 12 99 31"}])])
+    model.eval()
+    before = model(input_ids=ids).logits
+    save(model, tok, tmp_path / "saved")
+    again, _ = load(tmp_path / "saved", trainable=False)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", local_files_only=True)  # the HF way
+    assert torch.equal(before, again(input_ids=ids).logits)
+    assert torch.equal(before, plain.eval()(input_ids=ids).logits)
+
+
+def test_lora_adapter_saves_and_reloads_over_its_base(tiny_llama, tmp_path):
+    model, tok = load(tiny_llama)
+    model = add_lora(model, rank=4, alpha=8)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    ids = torch.tensor([render_prompt(tok, [{"role": "user", "content": "sort 3 1 2"}])])
+    model.eval()
+    before = model(input_ids=ids).logits
+    save(model, tok, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    again, _ = load(tmp_path / "adapter", trainable=False)
+    assert torch.allclose(before, again(input_ids=ids).logits, atol=1e-6)
+    base, _ = load(tiny_llama, trainable=False)
+    assert not torch.allclose(before, base(input_ids=ids).logits, atol=1e-4)  # the adapter does something
+
+
+def test_render_example_masks_the_prompt_and_ends_with_eos(tiny_llama):
+    _, tok = load(tiny_llama)
+    ids, n_prompt = render_example(tok, [{"role": "user", "content": "add 1 2"}], "3")
+    assert tok.decode(ids[:n_prompt]) == "<|user|>add 1 2<|assistant|>"
+    assert ids[n_prompt:] == [tok.convert_tokens_to_ids("3"), tok.eos_token_id]
+    full = tok.apply_chat_template([{"role": "user", "content": "add 1 2"}, {"role": "assistant", "content": "3"}],
+                                   tokenize=False)
+    assert tok(full, add_special_tokens=False)["input_ids"] == ids  # template and generation agree
+
+
+def test_response_logprobs_match_a_plain_forward(tiny_llama):
+    model, tok = load(tiny_llama, trainable=False)
+    prompts = [render_prompt(tok, [{"role": "user", "content": c}]) for c in ("add 1 2", "reverse abcdef")]
+    responses = [[10, 11, 12], [13, 2]]
+    resp = torch.tensor([[10, 11, 12], [13, 2, 0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    lp, _ = response_logprobs(model, prompts, resp, mask, tok.pad_token_id)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids = torch.tensor([p + r])
+        ref = token_logprobs(model(input_ids=ids).logits, ids)[0, len(p) - 1:]
+        assert torch.allclose(lp[i, : len(r)], ref, atol=1e-5)
+
+
+def test_missing_model_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(PluribusError, match="model folder not found"):
+        load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PluribusError, match="not a model folder"):
+        load(tmp_path / "empty")

@@ -1,0 +1,48 @@
+"""The pipeline end to end on the smoke config: stages run, DONE markers, skip on rerun, eval table."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pluribus.pipeline import load_pipeline, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    config = work / "quickstart.yaml"
+    shutil.copy(ROOT / "examples" / "quickstart.yaml", config)
+    text = config.read_text().replace("out_dir: runs", f"out_dir: {work / 'runs'}")
+    config.write_text(text)
+    return config, run_pipeline(config, smoke=True)
+
+
+def test_smoke_run_completes_every_stage(smoke_run):
+    _, run_dir = smoke_run
+    for stage in ("pretrain", "sft", "eval"):
+        assert (run_dir / stage / "DONE").is_file(), stage
+        assert json.loads((run_dir / stage / "config.json").read_text())
+    scores = json.loads((run_dir / "eval" / "scores.json").read_text())
+    assert set(scores) == {"base", "sft"}
+    assert [s["domain"] for s in scores["sft"]] == ["reverse", "max", "case"]
+    assert all(0.0 <= s["pass1_greedy"] <= 1.0 and s["n"] == 10 for s in scores["sft"])
+
+
+def test_finished_stages_are_skipped(smoke_run, capsys):
+    config, run_dir = smoke_run
+    before = (run_dir / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_pipeline(config, smoke=True)
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == 3
+    assert (run_dir / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_smoke_overrides_apply():
+    cfg = load_pipeline(ROOT / "examples" / "quickstart.yaml", smoke=True)
+    assert cfg.domains == ["reverse", "max", "case"] and cfg.pretrain["steps"] < 100
+    full = load_pipeline(ROOT / "examples" / "quickstart.yaml")
+    assert full.domains == [] and full.pretrain["steps"] >= 1000

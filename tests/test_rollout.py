@@ -1,0 +1,75 @@
+"""The rollout engine: greedy is argmax, sampler log-probs match the trainer's, truncation masks,
+and an interrupted batch resumes from its token log with the tokens of an uninterrupted run."""
+
+import torch
+
+from pluribus.models import load, render_prompt, response_logprobs
+from pluribus.rollout import SamplingParams, TokenLog, sample, truncate_logits
+
+
+def _prompts(tok, n=6):
+    return [render_prompt(tok, [{"role": "user", "content": f"add {i} {7 * i + 3}"}]) for i in range(n)]
+
+
+def test_truncation_keeps_top_k_and_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert truncate_logits(logits, 2, 1.0).tolist() == [[True, True, False, False]]
+    assert truncate_logits(logits, 0, 0.7).tolist() == [[True, True, False, False]]
+    assert truncate_logits(logits, 0, 0.85).tolist() == [[True, True, True, False]]
+    assert truncate_logits(logits, 0, 0.1).tolist() == [[True, False, False, False]]
+
+
+def test_greedy_is_argmax_of_a_full_forward(tiny_llama):
+    model, tok = load(tiny_llama, trainable=False)
+    prompts = _prompts(tok, 3)
+    r = sample(model, prompts, SamplingParams(6, temperature=0), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    for i, p in enumerate(prompts):
+        ids = list(p)
+        for t in range(int(r.lengths[i])):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            assert nxt == int(r.response_ids_B_T[i, t])
+            ids.append(nxt)
+
+
+def test_sampler_logprobs_match_the_trainer(tiny_llama):
+    model, tok = load(tiny_llama, trainable=False)
+    params = SamplingParams(10, temperature=0.8, top_p=0.9, top_k=30)
+    r = sample(model, _prompts(tok), params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    assert r.keep_mask_B_T_V is not None and r.keep_mask_B_T_V.shape[:2] == r.response_ids_B_T.shape
+    chosen_kept = r.keep_mask_B_T_V.gather(-1, r.response_ids_B_T.unsqueeze(-1)).squeeze(-1)
+    assert chosen_kept[r.response_mask_B_T].all()  # no token outside the sampler's support
+    lp, _ = response_logprobs(model, r.prompt_ids, r.response_ids_B_T, r.response_mask_B_T, tok.pad_token_id,
+                              params.temperature, r.keep_mask_B_T_V)
+    assert (lp - r.sampler_logprobs_B_T)[r.response_mask_B_T].abs().max() < 1e-4
+
+
+def test_a_request_samples_the_same_tokens_in_any_batch(tiny_llama):
+    model, tok = load(tiny_llama, trainable=False)
+    prompts = _prompts(tok)
+    params = SamplingParams(8)
+    full = sample(model, prompts, params, eos_id=2, pad_id=0, seed=3)
+    alone = sample(model, prompts[2:3], params, eos_id=2, pad_id=0, request_seeds=[3 * 100_003 + 2])
+    n = int(alone.lengths[0])
+    assert torch.equal(full.response_ids_B_T[2, :n], alone.response_ids_B_T[0, :n])
+    other = sample(model, prompts, params, eos_id=2, pad_id=0, seed=4)
+    assert not torch.equal(full.response_ids_B_T, other.response_ids_B_T)
+
+
+def test_interrupted_batch_resumes_with_the_same_tokens(tiny_llama, tmp_path):
+    model, tok = load(tiny_llama, trainable=False)
+    prompts = _prompts(tok, 8)
+    params = SamplingParams(12)
+    reference = sample(model, prompts, params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=7)
+    log = tmp_path / "rollout.log"
+    partial = sample(model, prompts, params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=7,
+                     log_path=log, stop_after_steps=5)
+    assert int(partial.lengths.max()) == 5 and int(reference.lengths.max()) > 5  # really interrupted
+    with open(log, "a") as f:
+        f.write('{"t": 5, "tok": {"0": [1')  # a torn write at the crash point
+    resumed = sample(model, prompts, params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=7, log_path=log)
+    assert torch.equal(resumed.response_ids_B_T, reference.response_ids_B_T)
+    assert torch.equal(resumed.response_mask_B_T, reference.response_mask_B_T)
+    assert torch.allclose(resumed.sampler_logprobs_B_T, reference.sampler_logprobs_B_T, atol=1e-4)
+    assert resumed.finish_reasons == reference.finish_reasons
+    prefixes = TokenLog.replay(log)
+    assert all(len(prefixes[i]) == int(reference.lengths[i]) for i in range(8))

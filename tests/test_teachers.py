@@ -1,0 +1,231 @@
+"""Teacher pool: hidden-state contract, rebuilt logits, ordering and switching, residency, compatibility."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from pluribus.errors import PluribusError
+from pluribus.models import add_lora, load, render_prompt, response_logits, save
+from pluribus.models.tokenizer import build_char_tokenizer
+from pluribus.teachers import TeacherPool, TeacherSpec, check_compatible, response_hidden_states
+from pluribus.teachers import pool as pool_module
+
+DOMAINS = ["add", "max", "sort", "reverse"]
+
+
+def make_adapter(base_path, out, seed):
+    """A LoRA teacher over `base_path` that differs from the base (lora_B is zero at init)."""
+    model, tok = load(base_path)
+    model = add_lora(model, rank=4, alpha=8)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return save(model, tok, out)
+
+
+def make_full(base_path, out, seed):
+    """A full-weight teacher: the base with every weight perturbed."""
+    model, tok = load(base_path)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save(model, tok, out)
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    adapters = [make_adapter(tiny_llama, root / f"lora-{d}", seed=i) for i, d in enumerate(DOMAINS)]
+    fulls = [make_full(tiny_llama, root / f"full-{d}", seed=10 + i) for i, d in enumerate(DOMAINS[:3])]
+    return adapters, fulls
+
+
+def batch(tok, domains, seed=0, T=7):
+    """Prompts per domain and random responses of varying length (padding included)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [render_prompt(tok, [{"role": "user", "content": f"{d} {i} 31 4"[: 6 + i % 5]}])
+               for i, d in enumerate(domains)]
+    B = len(domains)
+    ids = torch.randint(7, len(tok), (B, T), generator=gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    ids[~mask] = tok.pad_token_id
+    return prompts, ids, mask
+
+
+def spec(name, path, domains, weight=1.0):
+    return TeacherSpec(name, path, tuple(domains), weight)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_decoder_output_is_final_norm_hidden_state_and_head_gives_logits(fixture, request):
+    model, tok = load(request.getfixturevalue(fixture), trainable=False)
+    model.eval()
+    ids = torch.tensor([render_prompt(tok, [{"role": "user", "content": "sort 3 1 2"}])])
+    out = model(input_ids=ids, output_hidden_states=True)
+    decoder_h = model.get_decoder()(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(out.hidden_states[-1], decoder_h, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.lm_head(decoder_h), out.logits, rtol=0, atol=1e-5)
+
+
+def test_rebuilt_logits_equal_each_teachers_own_logits(tiny_llama, teacher_dirs):
+    adapters, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+    specs = [spec("add", adapters[0], ["add"]), spec("max", adapters[1], ["max"]),
+             spec("sort", fulls[2], ["sort"]), spec("reverse", adapters[3], ["reverse"])]
+    pool = TeacherPool(specs, tok, vocab_size=len(tok))
+    domains = ["reverse", "add", "sort", "max", "add", "sort"]
+    index = pool.route(domains)
+    order = pool.order(index)
+    prompts, ids, mask = batch(tok, [domains[i] for i in order])
+    states = pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+    assert [g.teacher for g in states.groups] == [0, 1, 2, 3]
+    assert states.groups[2].head.weight_file is not None  # the full teacher's head is read from disk
+    for group in states.groups:
+        weight, bias = group.head.load()
+        rebuilt = group.hidden_N_D @ weight.T + (0 if bias is None else bias)
+        teacher, _ = load(specs[group.teacher].path, trainable=False)
+        rows = [b for b, i in enumerate(order) if index[i] == group.teacher]
+        own = response_logits(teacher.eval(), [prompts[b] for b in rows], ids[rows], mask[rows],
+                              tok.pad_token_id)[mask[rows]]
+        assert rebuilt.shape == own.shape and rebuilt.shape[0] == group.rows.stop - group.rows.start
+        torch.testing.assert_close(rebuilt, own, rtol=0, atol=1e-5)
+    assert states.teacher_index_N.tolist() == sorted(states.teacher_index_N.tolist())
+
+
+def test_samples_ordered_by_teacher_and_each_adapter_switched_once(tiny_llama, teacher_dirs, monkeypatch):
+    from peft import PeftModel
+
+    adapters, _ = teacher_dirs
+    _, tok = load(tiny_llama)
+    calls = []
+    original = PeftModel.set_adapter
+    monkeypatch.setattr(PeftModel, "set_adapter", lambda self, name, **kw: (calls.append(name), original(self, name, **kw))[1])
+    loads = []
+    load_model = pool_module._load_model
+    monkeypatch.setattr(pool_module, "_load_model", lambda path, dtype: (loads.append(path), load_model(path, dtype))[1])
+    pool = TeacherPool([spec(d, a, [d]) for d, a in zip(DOMAINS, adapters)], tok)
+    domains = ["sort", "add", "reverse", "sort", "max", "add", "reverse", "max"]
+    index = pool.route(domains)
+    order = pool.order(index)
+    assert [index[i] for i in order] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [domains[i] for i in order] == ["add", "add", "max", "max", "sort", "sort", "reverse", "reverse"]
+    prompts, ids, mask = batch(tok, [domains[i] for i in order])
+    # Loading activates the first adapter; the next batch starts with the one left active.
+    for expected in (["t1", "t2", "t3"], ["t0", "t1", "t2"]):
+        calls.clear()
+        pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+        assert calls == expected
+    assert len(loads) == 1 and pool.loads == 1  # one base, four adapters, loaded once for both batches
+    with pytest.raises(PluribusError, match="ordered by teacher"):
+        pool.teacher_states(prompts, ids, mask, [3, 0, 0, 1, 1, 2, 2, 3], tok.pad_token_id)
+
+
+def test_one_full_weight_teacher_resident_at_a_time(tiny_llama, teacher_dirs, monkeypatch):
+    _, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+    alive = []
+    load_model = pool_module._load_model
+
+    def watched_load(path, dtype):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "a previous teacher is still in memory at the next load"
+        model = load_model(path, dtype)
+        alive.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(pool_module, "_load_model", watched_load)
+    pool = TeacherPool([spec(d, f, [d]) for d, f in zip(DOMAINS, fulls)], tok)
+    domains = ["sort", "add", "max", "add"]
+    index = pool.route(domains)
+    order = pool.order(index)
+    prompts, ids, mask = batch(tok, [domains[i] for i in order])
+    states = pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+    assert pool.loads == 3 and len(alive) == 3
+    # The cache holds hidden states and disk handles only: nothing keeps a freed teacher alive.
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True, True, False]
+    pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+    assert pool.loads == 5  # the resident teacher goes first: two loads, not three
+    pool.release()
+    del states
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
+def test_route_refuses_a_domain_without_teacher(tiny_llama, teacher_dirs):
+    adapters, _ = teacher_dirs
+    _, tok = load(tiny_llama)
+    pool = TeacherPool([spec("add", adapters[0], ["add"])], tok)
+    with pytest.raises(PluribusError, match="forgotten") as err:
+        pool.route(["add", "sort"])
+    assert "\n" not in str(err.value) and "sort" in str(err.value)
+    with pytest.raises(PluribusError, match="two teachers"):
+        TeacherPool([spec("a", adapters[0], ["add"]), spec("b", adapters[1], ["add"])], tok)
+
+
+def _one_line_error(student, teacher, match, **kw):
+    with pytest.raises(PluribusError, match=match) as err:
+        check_compatible(student, teacher, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_compatibility_errors_are_one_clear_line():
+    student = build_char_tokenizer()
+    check_compatible(student, build_char_tokenizer())  # the same tokenizer passes
+
+    bigger = build_char_tokenizer()
+    bigger.add_tokens(["<|tool|>"])
+    _one_line_error(student, bigger, "vocabulary sizes differ")
+
+    from tokenizers import Tokenizer, models
+
+    from pluribus.models.tokenizer import CHARS, SPECIALS
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, two ids swapped
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))
+    core.add_special_tokens(SPECIALS)
+    from transformers import PreTrainedTokenizerFast
+    swapped = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|bos|>", eos_token="<|eos|>",
+                                      pad_token="<|pad|>", unk_token="<|unk|>",
+                                      additional_special_tokens=SPECIALS[4:])
+    swapped.chat_template = student.chat_template
+    _one_line_error(student, swapped, "vocabularies differ: token 'a'")
+
+    other_eos = build_char_tokenizer()
+    other_eos.eos_token = "<|system|>"
+    _one_line_error(student, other_eos, "EOS differs")
+    check_compatible(student, other_eos, allow_eos_mismatch=True)  # allowed on request
+
+    other_template = build_char_tokenizer()
+    other_template.chat_template = student.chat_template.replace("<|assistant|>{% endif %}", "<|assistant|>\n{% endif %}")
+    _one_line_error(student, other_template, "chat templates render a probe conversation differently")
+
+    no_template = build_char_tokenizer()
+    no_template.chat_template = None
+    _one_line_error(student, no_template, "no chat template")
+
+
+def test_pool_checks_teachers_when_built(tiny_llama, teacher_dirs, tmp_path):
+    adapters, _ = teacher_dirs
+    model, tok = load(adapters[0])
+    tok.chat_template = tok.chat_template.replace("<|user|>", "<|user|> ")
+    save(model, tok, tmp_path / "odd")
+    _, student_tok = load(tiny_llama)
+    with pytest.raises(PluribusError, match="teacher 'odd'.*chat templates"):
+        TeacherPool([spec("odd", tmp_path / "odd", ["add"])], student_tok)
+
+
+def test_response_hidden_states_rows_follow_the_mask(tiny_llama):
+    model, tok = load(tiny_llama, trainable=False)
+    prompts, ids, mask = batch(tok, ["add", "max", "sort"], seed=3)
+    hidden = response_hidden_states(model.eval(), prompts, ids, mask, tok.pad_token_id)
+    assert hidden.shape == (int(mask.sum()), model.config.hidden_size)
+    one = response_hidden_states(model, prompts[1:2], ids[1:2], mask[1:2], tok.pad_token_id)
+    start = int(mask[0].sum())
+    torch.testing.assert_close(hidden[start:start + one.shape[0]], one, rtol=0, atol=1e-5)
