@@ -139,7 +139,7 @@ def _update(model, cfg: GRPOConfig, rollout, adv_N, reference, optimizer, schedu
             norm, stepped = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
             skipped += not stepped
             updates += 1
-            sums["loss"] += float(loss)
+            sums["loss"] += loss.item()
             sums["grad_norm"] += norm if stepped else 0.0
             sums["entropy"] += float(entropy[mask[idx]].mean())
             for k in ("clip_frac", "kl", "masked_seq_frac"):

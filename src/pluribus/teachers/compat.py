@@ -27,7 +27,7 @@ def check_compatible(student_tokenizer, teacher_tokenizer, allow_eos_mismatch: b
     Checked in order: vocabulary size, the vocabulary itself (token → id), pad/bos/unk and the chat
     special tokens, EOS (allowed to differ only with `allow_eos_mismatch`), and the token ids the
     chat template renders for a probe conversation (with an allowed EOS mismatch, the teacher's EOS
-    id is read as the student's there).
+    may stand where the student's does).
     """
     s, t = student_tokenizer, teacher_tokenizer
     if len(s) != len(t):
@@ -58,11 +58,10 @@ def check_compatible(student_tokenizer, teacher_tokenizer, allow_eos_mismatch: b
                             f"only the teacher's: {only_teacher})")
     student_ids = _render(s, "student", teacher)
     teacher_ids = _render(t, "teacher", teacher)
-    if eos_differs:
-        teacher_ids = [s.eos_token_id if i == t.eos_token_id else i for i in teacher_ids]
-    if student_ids != teacher_ids:
-        at = next((k for k, (a, b) in enumerate(zip(student_ids, teacher_ids)) if a != b),
-                  min(len(student_ids), len(teacher_ids)))
+    allowed = {(s.eos_token_id, t.eos_token_id)} if eos_differs else set()
+    same = [a == b or (a, b) in allowed for a, b in zip(student_ids, teacher_ids)]
+    if len(student_ids) != len(teacher_ids) or not all(same):
+        at = same.index(False) if not all(same) else len(same)
         raise PluribusError(f"{teacher}: chat templates render a probe conversation differently (from token {at}: "
                             f"student {s.decode(student_ids[at:at + 8])!r}, teacher {t.decode(teacher_ids[at:at + 8])!r})")
 

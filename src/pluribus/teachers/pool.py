@@ -237,9 +237,11 @@ class TeacherPool:
 
     def release(self) -> None:
         """Free the resident unit (its memory returns before the next load)."""
+        if self._resident is None:
+            return
         self._resident = None
         self._active_adapter = None
-        gc.collect()
+        gc.collect()  # peft wrappers can hold reference cycles: free them now, not at some later collection
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
