@@ -15,6 +15,15 @@ from pluribus.teachers import pool as pool_module
 DOMAINS = ["add", "max", "sort", "reverse"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine they lose a lot to spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_adapter(base_path, out, seed):
     """A LoRA teacher over `base_path` that differs from the base (lora_B is zero at init)."""
     model, tok = load(base_path)

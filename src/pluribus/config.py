@@ -237,3 +237,17 @@ class OPDConfig(Strict):
         if bad:
             raise ValueError(f"domain_weights must be ≥ 0, got {bad}")
         return self
+
+
+class ExpertsConfig(Strict):
+    """One specialist per domain from the general SFT model: SFT on its domain, then GRPO (V4 §5.1)."""
+
+    model: str
+    out_dir: str
+    domains: list[str] = Field(default_factory=list, description="empty: all world domains")
+    sft: dict = Field(default_factory=dict, description="SFTConfig fields (model/out/data are filled in)")
+    grpo: dict = Field(default_factory=dict, description="GRPOConfig fields (model/out/data are filled in)")
+    n_train: int = Field(2000, gt=0, description="train prompts per domain for GRPO")
+    n_demos: int = Field(200, gt=0, description="demonstrations per domain for the expert's SFT")
+    lora: LoraConfig | None = LoraConfig()
+    seed: int = 0

@@ -139,7 +139,8 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                           kl=float((kl_mean_E * tokens_E).sum() / max(1, tokens)),
                           tokens=tokens, response_len=tokens / len(batch),
                           tokens_per_s=tokens / max(t_end - t0, 1e-9), sample_s=t_sample - t0,
-                          teacher_s=t_teachers - t_sample, student_s=t_end - t_teachers, step_s=t_end - t0)
+                          teacher_s=t_teachers - t_sample, student_s=t_end - t_teachers, step_s=t_end - t0,
+                          teacher_resident_mib=pool.resident_bytes / 2**20)
             record.update({f"kl_{names[e]}": float(kl_mean_E[e]) for e in range(len(names)) if tokens_E[e] > 0})
             record.update({f"rollouts_{d}": n for d, n in sorted(Counter(r.domain for r in batch).items())})
             if cfg.reward_every and step % cfg.reward_every == 0:

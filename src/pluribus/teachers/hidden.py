@@ -37,8 +37,9 @@ def response_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T:
                            response_mask_B_T: Tensor, pad_id: int) -> Tensor:
     """Final-norm hidden states `[N, D]` at the positions predicting the N masked response tokens.
 
-    Rows come sample by sample, in order, each sample's tokens in order: row n predicts the n-th
-    True of `response_mask_B_T` in row-major order. Gradient flows when called with grad enabled.
+    Responses are right-padded (as `Rollout` holds them). Rows come sample by sample, each sample's
+    tokens in order: row n predicts the n-th True of `response_mask_B_T` in row-major order.
+    Gradient flows when called with grad enabled.
     """
     mask_B_T = response_mask_B_T.bool()
     T = int(mask_B_T.sum(-1).max()) if mask_B_T.numel() else 0

@@ -235,6 +235,13 @@ class TeacherPool:
                                                   torch.tensor(lengths_B, dtype=torch.long))
         return TeacherStates(teacher_index_N, [cached[e] for e in sorted(cached)])
 
+    @property
+    def resident_bytes(self) -> int:
+        """Parameter bytes of the resident unit (base and adapters, or one full model); 0 when none."""
+        if self._resident is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self._resident[1].parameters())
+
     def release(self) -> None:
         """Free the resident unit (its memory returns before the next load)."""
         if self._resident is None:

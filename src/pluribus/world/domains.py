@@ -146,7 +146,7 @@ def _count_mistake(rng, inst):
 
 
 def _reverse_make(rng):
-    s = _word(rng, 3, 9)
+    s = _word(rng, 3, 7)
     return Instance(f"reverse {s}", s[::-1], {"s": s})
 
 
@@ -173,7 +173,7 @@ _CASE_OPS = {"upper": str.upper, "lower": str.lower, "swap": str.swapcase}
 
 def _case_make(rng):
     op = rng.choice(sorted(_CASE_OPS))
-    s = "".join(rng.choice([c, c.upper()]) for c in _word(rng, 3, 8))
+    s = "".join(rng.choice([c, c.upper()]) for c in _word(rng, 3, 6))
     return Instance(f"{op} {s}", _CASE_OPS[op](s), {"op": op, "s": s})
 
 
@@ -283,7 +283,7 @@ _SEPS = "-,|+/"
 
 
 def _ifeval_make(rng):
-    word, n, sep = _word(rng, 2, 5), rng.randint(2, 5), rng.choice(_SEPS)
+    word, n, sep = _word(rng, 2, 4), rng.randint(2, 4), rng.choice(_SEPS)
     case = rng.choice(["upper", "lower"])
     answer = sep.join([word.upper() if case == "upper" else word] * n)
     return Instance(f"say {word} {n}x sep{sep} {case}", answer,
