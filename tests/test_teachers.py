@@ -16,12 +16,8 @@ DOMAINS = ["add", "max", "sort", "reverse"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine they lose a lot to spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def make_adapter(base_path, out, seed):
