@@ -285,9 +285,8 @@ def _release_uid(slot: int) -> None:
     _slot_available.release()
 
 
-def _caller_threads() -> int:
-    """Threads (what RLIMIT_NPROC counts) that our uid runs now; /proc walk."""
-    uid, total = str(os.getuid()), 0
+def _statuses_of_uid(uid: int):
+    """(pid, /proc/PID/status fields) of every process whose real uid is `uid`."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -296,25 +295,18 @@ def _caller_threads() -> int:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
             continue
-        if fields.get("Uid", "").split()[:1] == [uid]:
-            total += int(fields.get("Threads", "1"))
-    return total
+        if fields.get("Uid", "").split()[:1] == [str(uid)]:
+            yield int(entry), fields
+
+
+def _caller_threads() -> int:
+    """Threads (what RLIMIT_NPROC counts) that our uid runs now."""
+    return sum(int(fields.get("Threads", "1")) for _, fields in _statuses_of_uid(os.getuid()))
 
 
 def _processes_of_uid(uid: int) -> list[int]:
     """Live (non-zombie) processes whose real uid is `uid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z"):
-            found.append(int(entry))
-    return found
+    return [pid for pid, fields in _statuses_of_uid(uid) if not fields.get("State", "").strip().startswith("Z")]
 
 
 _probe_lock = threading.Lock()

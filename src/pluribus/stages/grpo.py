@@ -57,8 +57,7 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
         meta: dict | None = None, eval_records: list[Record] | None = None) -> Path:
     seed_everything(cfg.seed)
     model, tokenizer = load(cfg.model)
-    lora = cfg.lora is not None and not hasattr(model, "disable_adapter")
-    if cfg.lora is not None and lora:
+    if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     lora = hasattr(model, "disable_adapter")
     reference = _reference(model, lora) if cfg.kl_coef > 0 else None
