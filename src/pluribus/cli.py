@@ -68,6 +68,15 @@ def sft(config: Path = typer.Argument(..., help="YAML with the sft fields")) -> 
     console.print(f"model saved to {stage.run(load_yaml(config, SFTConfig))}")
 
 
+@app.command()
+def merge(config: Path = typer.Argument(..., help="YAML with the merge fields")) -> None:
+    """Weight-merging baseline: the experts' task vectors merged into their base (linear, task arithmetic, TIES)."""
+    from pluribus.config import MergeConfig, load_yaml
+    from pluribus.stages import merge as stage
+
+    console.print(f"merged model saved to {stage.run(load_yaml(config, MergeConfig))}")
+
+
 @app.command("eval")
 def eval_(model: Path = typer.Option(..., help="HF model folder"),
           domains: Optional[list[str]] = typer.Option(None, "--domains", help="domains (repeat or comma-separate)"),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pluribus.errors import ConfigError
 
@@ -251,3 +251,43 @@ class ExpertsConfig(Strict):
     n_demos: int = Field(200, gt=0, description="demonstrations per domain for the expert's SFT")
     lora: LoraConfig | None = LoraConfig()
     seed: int = 0
+
+
+class MergeConfig(Strict):
+    """Weight-merging baseline: the experts' task vectors merged into their base; see pluribus.stages.merge."""
+
+    model: str = Field(description="the base every expert's task vector is taken against (the general SFT model)")
+    experts: list[str] = Field(min_length=1, description="expert folders: LoRA adapters over `model` or full HF models")
+    method: Literal["linear", "task_arithmetic", "ties"]
+    weights: list[float] | None = Field(None, description="linear only: one weight ≥ 0 per expert, normalised; None: uniform")
+    density: float = Field(0.2, gt=0, le=1, description="ties only: share of each task vector's entries kept, per tensor")
+    scale: float = Field(1.0, allow_inf_nan=False, description="task_arithmetic and ties: λ multiplying the merged task vector")
+    out: str
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, weights, info):
+        if weights is None:
+            return weights
+        if info.data.get("method") != "linear":
+            raise ValueError("applies to method linear only")
+        experts = info.data.get("experts", [])
+        if len(weights) != len(experts):
+            raise ValueError(f"{len(weights)} weights for {len(experts)} experts")
+        if not all(0 <= w < float("inf") for w in weights) or sum(weights) == 0:
+            raise ValueError(f"must be finite, ≥ 0 and not all 0, got {weights}")
+        return weights
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, density, info):
+        if info.data.get("method") != "ties":
+            raise ValueError("applies to method ties only")
+        return density
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, scale, info):
+        if info.data.get("method") == "linear":
+            raise ValueError("applies to methods task_arithmetic and ties, not linear")
+        return scale

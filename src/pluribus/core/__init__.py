@@ -1,4 +1,4 @@
-"""The maths: GRPO advantages and losses, KL estimators, on-policy distillation losses.
+"""The maths: GRPO advantages and losses, KL estimators, on-policy distillation losses, weight merging.
 
 Pure tensor functions with shapes in their names; no I/O, no config objects (DESIGN.md §3–4).
 """
@@ -20,6 +20,7 @@ from pluribus.core.grpo import (
     off_policy_sequence_mask,
     policy_loss_terms,
 )
+from pluribus.core.merge import linear_merge, task_arithmetic, ties_merge
 
 __all__ = [
     "aggregate",
@@ -27,6 +28,7 @@ __all__ = [
     "group_advantages",
     "kl_k3",
     "kl_k3_unbiased",
+    "linear_merge",
     "off_policy_sequence_mask",
     "policy_loss_terms",
     "reverse_kl",
@@ -34,5 +36,7 @@ __all__ = [
     "reverse_kl_topk_tail",
     "sampled_token_advantages",
     "sampled_token_pg_loss",
+    "task_arithmetic",
+    "ties_merge",
     "weighted_teacher_loss",
 ]
