@@ -66,8 +66,8 @@ def _independent_answer(prompt: str, meta: dict) -> str | None:
         return str((c - b) // a)
     if op == "max":
         return str(max(map(int, rest.split())))
-    if op == "bin":
-        return bin(int(rest))[2:]
+    if op == "o2b":
+        return bin(int(rest, 8))[2:]
     if op == "count":
         letter, _, s = rest.partition(" in ")
         return str(s.count(letter))
@@ -101,11 +101,17 @@ def test_exported_test_records_are_right(name, tmp_path):
     assert len(lines) == 50
     for obj in lines:
         assert {"id", "domain", "prompt"} <= set(obj) and obj["domain"] == name
-        if name == "code":  # run the answer against its own tests, in a fresh namespace
+        if name == "code":  # run the answer against its own tests and the spoken steps, in a fresh namespace
             namespace: dict = {}
             exec(obj["answer"], namespace)  # noqa: S102 - our own generated answer, not model output
             for test in obj["tests"]:
                 exec(test, namespace)  # noqa: S102
+            words = obj["prompt"].split()[1:]
+            for x in range(-5, 6):
+                value = x
+                for op, k in zip(words[::2], map(int, words[1::2])):
+                    value = {"plus": value + k, "minus": value - k, "times": value * k}[op]
+                assert namespace["f"](x) == value, obj
         else:
             assert _independent_answer(obj["prompt"], obj.get("meta", {})) == obj["answer"], obj
     assert [r.to_json() for r in read_jsonl(out)] == lines

@@ -69,6 +69,35 @@ def sft(config: Path = typer.Argument(..., help="YAML with the sft fields")) -> 
 
 
 @app.command()
+def grpo(config: Path = typer.Argument(..., help="YAML with the grpo fields")) -> None:
+    """GRPO with the DeepSeek-V3.2 recipe on world domains or your JSONL."""
+    from pluribus.config import GRPOConfig, load_yaml
+    from pluribus.stages import grpo as stage
+
+    console.print(f"model saved to {stage.run(load_yaml(config, GRPOConfig))}")
+
+
+@app.command()
+def experts(config: Path = typer.Argument(..., help="YAML with the experts fields")) -> None:
+    """One specialist per domain: SFT on its demonstrations, then GRPO; prints the report table."""
+    from pluribus.config import ExpertsConfig, load_yaml
+    from pluribus.stages import experts as stage
+
+    cfg = load_yaml(config, ExpertsConfig)
+    stage.run(cfg)
+    console.print(stage.report_table(stage.report(cfg)))
+
+
+@app.command()
+def opd(config: Path = typer.Argument(..., help="YAML with the opd fields")) -> None:
+    """Multi-teacher on-policy distillation: merge the experts into one student."""
+    from pluribus.config import OPDConfig, load_yaml
+    from pluribus.stages import opd as stage
+
+    console.print(f"student saved to {stage.run(load_yaml(config, OPDConfig))}")
+
+
+@app.command()
 def merge(config: Path = typer.Argument(..., help="YAML with the merge fields")) -> None:
     """Weight-merging baseline: the experts' task vectors merged into their base (linear, task arithmetic, TIES)."""
     from pluribus.config import MergeConfig, load_yaml
@@ -81,7 +110,8 @@ def merge(config: Path = typer.Argument(..., help="YAML with the merge fields"))
 def eval_(model: Path = typer.Option(..., help="HF model folder"),
           domains: Optional[list[str]] = typer.Option(None, "--domains", help="domains (repeat or comma-separate)"),
           n: int = typer.Option(200, min=1, help="test prompts per domain"),
-          samples: int = typer.Option(8, min=1, help="sampled responses per prompt"),
+          samples: int = typer.Option(8, min=0, help="sampled responses per prompt (0: greedy only)"),
+          temperature: float = typer.Option(1.0, help="sampling temperature (> 0)"),
           seed: int = typer.Option(0),
           as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """Per-domain greedy pass@1, mean sampled reward, pass@k and trivial floor."""
@@ -89,7 +119,8 @@ def eval_(model: Path = typer.Option(..., help="HF model folder"),
     from pluribus.stages import evaluate
 
     names = [d for item in domains or [] for d in item.split(",") if d]
-    cfg = validate(EvalConfig, {"model": str(model), "domains": names, "n": n, "samples": samples, "seed": seed},
+    cfg = validate(EvalConfig, {"model": str(model), "domains": names, "n": n, "samples": samples, "seed": seed,
+                                 "temperature": temperature},
                    "eval")
     from pluribus.world import domain as check_domain
 

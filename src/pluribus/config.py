@@ -103,7 +103,7 @@ class EvalConfig(Strict):
     model: str
     domains: list[str] = Field(default_factory=list, description="empty: all world domains")
     n: int = Field(200, gt=0, description="test prompts per domain")
-    samples: int = Field(8, ge=1, description="sampled responses per prompt (mean reward, pass@k)")
+    samples: int = Field(8, ge=0, description="sampled responses per prompt (mean reward, pass@k); 0: greedy only")
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     batch_size: int = Field(256, gt=0)
@@ -250,6 +250,10 @@ class ExpertsConfig(Strict):
     n_train: int = Field(2000, gt=0, description="train prompts per domain for GRPO")
     n_demos: int = Field(200, gt=0, description="demonstrations per domain for the expert's SFT")
     lora: LoraConfig | None = LoraConfig()
+    rubric_rl: Literal["none", "hidden_checker"] = Field(
+        "none", description="GRPO reward for rubric domains: none (SFT only until a judge is given) or the hidden "
+                            "checker (an upper bound: that checker is meant for evaluation only)")
+    report_n: int = Field(200, gt=0, description="test prompts per domain in the report")
     seed: int = 0
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pluribus.errors import PluribusError
+
+# peft still calls a transformers method that transformers 5 deprecates; the warning is not the user's to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads weights at run time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -21,8 +21,8 @@ class DomainScore:
     domain: str
     n: int
     pass1_greedy: float
-    reward_sampled: float
-    pass_at_k: float
+    reward_sampled: float | None  # None when no samples were drawn (greedy only)
+    pass_at_k: float | None
     k: int
     floor: float
 
@@ -50,12 +50,14 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig,
         records = generate(name, "test", cfg.n, seed=cfg.seed)
         greedy = generate_texts(model, tokenizer, records, SamplingParams(cfg.max_new_tokens, temperature=0),
                                 cfg.seed, cfg.batch_size)
-        sampled = generate_texts(model, tokenizer, records, SamplingParams(cfg.max_new_tokens, cfg.temperature),
-                                 cfg.seed, cfg.batch_size, samples=cfg.samples)
         pass1 = sum(reward(r, g[0]) >= 1.0 for r, g in zip(records, greedy)) / len(records)
-        rewards = [[reward(r, t) for t in ts] for r, ts in zip(records, sampled)]
-        mean_reward = sum(map(sum, rewards)) / (len(records) * cfg.samples)
-        pass_k = sum(any(x >= 1.0 for x in rs) for rs in rewards) / len(records)
+        mean_reward = pass_k = None
+        if cfg.samples:
+            sampled = generate_texts(model, tokenizer, records, SamplingParams(cfg.max_new_tokens, cfg.temperature),
+                                     cfg.seed, cfg.batch_size, samples=cfg.samples)
+            rewards = [[reward(r, t) for t in ts] for r, ts in zip(records, sampled)]
+            mean_reward = sum(map(sum, rewards)) / (len(records) * cfg.samples)
+            pass_k = sum(any(x >= 1.0 for x in rs) for rs in rewards) / len(records)
         scores.append(DomainScore(name, len(records), pass1, mean_reward, pass_k, cfg.samples, trivial_floor(records)))
     return scores
 
@@ -75,11 +77,14 @@ def table(scores: list[DomainScore], title: str = "evaluation"):
     t = Table(title=title)
     for col in ("domain", "n", "greedy pass@1", "sampled reward", f"pass@{scores[0].k if scores else 'k'}", "floor"):
         t.add_column(col, justify="right" if col != "domain" else "left")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     for s in scores:
-        t.add_row(s.domain, str(s.n), f"{100 * s.pass1_greedy:.1f}", f"{100 * s.reward_sampled:.1f}",
-                  f"{100 * s.pass_at_k:.1f}", f"{100 * s.floor:.1f}")
+        t.add_row(s.domain, str(s.n), pct(s.pass1_greedy), pct(s.reward_sampled), pct(s.pass_at_k), pct(s.floor))
     if scores:
-        mean = lambda f: 100 * sum(map(f, scores)) / len(scores)  # noqa: E731
-        t.add_row("mean", "", f"{mean(lambda s: s.pass1_greedy):.1f}", f"{mean(lambda s: s.reward_sampled):.1f}",
-                  f"{mean(lambda s: s.pass_at_k):.1f}", f"{mean(lambda s: s.floor):.1f}", style="bold")
+        def mean(field):
+            values = [getattr(s, field) for s in scores]
+            return None if None in values else sum(values) / len(values)
+
+        t.add_row("mean", "", *(pct(mean(f)) for f in ("pass1_greedy", "reward_sampled", "pass_at_k", "floor")),
+                  style="bold")
     return t

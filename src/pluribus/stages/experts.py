@@ -3,15 +3,23 @@
 Each expert is saved as an HF folder (a LoRA adapter over the general SFT model by default, so
 twelve experts cost twelve small adapters) with its domain recorded in `pluribus.json`; the
 teacher pool of the OPD stage reads that record. Its SFT checkpoint is kept beside it, so the
-effect of RL can be measured against it.
+effect of RL can be measured against it: `report` scores both on every domain.
+
+A rubric domain has no rule to check it: its GRPO needs the generative judge. Until one is given,
+its expert is its SFT checkpoint (`rubric_rl: none`); `rubric_rl: hidden_checker` trains on the
+world's hidden rubric checker instead, an upper bound for ablations, since that checker is meant
+for evaluation only.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-from pluribus.config import ExpertsConfig, GRPOConfig, SFTConfig, validate
-from pluribus.stages import grpo, sft
+from pluribus.config import EvalConfig, ExpertsConfig, GRPOConfig, SFTConfig, validate
+from pluribus.models import load
+from pluribus.stages import evaluate, grpo, sft
 from pluribus.world import DOMAINS, generate
 
 
@@ -27,6 +35,11 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
     sft_cfg = validate(SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model, "out": str(sft_out),
                                    "data": data, "lora": lora}, f"experts.sft ({domain})")
     sft.run(sft_cfg, meta={"domain": domain, "expert_stage": "sft"})
+    if DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "none":
+        if expert_out.exists():
+            shutil.rmtree(expert_out)
+        shutil.copytree(sft_out, expert_out)  # no judge: the SFT checkpoint is the expert
+        return expert_out
     grpo_cfg = validate(GRPOConfig, {"seed": cfg.seed, **cfg.grpo, "model": str(sft_out), "out": str(expert_out),
                                      "data": {**data, "n_per_domain": cfg.n_train}, "lora": lora},
                         f"experts.grpo ({domain})")
@@ -36,3 +49,54 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
 
 def run(cfg: ExpertsConfig) -> dict[str, Path]:
     return {d: run_one(cfg, d) for d in cfg.domains or list(DOMAINS)}
+
+
+def _pass1(model_path: Path | str, domains: list[str], n: int, seed: int) -> dict[str, float]:
+    model, tokenizer = load(model_path, trainable=False)
+    ecfg = EvalConfig(model=str(model_path), domains=domains, n=n, samples=0, seed=seed)
+    return {s.domain: s.pass1_greedy for s in evaluate.evaluate_model(model, tokenizer, ecfg)}
+
+
+def report(cfg: ExpertsConfig, base: str | None = None) -> dict:
+    """Greedy pass@1 on `report_n` test prompts of every world domain, for the base (if given), the
+    general SFT model, and each expert's SFT checkpoint and final model; written to out_dir/report.json."""
+    every = list(DOMAINS)
+    out: dict = {"n": cfg.report_n, "general": _pass1(cfg.model, every, cfg.report_n, cfg.seed), "experts": {}}
+    if base:
+        out["base"] = _pass1(base, every, cfg.report_n, cfg.seed)
+    for d in cfg.domains or every:
+        sft_path, expert_path = expert_paths(cfg.out_dir, d)
+        out["experts"][d] = {"sft": _pass1(sft_path, every, cfg.report_n, cfg.seed),
+                             "final": _pass1(expert_path, every, cfg.report_n, cfg.seed),
+                             "rl": not (DOMAINS[d].rubric_domain and cfg.rubric_rl == "none")}
+    path = Path(cfg.out_dir) / "report.json"
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def report_table(rep: dict):
+    """Own-domain greedy pass@1: base, general SFT, expert SFT, expert after GRPO, the gains; and the
+    final expert's mean on the other domains."""
+    from rich.table import Table
+
+    t = Table(title=f"experts: greedy pass@1 (%), {rep['n']} test prompts per domain")
+    cols = ["domain", "base", "general SFT", "expert SFT", "expert GRPO", "GRPO gain", "gain over general",
+            "other domains"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "domain" else "right")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    rows = []
+    for d, e in rep["experts"].items():
+        others = [v for k, v in e["final"].items() if k != d]
+        row = (rep.get("base", {}).get(d), rep["general"][d], e["sft"][d], e["final"][d] if e["rl"] else None,
+               e["final"][d] - e["sft"][d] if e["rl"] else None, e["final"][d] - rep["general"][d],
+               sum(others) / len(others))
+        rows.append(row)
+        t.add_row(d, *map(pct, row))
+    if rows:
+        def mean(i):
+            values = [r[i] for r in rows if r[i] is not None]
+            return sum(values) / len(values) if values else None
+
+        t.add_row("mean", *(pct(mean(i)) for i in range(len(cols) - 1)), style="bold")
+    return t

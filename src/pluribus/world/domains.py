@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import random
 import string
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -67,7 +68,7 @@ def _num(rng: random.Random, digits_max: int) -> int:
 # --- arithmetic -------------------------------------------------------------------------------
 
 def _add_make(rng):
-    a, b = _num(rng, 3), _num(rng, 3)
+    a, b = _num(rng, 2), _num(rng, 2)
     return Instance(f"add {a} {b}", str(a + b), {"a": a, "b": b})
 
 
@@ -79,8 +80,8 @@ def _add_mistake(rng, inst):
 
 
 def _arith_make(rng):
-    nums = [rng.randint(1, 9) for _ in range(4)]
-    ops = [rng.choice("+-*") for _ in range(3)]
+    nums = [rng.randint(1, 9) for _ in range(3)]
+    ops = [rng.choice("+-*") for _ in range(2)]
     expr = "".join(f"{n}{o}" for n, o in zip(nums, ops)) + str(nums[-1])
     return Instance(f"calc {expr}", str(eval(expr, {"__builtins__": {}})), {"nums": nums, "ops": ops})
 
@@ -116,13 +117,14 @@ def _max_mistake(rng, inst):
 
 
 def _base_make(rng):
-    n = rng.randint(2, 511)
-    return Instance(f"bin {n}", format(n, "b"), {"n": n})
+    digits = "".join(rng.choice("1234567") + "".join(rng.choice("01234567") for _ in range(rng.randint(1, 3))))
+    return Instance(f"o2b {digits}", format(int(digits, 8), "b"), {"octal": digits})
 
 
 def _base_mistake(rng, inst):
-    n = inst.meta["n"]
-    return _differ(format(n, "b")[::-1], inst.answer, lambda: format(n + 1, "b"))  # lsb first
+    octal = inst.meta["octal"]  # each digit's bits without its leading zeros
+    return _differ("".join(format(int(c), "b") for c in octal), inst.answer,
+                   lambda: inst.answer[:-1] + ("1" if inst.answer[-1] == "0" else "0"))
 
 
 # --- strings ----------------------------------------------------------------------------------
@@ -182,32 +184,40 @@ def _case_mistake(rng, inst):
     return _differ(s, inst.answer, lambda: s.swapcase())
 
 
-# --- code: program synthesis from input/output examples -------------------------------------
+# --- code: a program from a spoken specification -------------------------------------------
 
 CODE_PREFIX = "f=lambda x:"
-_CODE_SHOWN = (1, 2, 3)
-_CODE_HIDDEN = (0, 4, 5, -2, 7)
+_CODE_OPS = {"plus": "+", "minus": "-", "times": "*"}
+_CODE_HIDDEN = (0, 1, 2, -3, 5, 7)
+
+
+def _code_body(steps: list[tuple[str, int]], parenthesize: bool = True) -> str:
+    """The expression for `x` put through `steps` in order; `*` after `+`/`-` needs parentheses."""
+    body, additive = "x", False
+    for op, k in steps:
+        if op == "times" and additive and parenthesize:
+            body = f"({body})"
+        body, additive = f"{body}{_CODE_OPS[op]}{k}", op != "times"
+    return body
 
 
 def _code_make(rng):
-    family = rng.choices(["linear", "square", "scaled_square"], weights=[3, 1, 1])[0]
-    if family == "linear":
-        a, b = rng.choice([i for i in range(-9, 10) if i]), rng.randint(-20, 20)
-        body = f"{a}*x{b:+d}"
-    elif family == "square":
-        body = f"x*x{rng.randint(-20, 20):+d}"
-    else:
-        body = f"{rng.choice([-4, -3, -2, 2, 3, 4])}*x*x{rng.randint(-5, 5):+d}"
+    steps = [(rng.choice(list(_CODE_OPS)), rng.randint(2, 9)) for _ in range(rng.randint(2, 3))]
+    body = _code_body(steps)
     f = _compile_body(body)
-    shown = " ".join(f"f({x})={f(x)}" for x in _CODE_SHOWN)
+    spec = " ".join(f"{op} {k}" for op, k in steps)
     tests = [f"assert f({x}) == {f(x)}" for x in _CODE_HIDDEN]
-    return Instance(f"code {shown}", f"{CODE_PREFIX}{body}", {"family": family}, tests=tests)
+    return Instance(f"code {spec}", f"{CODE_PREFIX}{body}", {"steps": [list(s) for s in steps]}, tests=tests)
 
 
 def _code_mistake(rng, inst):
-    # Fits the first example only: a constant function.
-    first = int(inst.prompt.split()[1].split("=")[1])
-    return _differ(f"{CODE_PREFIX}{first}", inst.answer, lambda: f"{CODE_PREFIX}x")
+    # Writes the steps left to right with no parentheses: precedence then reorders them.
+    steps = [tuple(s) for s in inst.meta["steps"]]
+    wrong = f"{CODE_PREFIX}{_code_body(steps, parenthesize=False)}"
+    right = _compile_body(inst.answer[len(CODE_PREFIX):])
+    if any(_compile_body(wrong[len(CODE_PREFIX):])(x) != right(x) for x in _CODE_HIDDEN):
+        return wrong
+    return f"{CODE_PREFIX}{_code_body(steps[:-1])}"  # forgets the last step
 
 
 _SAFE_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.USub, ast.UAdd,
@@ -216,7 +226,9 @@ _SAFE_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mul
 
 def _compile_body(body: str) -> Callable[[int], int]:
     """Evaluate `body` (integer arithmetic on x) without executing code: walk a whitelisted AST."""
-    tree = ast.parse(body, mode="eval")
+    with warnings.catch_warnings():  # model output like `2x` warns "invalid decimal literal" on stderr
+        warnings.simplefilter("ignore", SyntaxWarning)
+        tree = ast.parse(body, mode="eval")
     for node in ast.walk(tree):
         if not isinstance(node, _SAFE_NODES):
             raise ValueError(f"not allowed: {type(node).__name__}")
@@ -368,16 +380,16 @@ def _rubric_mistake(rng, inst):
 
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in [
-    Domain("add", "add two numbers of up to 3 digits", _add_make, exact, _add_mistake),
-    Domain("arith", "evaluate + - * over four digits, with precedence", _arith_make, exact, _arith_mistake),
+    Domain("add", "add two numbers of up to 2 digits", _add_make, exact, _add_mistake),
+    Domain("arith", "evaluate + - * over three digits, with precedence", _arith_make, exact, _arith_mistake),
     Domain("linear", "solve a*x+b=c for an integer x", _linear_make, exact, _linear_mistake),
     Domain("max", "the largest of 3-5 two-digit numbers", _max_make, exact, _max_mistake),
-    Domain("base", "write a number 2-511 in binary", _base_make, exact, _base_mistake),
+    Domain("base", "write a 2-4 digit octal number in binary", _base_make, exact, _base_mistake),
     Domain("count", "count one letter's occurrences in a string", _count_make, exact, _count_mistake),
     Domain("reverse", "reverse a string", _reverse_make, exact, _reverse_mistake),
     Domain("sort", "sort 4-7 digits ascending", _sort_make, exact, _sort_mistake),
     Domain("case", "upper, lower or swap the case of a word", _case_make, exact, _case_mistake),
-    Domain("code", "write f(x) from three input/output examples; judged by hidden tests", _code_make,
+    Domain("code", "write f(x) from a spoken chain of steps (plus, minus, times); judged by hidden tests", _code_make,
            _code_check, _code_mistake),
     Domain("ifeval", "repeat a word under separator, count and case constraints", _ifeval_make,
            _ifeval_check, _ifeval_mistake),

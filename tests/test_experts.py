@@ -1,0 +1,51 @@
+"""The experts stage: each expert's SFT checkpoint and final model saved with its domain; a rubric
+domain without a judge keeps its SFT checkpoint; the report scores every checkpoint on every domain."""
+
+import json
+
+import pytest
+
+from pluribus.config import ExpertsConfig
+from pluribus.models import read_meta
+from pluribus.stages import experts
+from pluribus.world import DOMAINS
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("experts")
+    cfg = ExpertsConfig(model=str(tiny_llama), out_dir=str(out), domains=["max", "describe"], n_demos=8, n_train=8,
+                        sft={"steps": 2, "batch_size": 4},
+                        grpo={"steps": 2, "prompts_per_step": 2, "group_size": 2, "sampling": {"max_new_tokens": 4}},
+                        report_n=4)
+    return cfg, experts.run(cfg)
+
+
+def test_each_expert_records_its_domain_and_stage(trained):
+    cfg, paths = trained
+    assert set(paths) == {"max", "describe"}
+    sft_max, final_max = experts.expert_paths(cfg.out_dir, "max")
+    assert read_meta(sft_max)["domain"] == "max" and read_meta(sft_max)["expert_stage"] == "sft"
+    assert read_meta(final_max)["domain"] == "max" and read_meta(final_max)["expert_stage"] == "grpo"
+    assert (final_max / "adapter_config.json").is_file()  # LoRA by default
+
+
+def test_rubric_domain_without_a_judge_keeps_its_sft_checkpoint(trained):
+    cfg, _ = trained
+    sft_path, final_path = experts.expert_paths(cfg.out_dir, "describe")
+    assert read_meta(final_path)["expert_stage"] == "sft"
+    assert (final_path / "adapter_model.safetensors").read_bytes() == (sft_path / "adapter_model.safetensors").read_bytes()
+
+
+def test_report_scores_every_checkpoint_on_every_domain(trained):
+    cfg, _ = trained
+    rep = experts.report(cfg)
+    assert set(rep["general"]) == set(DOMAINS)
+    for d in ("max", "describe"):
+        for stage in ("sft", "final"):
+            assert set(rep["experts"][d][stage]) == set(DOMAINS)
+            assert all(0.0 <= v <= 1.0 for v in rep["experts"][d][stage].values())
+    assert rep["experts"]["max"]["rl"] and not rep["experts"]["describe"]["rl"]
+    assert json.loads((experts.Path(cfg.out_dir) / "report.json").read_text()) == rep
+    table = experts.report_table(rep)
+    assert table.row_count == 3 and [c.header for c in table.columns][4] == "expert GRPO"
