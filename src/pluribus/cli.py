@@ -106,6 +106,15 @@ def merge(config: Path = typer.Argument(..., help="YAML with the merge fields"))
     console.print(f"merged model saved to {stage.run(load_yaml(config, MergeConfig))}")
 
 
+@app.command()
+def offpolicy(config: Path = typer.Argument(..., help="YAML with the offpolicy fields")) -> None:
+    """Off-policy distillation baseline: multi-task SFT of the student on the experts' sampled answers."""
+    from pluribus.config import OffPolicyConfig, load_yaml
+    from pluribus.stages import offpolicy as stage
+
+    console.print(f"student saved to {stage.run(load_yaml(config, OffPolicyConfig))}")
+
+
 @app.command("eval")
 def eval_(model: Path = typer.Option(..., help="HF model folder"),
           domains: Optional[list[str]] = typer.Option(None, "--domains", help="domains (repeat or comma-separate)"),

@@ -295,3 +295,28 @@ class MergeConfig(Strict):
         if info.data.get("method") == "linear":
             raise ValueError("applies to methods task_arithmetic and ties, not linear")
         return scale
+
+
+class OffPolicyConfig(Strict):
+    """Off-policy distillation baseline: multi-task SFT on the experts' own answers; see pluribus.stages.offpolicy."""
+
+    model: str = Field(description="the student's starting point (the general SFT model)")
+    out: str
+    experts: dict[str, str] = Field(min_length=1, description="domain -> expert folder (LoRA adapter or full HF model)")
+    n_per_domain: int = Field(500, gt=0, description="world train prompts per domain, one expert answer each")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig,
+                                     description="how the experts answer; temperature 1 samples their own distribution")
+    generate_batch_size: int = Field(256, gt=0, description="prompts per generation batch")
+    save_data: bool = Field(True, description="write the distillation set to <out>.data.jsonl for inspection")
+    sft: dict = Field(default_factory=dict, description="SFTConfig fields (model/out/data are filled in)")
+    seed: int = 0
+
+    @field_validator("experts")
+    @classmethod
+    def _known_domains(cls, experts):
+        from pluribus.world import DOMAINS
+
+        unknown = [d for d in experts if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
+        return experts
