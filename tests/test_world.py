@@ -157,3 +157,16 @@ def test_unknown_domain_is_a_clear_error():
     with pytest.raises(PluribusError, match="unknown domain 'nope'"):
         generate("nope", "train", 1)
     assert isinstance(Record(id="x", domain="add", prompt="p"), Record)
+
+
+@pytest.mark.parametrize("name", list(DOMAINS))
+def test_with_mistakes_replaces_the_given_share_with_wrong_answers(name):
+    from pluribus.world import with_mistakes
+
+    records = generate(name, "train", 400, seed=3)
+    noisy = with_mistakes(records, 0.5, seed=0)
+    flipped = [(n, r) for n, r in zip(noisy, records) if n.meta.get("demo_mistake")]
+    assert 0.4 * len(records) <= len(flipped) <= 0.6 * len(records)
+    assert all(check(r, n.answer) < 1.0 for n, r in flipped)  # a mistake is always wrong
+    assert all(n == r for n, r in zip(noisy, records) if not n.meta.get("demo_mistake"))
+    assert with_mistakes(records, 0.5, seed=0) == noisy and with_mistakes(records, 0.0) == records

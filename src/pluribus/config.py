@@ -249,6 +249,8 @@ class ExpertsConfig(Strict):
     grpo: dict = Field(default_factory=dict, description="GRPOConfig fields (model/out/data are filled in)")
     n_train: int = Field(2000, gt=0, description="train prompts per domain for GRPO")
     n_demos: int = Field(200, gt=0, description="demonstrations per domain for the expert's SFT")
+    demo_mistakes: float = Field(0.0, ge=0, lt=1, description="share of demonstrations that show the domain's "
+                                 "systematic mistake instead (imperfect demonstrations: headroom for RL)")
     lora: LoraConfig | None = LoraConfig()
     rubric_rl: Literal["none", "hidden_checker"] = Field(
         "none", description="GRPO reward for rubric domains: none (SFT only until a judge is given) or the hidden "

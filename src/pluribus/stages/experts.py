@@ -5,6 +5,10 @@ twelve experts cost twelve small adapters) with its domain recorded in `pluribus
 teacher pool of the OPD stage reads that record. Its SFT checkpoint is kept beside it, so the
 effect of RL can be measured against it: `report` scores both on every domain.
 
+`demo_mistakes` makes the demonstrations imperfect: that share shows the domain's systematic
+mistake instead of the answer, so SFT learns both and RL has a real choice to sharpen (on clean
+demonstrations a tiny model reaches ~100% from SFT alone on easy domains, leaving RL nothing).
+
 A rubric domain has no rule to check it: its GRPO needs the generative judge. Until one is given,
 its expert is its SFT checkpoint (`rubric_rl: none`); `rubric_rl: hidden_checker` trains on the
 world's hidden rubric checker instead, an upper bound for ablations, since that checker is meant
@@ -20,7 +24,7 @@ from pathlib import Path
 from pluribus.config import EvalConfig, ExpertsConfig, GRPOConfig, SFTConfig, validate
 from pluribus.models import load
 from pluribus.stages import evaluate, grpo, sft
-from pluribus.world import DOMAINS, generate
+from pluribus.world import DOMAINS, generate, with_mistakes
 
 
 def expert_paths(out_dir: str | Path, domain: str) -> tuple[Path, Path]:
@@ -34,8 +38,11 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
     data = {"domains": [domain], "n_per_domain": cfg.n_demos, "seed": cfg.seed}
     sft_cfg = validate(SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model, "out": str(sft_out),
                                    "data": data, "lora": lora}, f"experts.sft ({domain})")
-    sft.run(sft_cfg, meta={"domain": domain, "expert_stage": "sft"})
-    if DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "none":
+    rl = not (DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "none")
+    mistakes = cfg.demo_mistakes if rl else 0.0  # imperfect demonstrations only where RL follows to fix them
+    demos = with_mistakes(generate(domain, "train", cfg.n_demos, seed=cfg.seed), mistakes, cfg.seed)
+    sft.run(sft_cfg, records=demos, meta={"domain": domain, "expert_stage": "sft"})
+    if not rl:
         if expert_out.exists():
             shutil.rmtree(expert_out)
         shutil.copytree(sft_out, expert_out)  # no judge: the SFT checkpoint is the expert

@@ -18,7 +18,7 @@ from pluribus.config import PretrainConfig
 from pluribus.models import build_tiny, count_parameters, load, render_example, save
 from pluribus.stages.common import (MetricsLog, length_buckets, lm_loss, make_optimizer, optimizer_step, progress,
                                     seed_everything)
-from pluribus.world import DOMAINS, Instance, generate
+from pluribus.world import DOMAINS, Instance, generate, instance_of
 
 POOL_PER_DOMAIN = 4000
 BUCKET_BATCHES = 8  # draw this many batches at once and bucket them by length
@@ -39,8 +39,7 @@ def run(cfg: PretrainConfig) -> Path:
     init_dir = build_tiny(out.with_name(out.name + ".init"), size=cfg.size, seed=cfg.seed, arch=cfg.arch)
     model, tokenizer = load(init_dir)
     domains = cfg.domains or list(DOMAINS)
-    pools = {d: [Instance(r.prompt, r.answer, r.meta, r.tests, r.rubric)
-                 for r in generate(d, "train", POOL_PER_DOMAIN, seed=cfg.seed + 1000)] for d in domains}
+    pools = {d: [instance_of(r) for r in generate(d, "train", POOL_PER_DOMAIN, seed=cfg.seed + 1000)] for d in domains}
     rng = random.Random(cfg.seed)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
     metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import replace
 
 from pluribus.data import Record
 from pluribus.errors import PluribusError
@@ -17,8 +18,8 @@ from pluribus.world.domains import DOMAINS, Domain, Instance, parse_program, rub
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.25
 
-__all__ = ["DOMAINS", "Domain", "Instance", "SPLITS", "domain", "generate", "split_of", "check",
-           "parse_program", "rubric_score", "rubric_verdicts", "trivial_floor"]
+__all__ = ["DOMAINS", "Domain", "Instance", "SPLITS", "domain", "generate", "split_of", "check", "instance_of",
+           "parse_program", "rubric_score", "rubric_verdicts", "trivial_floor", "with_mistakes"]
 
 
 def domain(name: str) -> Domain:
@@ -55,6 +56,25 @@ def generate(name: str, split: str, n: int, seed: int = 0, unique: bool = True) 
         records.append(Record(id=f"{name}-{split}-{seed}-{len(records)}", domain=name, prompt=inst.prompt,
                               answer=inst.answer, tests=inst.tests, rubric=inst.rubric, meta=inst.meta))
     return records
+
+
+def instance_of(record: Record) -> Instance:
+    """A world record back as the generator's instance (what a domain's `mistake` reads)."""
+    return Instance(record.prompt, record.answer, record.meta, record.tests, record.rubric)
+
+
+def with_mistakes(records: list[Record], p_mistake: float, seed: int = 0) -> list[Record]:
+    """Imperfect demonstrations: each answer replaced by its domain's systematic mistake with
+    probability `p_mistake` (seeded). SFT on them learns the skill and the mistake side by side,
+    the headroom RL then removes; the mistaken records are marked `meta["demo_mistake"] = True`."""
+    rng = random.Random(f"mistakes:{seed}")
+    out = []
+    for r in records:
+        if rng.random() < p_mistake:
+            wrong = domain(r.domain).mistake(rng, instance_of(r))
+            r = replace(r, answer=wrong, meta={**r.meta, "demo_mistake": True})
+        out.append(r)
+    return out
 
 
 def check(record: Record, response: str) -> float:
