@@ -23,13 +23,21 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_completes_every_stage(smoke_run):
     _, run_dir = smoke_run
-    for stage in ("pretrain", "sft", "eval"):
+    for stage in ("pretrain", "sft", "eval", "experts", "opd", "mixed_rl", "merge_linear", "merge_ties", "offpolicy",
+                  "compare"):
         assert (run_dir / stage / "DONE").is_file(), stage
         assert json.loads((run_dir / stage / "config.json").read_text())
     scores = json.loads((run_dir / "eval" / "scores.json").read_text())
     assert set(scores) == {"base", "sft"}
     assert [s["domain"] for s in scores["sft"]] == ["reverse", "max", "case"]
     assert all(0.0 <= s["pass1_greedy"] <= 1.0 and s["n"] == 10 for s in scores["sft"])
+    compared = json.loads((run_dir / "compare" / "scores.json").read_text())
+    assert list(compared) == ["base", "sft", "expert", "opd", "mixed_rl", "merge_linear", "merge_ties", "offpolicy"]
+    assert all(set(v) == {"reverse", "max", "case"} and all(0.0 <= x <= 1.0 for x in v.values())
+               for v in compared.values())
+    assert compared["sft"] == {s["domain"]: s["pass1_greedy"] for s in scores["sft"]}  # same prompts, same greedy
+    headline = (run_dir / "compare" / "headline.md").read_text()
+    assert "| reverse |" in headline and (run_dir / "compare" / "headline.png").stat().st_size > 1000
 
 
 def test_finished_stages_are_skipped(smoke_run, capsys):
@@ -37,7 +45,7 @@ def test_finished_stages_are_skipped(smoke_run, capsys):
     before = (run_dir / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(config, smoke=True)
     out = capsys.readouterr().out
-    assert out.count("done earlier, skipped") == 3
+    assert out.count("done earlier, skipped") == 10
     assert (run_dir / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from pluribus.config import EvalConfig, PretrainConfig, SFTConfig, Strict, read_yaml, validate
 
-STAGES = ("pretrain", "sft", "eval")
+STAGES = ("pretrain", "sft", "eval", "experts", "opd", "mixed_rl", "merge_<method>", "offpolicy", "compare")
 SMOKE_DOMAINS = ["reverse", "max", "case"]
 
 
@@ -33,6 +33,10 @@ class PipelineConfig(Strict):
     pretrain: dict[str, Any] = Field(default_factory=dict)
     sft: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
+    experts: dict[str, Any] | None = Field(None, description="ExpertsConfig fields; absent: stop after eval")
+    opd: dict[str, Any] | None = Field(None, description="OPDConfig fields (teachers: each domain's expert)")
+    baselines: dict[str, Any] = Field(default_factory=dict, description="mixed_rl (GRPO fields), merge (list of "
+                                      "MergeConfig fields), offpolicy (OffPolicyConfig fields); each optional")
     smoke: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --smoke")
 
 
@@ -110,7 +114,65 @@ def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
 
     _stage(run_dir, "eval", {"eval": cfg.eval, "domains": domains,
                              "inputs": {k: _fingerprint_dir(v) for k, v in models.items()}}, do_eval)
+    if cfg.experts is not None:
+        _merge_stages(cfg, where, run_dir, domains, models)
     return run_dir
+
+
+def _merge_stages(cfg: PipelineConfig, where: str, run_dir: Path, domains: list[str], models: dict[str, Path]) -> None:
+    """Experts, then the OPD merge and its baselines from the same start, then the headline comparison."""
+    from pluribus.config import ExpertsConfig, GRPOConfig, MergeConfig, OffPolicyConfig, OPDConfig
+    from pluribus.report import headline
+    from pluribus.stages import experts, grpo, merge, offpolicy, opd
+
+    sft_path = models["sft"]
+    seed = {"seed": cfg.seed}
+    ecfg = validate(ExpertsConfig, {**seed, "domains": domains, **cfg.experts,
+                                    "model": str(sft_path), "out_dir": str(run_dir / "experts")}, f"{where}: experts")
+    _stage(run_dir, "experts", ecfg.model_dump() | {"input": _fingerprint_dir(sft_path)},
+           lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))))
+    experts_key = (run_dir / "experts" / "DONE").read_text().strip()
+    final = {d: str(experts.expert_paths(ecfg.out_dir, d)[1]) for d in domains}
+    data = {"domains": domains, "seed": cfg.seed}
+    start = {"model": str(sft_path)}
+
+    students: dict[str, tuple[str, Any, Callable[[], Any]]] = {}  # label -> (stage dir, config, run)
+    if cfg.opd is not None:
+        ocfg = validate(OPDConfig, _merge({**seed, "data": data}, cfg.opd) | start | {
+            "out": str(run_dir / "opd" / "model"),
+            "teachers": [{"path": final[d], "domains": [d]} for d in domains]}, f"{where}: opd")
+        students["opd"] = ("opd", ocfg, lambda: opd.run(ocfg))
+    if "mixed_rl" in cfg.baselines:
+        gcfg = validate(GRPOConfig, _merge({**seed, "data": data}, cfg.baselines["mixed_rl"]) | start | {
+            "out": str(run_dir / "mixed_rl" / "model")}, f"{where}: baselines.mixed_rl")
+        students["mixed_rl"] = ("mixed_rl", gcfg, lambda: grpo.run(gcfg))
+    for item in cfg.baselines.get("merge", []):
+        name = f"merge_{item.get('method', '')}"
+        mcfg = validate(MergeConfig, {**item, **start, "experts": [final[d] for d in domains],
+                                      "out": str(run_dir / name / "model")}, f"{where}: baselines.merge")
+        students[name] = (name, mcfg, lambda mcfg=mcfg: merge.run(mcfg))
+    if "offpolicy" in cfg.baselines:
+        fcfg = validate(OffPolicyConfig, {**seed, **cfg.baselines["offpolicy"], **start, "experts": final,
+                                          "out": str(run_dir / "offpolicy" / "model")}, f"{where}: baselines.offpolicy")
+        students["offpolicy"] = ("offpolicy", fcfg, lambda: offpolicy.run(fcfg))
+    for label, (stage_name, scfg, body) in students.items():
+        _stage(run_dir, stage_name, scfg.model_dump() | {"input": experts_key}, lambda d, body=body: body())
+
+    n = int(cfg.eval.get("n", EvalConfig.model_fields["n"].default))
+    compared = {"base": models["base"], "sft": sft_path,
+                **{label: Path(scfg.out) for label, (_, scfg, _) in students.items()}}
+
+    def compare(stage_dir: Path):
+        report = json.loads((run_dir / "experts" / "report.json").read_text())
+        scores = {label: experts.pass1(path, domains, n, cfg.seed) for label, path in compared.items()}
+        scores = {"base": scores.pop("base"), "sft": scores.pop("sft"),
+                  "expert": {d: report["experts"][d]["final"][d] for d in domains}, **scores}
+        (stage_dir / "scores.json").write_text(json.dumps(scores, indent=2))
+        md, _ = headline(scores, "expert", "opd" if "opd" in scores else list(scores)[-1], out_dir=stage_dir)
+        Console(width=160).print(md.read_text())
+
+    _stage(run_dir, "compare", {"n": n, "domains": domains, "experts": experts_key,
+                                "inputs": {k: _fingerprint_dir(v) for k, v in compared.items()}}, compare)
 
 
 def _fingerprint_dir(path: Path) -> str:

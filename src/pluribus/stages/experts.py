@@ -58,7 +58,8 @@ def run(cfg: ExpertsConfig) -> dict[str, Path]:
     return {d: run_one(cfg, d) for d in cfg.domains or list(DOMAINS)}
 
 
-def _pass1(model_path: Path | str, domains: list[str], n: int, seed: int) -> dict[str, float]:
+def pass1(model_path: Path | str, domains: list[str], n: int, seed: int) -> dict[str, float]:
+    """Greedy pass@1 of a model folder on `n` test prompts of each domain."""
     model, tokenizer = load(model_path, trainable=False)
     ecfg = EvalConfig(model=str(model_path), domains=domains, n=n, samples=0, seed=seed)
     return {s.domain: s.pass1_greedy for s in evaluate.evaluate_model(model, tokenizer, ecfg)}
@@ -68,13 +69,13 @@ def report(cfg: ExpertsConfig, base: str | None = None) -> dict:
     """Greedy pass@1 on `report_n` test prompts of every world domain, for the base (if given), the
     general SFT model, and each expert's SFT checkpoint and final model; written to out_dir/report.json."""
     every = list(DOMAINS)
-    out: dict = {"n": cfg.report_n, "general": _pass1(cfg.model, every, cfg.report_n, cfg.seed), "experts": {}}
+    out: dict = {"n": cfg.report_n, "general": pass1(cfg.model, every, cfg.report_n, cfg.seed), "experts": {}}
     if base:
-        out["base"] = _pass1(base, every, cfg.report_n, cfg.seed)
+        out["base"] = pass1(base, every, cfg.report_n, cfg.seed)
     for d in cfg.domains or every:
         sft_path, expert_path = expert_paths(cfg.out_dir, d)
-        out["experts"][d] = {"sft": _pass1(sft_path, every, cfg.report_n, cfg.seed),
-                             "final": _pass1(expert_path, every, cfg.report_n, cfg.seed),
+        out["experts"][d] = {"sft": pass1(sft_path, every, cfg.report_n, cfg.seed),
+                             "final": pass1(expert_path, every, cfg.report_n, cfg.seed),
                              "rl": not (DOMAINS[d].rubric_domain and cfg.rubric_rl == "none")}
     path = Path(cfg.out_dir) / "report.json"
     path.write_text(json.dumps(out, indent=2))
