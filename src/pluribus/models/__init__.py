@@ -11,7 +11,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -63,8 +63,6 @@ def build_tiny(out_dir: str | Path, size: int = 2, seed: int = 0, arch: str = "l
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: bool = True):
     """(model, tokenizer) from a local HF folder: a full model or a LoRA adapter over its base."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     if not path.is_dir():
         raise PluribusError(f"{path}: model folder not found")
@@ -72,17 +70,48 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: boo
         from peft import PeftModel
 
         base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, local_files_only=True)
-        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+        model = PeftModel.from_pretrained(load_causal_lm(base_path, dtype), str(path), is_trainable=trainable)
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = load_causal_lm(path, dtype)
     else:
         raise PluribusError(f"{path}: not a model folder (no config.json or adapter_config.json)")
+    tokenizer = load_tokenizer(path)
+    model.train(trainable)
+    return model, tokenizer
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A plain causal LM from a local HF folder (config.json), as saved: no adapter, train/eval mode untouched."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local HF folder exactly as saved (see `_faithful_tokenizer`); EOS pads where no pad is set."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
     tokenizer = _faithful_tokenizer(path, AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.train(trainable)
-    return model, tokenizer
+    return tokenizer
+
+
+def attach_adapters(model, adapters: Sequence[tuple[str, str | Path]]):
+    """`model` wrapped in one peft model holding every (name, adapter folder), all frozen; the first is active.
+
+    Switch with `set_adapter(name, inference_mode=True)`: the base's weights are shared, not copied.
+    """
+    if not adapters:
+        raise PluribusError("attach_adapters: no adapters given")
+    from peft import PeftModel
+
+    (first_name, first_path), *rest = adapters
+    model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first_name, is_trainable=False)
+    for name, path in rest:
+        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    return model
 
 
 _PROBE = "Hello, world!  add 12 345\n f=lambda x:x*x+1 <|eos|>"

@@ -6,10 +6,10 @@ hidden states are kept, and its logits are rebuilt through its output head at tr
 
 What is resident, and when:
 - A *unit* is what must be in memory to run a teacher: a shared base with the LoRA adapters of
-  every teacher over it (one peft model: `PeftModel.from_pretrained` for the first adapter,
-  `load_adapter` for the rest, `set_adapter` to switch), or one full-weight model. The pool holds at
-  most one unit; moving to another frees the resident one first (then loads). Twelve LoRA teachers
-  over one base are one unit, about the memory of one teacher, that never reloads.
+  every teacher over it (one peft model from `pluribus.models.attach_adapters`, `set_adapter` to
+  switch), or one full-weight model. The pool holds at most one unit; moving to another frees the
+  resident one first (then loads). Twelve LoRA teachers over one base are one unit, about the
+  memory of one teacher, that never reloads.
 - The unit resident at the end of a batch stays for the next one, whose teachers are visited
   starting with it, so a pool of one unit never reloads and each other unit loads once per batch.
 - Hidden states are cached per teacher group, `[N_e, D_e]`, on the pool's device; no logits.
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from pluribus.errors import PluribusError
+from pluribus.models import attach_adapters, load_causal_lm, load_tokenizer
 from pluribus.teachers.compat import check_compatible
 from pluribus.teachers.hidden import check_head_reproduces_logits, output_head, response_hidden_states
 
@@ -111,20 +112,7 @@ class _Unit:
 
 def _load_model(path: Path, dtype: torch.dtype):
     """A causal LM from a local folder (module-level so tests can watch every load)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    from pluribus.models import _faithful_tokenizer
-
-    tokenizer = _faithful_tokenizer(path, AutoTokenizer.from_pretrained(str(path), local_files_only=True))
-    if tokenizer.pad_token_id is None:  # as pluribus.models.load does
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_causal_lm(path, dtype)
 
 
 def _adapter_base(path: Path) -> Path:
@@ -164,7 +152,7 @@ class TeacherPool:
             raise PluribusError("teacher names must be unique")
         self._units, self._unit_of = self._plan_units()
         for spec in self.teachers:
-            check_compatible(student_tokenizer, _load_tokenizer(spec.path), allow_eos_mismatch,
+            check_compatible(student_tokenizer, load_tokenizer(spec.path), allow_eos_mismatch,
                              teacher=f"teacher '{spec.name}' ({spec.path})")
         self._resident: tuple[int, object] | None = None
         self._active_adapter: str | None = None
@@ -304,13 +292,8 @@ class TeacherPool:
     def _load_unit(self, unit: _Unit):
         model = _load_model(unit.path, self.dtype)
         if unit.adapters:
-            from peft import PeftModel
-
-            (first, first_path), *rest = unit.adapters
-            model = PeftModel.from_pretrained(model, str(first_path), adapter_name=f"t{first}", is_trainable=False)
-            for e, path in rest:
-                model.load_adapter(str(path), adapter_name=f"t{e}", is_trainable=False)
-            self._active_adapter = f"t{first}"
+            model = attach_adapters(model, [(f"t{e}", path) for e, path in unit.adapters])
+            self._active_adapter = f"t{unit.adapters[0][0]}"
         model.requires_grad_(False)
         return model.to(self.device).eval()
 
