@@ -66,3 +66,16 @@ def test_cli_world_list_shows_every_domain():
     result = _cli("world", "list")
     assert result.returncode == 0
     assert all(name in result.stdout for name in DOMAINS) and len(DOMAINS) >= 12
+
+
+def test_stage_without_any_data_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("model: m\nout: o\ndata: {n_per_domain: 10}\n")
+    (tmp_path / "m").mkdir()
+    result = subprocess.run([sys.executable, "-m", "pluribus.cli", "sft", str(path)], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and "no domains and no jsonl" in result.stderr

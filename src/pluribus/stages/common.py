@@ -9,6 +9,7 @@ import torch
 
 from pluribus.config import DataConfig, OptimConfig
 from pluribus.data import Record, read_jsonl
+from pluribus.errors import PluribusError
 from pluribus.models import pad_batch
 
 
@@ -21,6 +22,9 @@ def load_records(data: DataConfig, split: str = "train") -> list[Record]:
     """World records for `data.domains` plus every record of `data.jsonl`."""
     from pluribus.world import generate
 
+    if not data.domains and not data.jsonl:
+        raise PluribusError("data: no domains and no jsonl files: name world domains (`pluribus world list`) "
+                            "or JSONL files to train on")
     records = [r for d in data.domains for r in generate(d, split, data.n_per_domain, data.seed)]
     for path in data.jsonl:
         records.extend(read_jsonl(path))

@@ -28,11 +28,12 @@ def demonstrations(tokenizer, records: list[Record]) -> list[tuple[list[int], in
 
 def run(cfg: SFTConfig, records: list[Record] | None = None, meta: dict | None = None) -> Path:
     seed_everything(cfg.seed)
+    records = records if records is not None else load_records(cfg.data)  # a data mistake fails before loading
     model, tokenizer = load(cfg.model)
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     model.train()
-    demos = demonstrations(tokenizer, records if records is not None else load_records(cfg.data))
+    demos = demonstrations(tokenizer, records)
     rng = random.Random(cfg.seed)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
     out = Path(cfg.out)
