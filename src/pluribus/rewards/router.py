@@ -12,12 +12,16 @@ data name a reward *kind* per domain:
 | `math` | `record.answer` | `check_math`: final answer equals the gold, 0 or 1 |
 | `code` | `record.tests`, `meta["entry_point"]` | its code block run on the tests in the sandbox, 0 or 1 |
 | `ifeval` | `meta["instruction_id_list"]`, `meta["kwargs"]` | fraction of instructions followed (strict) |
-| `grm` | what the judge reads | the generative judge's score; needs `judge=` |
+| `grm` | what the judge reads | the generative judge's score, or None; needs `judge=` |
 
 A route may also be any callable `(record, response) -> float`. Routes given override the world's
 defaults: the world's `ifeval` domain, for one, becomes real IFEval data under `{"ifeval": "ifeval"}`,
 and its rubric domain (`describe`) trains on the judge under `{"describe": "grm"}` while the default
 (its hidden checker) stays for evaluation.
+
+A judge returns None where it found no valid judgement: the router passes it on (GRPO masks such a
+sample out of the advantage) and never turns it into 0. A judge with a batch method
+`score(records, responses)` (as `pluribus.rewards.grm.Judge` has) gets all its rows in one call.
 
 With a `LengthPenalty`, `score` adds DAPO's overlong penalty to every reward (then in [-1, 1]) and
 needs each response's token count: the router has no tokenizer, the rollout has the token ids.
@@ -36,6 +40,8 @@ from pluribus.world import DOMAINS
 
 RewardFn = Callable[[Record, str], float]
 """`reward(record, response) -> float`, in [0, 1] for every built-in kind."""
+JudgeFn = Callable[[Record, str], float | None]
+"""`judge(record, response) -> float in [0, 1]`, or None where no valid judgement was found."""
 
 KINDS = ("world", "world:<domain>", "math", "code", "ifeval", "grm")
 
@@ -73,12 +79,12 @@ class RewardRouter:
 
     routes: domain -> kind (see the module docstring) or a callable; added to, and overriding, the
         world's defaults.
-    judge: the generative reward model for `grm` routes, `(record, response) -> float in [0, 1]`.
+    judge: the generative reward model for `grm` routes, `(record, response) -> float in [0, 1] or None`.
     length_penalty: DAPO's overlong penalty added by `score`; None for none.
     code_timeout_s: the sandbox's time limit for one program of a `code` route.
     """
 
-    def __init__(self, routes: Mapping[str, str | RewardFn] | None = None, *, judge: RewardFn | None = None,
+    def __init__(self, routes: Mapping[str, str | RewardFn] | None = None, *, judge: JudgeFn | None = None,
                  length_penalty: LengthPenalty | None = None, code_timeout_s: float = 5.0) -> None:
         self.judge = judge
         self.length_penalty = length_penalty
@@ -100,30 +106,34 @@ class RewardRouter:
                                 f"e.g. RewardRouter({{'{domain}': KIND}}) with KIND one of {', '.join(KINDS)}")
         return self._rewards[domain]
 
-    def __call__(self, record: Record, response: str, num_tokens: int | None = None) -> float:
+    def __call__(self, record: Record, response: str, num_tokens: int | None = None) -> float | None:
         """The reward of one response (with the length penalty when the router has one)."""
         return self.score([record], [response], None if num_tokens is None else [num_tokens])[0]
 
     def score(self, records: Sequence[Record], responses: Sequence[str],
-              num_tokens: Sequence[int] | None = None) -> list[float]:
-        """Rewards of aligned records and responses; `num_tokens` (response lengths) with a length penalty."""
+              num_tokens: Sequence[int] | None = None) -> list[float | None]:
+        """Rewards of aligned records and responses; `num_tokens` (response lengths) with a length penalty.
+
+        None where a judge found no valid judgement.
+        """
         if len(records) != len(responses):
             raise PluribusError(f"reward router: {len(records)} records but {len(responses)} responses")
         if self.length_penalty is not None and (num_tokens is None or len(num_tokens) != len(records)):
             raise PluribusError("reward router: a length penalty needs num_tokens, one count per response")
         fns = [self.reward_fn(r.domain) for r in records]
-        code_rows = [i for i, r in enumerate(records) if self.kinds[r.domain] == "code"]
-        rewards: list[float | None] = [None] * len(records)
-        if len(code_rows) > 1:  # sandboxed runs are slow one by one: run them side by side
-            for i, reward in zip(code_rows, self._code_batch([records[i] for i in code_rows],
-                                                             [responses[i] for i in code_rows])):
-                rewards[i] = reward
+        rewards: dict[int, float | None] = {}
+        # sandboxed runs are slow one by one, and a judge generates in batches: give each all its rows at once
+        for kind, batch in (("code", self._code_batch), ("grm", self._judge_batch)):
+            rows = [i for i, r in enumerate(records) if self.kinds[r.domain] == kind]
+            if len(rows) > 1:
+                rewards.update(zip(rows, batch([records[i] for i in rows], [responses[i] for i in rows])))
         for i, (fn, record, response) in enumerate(zip(fns, records, responses)):
-            if rewards[i] is None:
-                rewards[i] = float(fn(record, response))
+            if i not in rewards:
+                rewards[i] = fn(record, response)
+        out = [None if rewards[i] is None else float(rewards[i]) for i in range(len(records))]
         if self.length_penalty is not None:
-            return [self.length_penalty.apply(r, n) for r, n in zip(rewards, num_tokens)]
-        return rewards
+            return [None if r is None else self.length_penalty.apply(r, n) for r, n in zip(out, num_tokens)]
+        return out
 
     def _resolve(self, domain: str, spec: str | RewardFn) -> RewardFn:
         if callable(spec):
@@ -150,11 +160,16 @@ class RewardRouter:
         raise PluribusError(f"domain '{domain}': unknown reward kind {spec!r} (known: {', '.join(KINDS)}, "
                             "or a callable)")
 
-    def _judge(self, domain: str) -> RewardFn:
+    def _judge(self, domain: str) -> JudgeFn:
         if self.judge is None:
             raise PluribusError(f"domain '{domain}' needs the generative judge (grm); pass a judge: "
                                 "RewardRouter(..., judge=...)")
         return self.judge
+
+    def _judge_batch(self, records: list[Record], responses: list[str]) -> list[float | None]:
+        judge = self._judge(records[0].domain)
+        batch = getattr(judge, "score", None)
+        return batch(records, responses) if batch is not None else [judge(r, s) for r, s in zip(records, responses)]
 
     def _code_batch(self, records: list[Record], responses: list[str]) -> list[float]:
         from pluribus.rewards import code
