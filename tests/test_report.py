@@ -42,7 +42,7 @@ def test_target_met_and_no_baseline_above(tmp_path):
     scores = {"expert": {"add": 0.8, "sort": 0.5}, "opd": {"add": 0.8, "sort": 0.49}, "sft": {"add": 0.3, "sort": 0.1}}
     text = headline(scores, out_dir=tmp_path)[0].read_text()
     assert "min 98.0% (sort), mean 99.0%" in text and "on every domain: met." in text
-    assert "No baseline beats opd on any domain." in text
+    assert "No model beats opd on any domain." in text
     assert table(text)["add"] == ["80.0", "**80.0**", "30.0", "100.0%"]
 
 

@@ -85,10 +85,10 @@ def _markdown(scores: dict[str, dict[str, float]], expert: str, student: str, pn
         lines.append(f"No ratio where the expert scores 0 or a score is missing: {', '.join(skipped)}.")
     lines.append(f"Bold: the best model other than {expert} on each row.")
     if beaten:
-        lines += ["", f"Baselines that beat {student} (points ahead):"]
+        lines += ["", f"Models that beat {student} (points ahead; base and sft are its starting points, not baselines):"]
         lines += [f"- {label}: {', '.join(where)}" for label, where in beaten.items()]
     else:
-        lines.append(f"No baseline beats {student} on any domain.")
+        lines.append(f"No model beats {student} on any domain.")
     lines += ["", f"![headline]({png_name})", ""]
     return "\n".join(lines)
 
