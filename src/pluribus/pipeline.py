@@ -136,37 +136,38 @@ def _merge_stages(cfg: PipelineConfig, where: str, run_dir: Path, domains: list[
     data = {"domains": domains, "seed": cfg.seed}
     start = {"model": str(sft_path)}
 
-    students: dict[str, tuple[str, Any, Callable[[], Any]]] = {}  # label -> (stage dir, config, run)
+    students: dict[str, tuple[Any, Callable[[], Any]]] = {}  # label = stage folder -> (config, run)
     if cfg.opd is not None:
         ocfg = validate(OPDConfig, _merge({**seed, "data": data}, cfg.opd) | start | {
             "out": str(run_dir / "opd" / "model"),
             "teachers": [{"path": final[d], "domains": [d]} for d in domains]}, f"{where}: opd")
-        students["opd"] = ("opd", ocfg, lambda: opd.run(ocfg))
+        students["opd"] = (ocfg, lambda: opd.run(ocfg))
     if "mixed_rl" in cfg.baselines:
         gcfg = validate(GRPOConfig, _merge({**seed, "data": data}, cfg.baselines["mixed_rl"]) | start | {
             "out": str(run_dir / "mixed_rl" / "model")}, f"{where}: baselines.mixed_rl")
-        students["mixed_rl"] = ("mixed_rl", gcfg, lambda: grpo.run(gcfg))
+        students["mixed_rl"] = (gcfg, lambda: grpo.run(gcfg))
     for item in cfg.baselines.get("merge", []):
         name = f"merge_{item.get('method', '')}"
         mcfg = validate(MergeConfig, {**item, **start, "experts": [final[d] for d in domains],
                                       "out": str(run_dir / name / "model")}, f"{where}: baselines.merge")
-        students[name] = (name, mcfg, lambda mcfg=mcfg: merge.run(mcfg))
+        students[name] = (mcfg, lambda mcfg=mcfg: merge.run(mcfg))
     if "offpolicy" in cfg.baselines:
         fcfg = validate(OffPolicyConfig, {**seed, **cfg.baselines["offpolicy"], **start, "experts": final,
                                           "out": str(run_dir / "offpolicy" / "model")}, f"{where}: baselines.offpolicy")
-        students["offpolicy"] = ("offpolicy", fcfg, lambda: offpolicy.run(fcfg))
-    for label, (stage_name, scfg, body) in students.items():
-        _stage(run_dir, stage_name, scfg.model_dump() | {"input": experts_key}, lambda d, body=body: body())
+        students["offpolicy"] = (fcfg, lambda: offpolicy.run(fcfg))
+    for label, (scfg, body) in students.items():
+        _stage(run_dir, label, scfg.model_dump() | {"input": experts_key}, lambda d, body=body: body())
 
     n = int(cfg.eval.get("n", EvalConfig.model_fields["n"].default))
     compared = {"base": models["base"], "sft": sft_path,
-                **{label: Path(scfg.out) for label, (_, scfg, _) in students.items()}}
+                **{label: Path(scfg.out) for label, (scfg, _) in students.items()}}
 
     def compare(stage_dir: Path):
+        evaluated = json.loads((run_dir / "eval" / "scores.json").read_text())  # same prompts: not redone
         report = json.loads((run_dir / "experts" / "report.json").read_text())
-        scores = {label: experts.pass1(path, domains, n, cfg.seed) for label, path in compared.items()}
-        scores = {"base": scores.pop("base"), "sft": scores.pop("sft"),
-                  "expert": {d: report["experts"][d]["final"][d] for d in domains}, **scores}
+        scores = {label: {s["domain"]: s["pass1_greedy"] for s in evaluated[label]} for label in ("base", "sft")}
+        scores["expert"] = {d: report["experts"][d]["final"][d] for d in domains}
+        scores |= {label: experts.pass1(Path(scfg.out), domains, n, cfg.seed) for label, (scfg, _) in students.items()}
         (stage_dir / "scores.json").write_text(json.dumps(scores, indent=2))
         md, _ = headline(scores, "expert", "opd" if "opd" in scores else list(scores)[-1], out_dir=stage_dir)
         Console(width=160).print(md.read_text())
