@@ -151,6 +151,14 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML, e.g. examples/qu
     run_pipeline(config, smoke=smoke)
 
 
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/quickstart")) -> None:
+    """Write RUN_DIR/report.md and its figures in RUN_DIR/report/: headline, experts, training curves."""
+    from pluribus.report import write_report
+
+    console.print(f"report written to {write_report(run_dir)}")
+
+
 def main() -> None:
     try:
         app()
