@@ -79,3 +79,64 @@ def test_stage_without_any_data_is_one_clear_line(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: ") and "no domains and no jsonl" in result.stderr
+
+
+# A pipeline YAML is checked whole before any stage runs: nested sections name their full dotted path.
+PIPELINE = "name: t\nout_dir: {out}\ndomains: [add]\nexperts: {{}}\nopd: {{}}\n"
+
+
+def _pipeline_yaml(tmp_path, extra: str):
+    """PIPELINE with the top-level section that `extra` sets replaced by it."""
+    path = tmp_path / "pipe.yaml"
+    key = extra.split(":")[0]
+    lines = [line for line in PIPELINE.format(out=tmp_path / "runs").splitlines() if not line.startswith(key + ":")]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+@pytest.mark.parametrize("extra, args, field, problem", [
+    ("experts: {grpo: {optim: {lr: fast}}}\n", [], "experts.grpo.optim.lr", "Input should be a valid number"),
+    ("baselines: {mixed_rl: {stepz: 3}}\n", [], "baselines.mixed_rl.stepz", "unknown field"),
+    ("sft: {data: {jsonl: [nowhere.jsonl]}}\n", [], "sft.data.jsonl", "data file not found: nowhere.jsonl"),
+    ("smoke: {opd: {steps: 0}}\n", ["--smoke"], "smoke.opd.steps", "Input should be greater than 0"),
+])
+def test_cli_pipeline_error_names_file_and_dotted_field_before_anything_runs(tmp_path, extra, args, field, problem):
+    path = _pipeline_yaml(tmp_path, extra)
+    result = _cli("run", str(path), *args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}: {field}: {problem}"), line
+    assert not (tmp_path / "runs").exists()  # failed before the first stage
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("opd: {model: elsewhere}\n", "opd.model: filled in by pluribus; remove it"),
+    ("experts: {sft: {lora: null}}\n", "experts.sft.lora: filled in by pluribus; remove it"),
+    ("baselines: {mixed_rll: {}}\n", "baselines.mixed_rll: unknown field"),
+    ("baselines: {merge: [{method: ties}, {method: linear}, {method: ties}]}\n",
+     "baselines.merge.2.method: a second merge_ties would overwrite the first"),
+    ("baselines: {offpolicy: {sft: {optim: {warmup_steps: -1}}}}\n",
+     "baselines.offpolicy.sft.optim.warmup_steps: Input should be greater than or equal to 0"),
+    ("domains: [add, nope]\n", "domains: unknown domain(s) ['nope']"),
+])
+def test_pipeline_sections_are_validated_with_their_dotted_path(tmp_path, extra, message):
+    from pluribus.pipeline import plan_pipeline
+
+    path = _pipeline_yaml(tmp_path, extra)
+    with pytest.raises(ConfigError) as info:
+        plan_pipeline(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_stage_config_sections_and_missing_data_file(tmp_path):
+    from pluribus.config import ExpertsConfig
+
+    path = tmp_path / "experts.yaml"
+    path.write_text("model: m\nout_dir: o\ngrpo: {prompts_per_step: 3, group_size: 3, minibatches: 2}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: grpo: prompts_per_step × group_size \(9\) must divide"):
+        load_yaml(path, ExpertsConfig)
+    path = tmp_path / "sft.yaml"
+    path.write_text("model: m\nout: o\ndata: {jsonl: [gone.jsonl]}\n")
+    result = _cli("sft", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {path}: data.jsonl: data file not found: gone.jsonl"]

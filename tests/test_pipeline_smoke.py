@@ -54,3 +54,13 @@ def test_smoke_overrides_apply():
     assert cfg.domains == ["reverse", "max", "case"] and cfg.pretrain["steps"] < 100
     full = load_pipeline(ROOT / "examples" / "quickstart.yaml")
     assert full.domains == [] and full.pretrain["steps"] >= 1000
+
+
+def test_run_ends_with_its_report(smoke_run):
+    _, run_dir = smoke_run
+    text = (run_dir / "report.md").read_text()
+    headline = text[text.index("## Headline"):text.index("## Experts")]
+    assert all(f"| {d} |" in headline for d in ("reverse", "max", "case", "mean"))
+    assert "| compare | done |" in text and "Not run yet" not in headline
+    for name in ("headline", "experts", "grpo_experts", "grpo_mixed_rl", "opd", "opd_teachers", "losses"):
+        assert f"](report/{name}.png)" in text and (run_dir / "report" / f"{name}.png").stat().st_size > 5_000, name

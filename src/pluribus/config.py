@@ -8,16 +8,29 @@ problem (a `ConfigError`, exit code 2).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pluribus.errors import ConfigError
 
 
+def known_domains(domains: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
+    """`domains` (names, or a mapping keyed by name) if every one is a world domain; else a ValueError."""
+    from pluribus.world import DOMAINS
+
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
+    return domains
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields that hold another stage's fields (a dict, validated by `validate`): name -> (that stage's
+    # config, the fields this config fills in, which the section may therefore not set).
+    sections: ClassVar[dict[str, tuple[type[BaseModel], tuple[str, ...]]]] = {}
 
 
 class DataConfig(Strict):
@@ -28,14 +41,17 @@ class DataConfig(Strict):
     jsonl: list[str] = Field(default_factory=list, description="paths of JSONL files in the data contract")
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _known_domains(self):
-        from pluribus.world import DOMAINS
+    _known_domains = field_validator("domains")(known_domains)
 
-        unknown = [d for d in self.domains if d not in DOMAINS]
-        if unknown:
-            raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
-        return self
+    @field_validator("jsonl")
+    @classmethod
+    def _files_exist(cls, paths, info: ValidationInfo):
+        # Checked where a user's config is loaded: now, not after the stages before this one have run.
+        # A stage that records a file it is about to write validates without the check.
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing and (info.context or {}).get("check_files"):
+            raise ValueError(f"data file not found: {', '.join(missing)}")
+        return paths
 
 
 class OptimConfig(Strict):
@@ -113,17 +129,52 @@ class EvalConfig(Strict):
 C = TypeVar("C", bound=BaseModel)
 
 
-def validate(cls: type[C], data: dict, where: str) -> C:
-    """Build a config, or raise one line: `<where>: <field.path>: <problem>`."""
+def config_error(where: str, field: str, problem: str) -> ConfigError:
+    """The one line: `<where>: <field.path>: <problem>`."""
+    return ConfigError(f"{where}: {field or '(top level)'}: {problem}", field=field, problem=problem)
+
+
+def validate(cls: type[C], data: dict, where: str, prefix: str = "", check_files: bool = False) -> C:
+    """Build a config, or raise one line: `<where>: <prefix.field.path>: <problem>`.
+
+    `prefix` is the dotted path of `data` inside the file (a section of a larger config). The
+    sections the config declares are validated too, so a mistake deep inside is found now.
+    `check_files`: the data files it names must exist (a user's config, as it is loaded)."""
     try:
-        return cls.model_validate(data)
+        cfg = cls.model_validate(data, context={"check_files": check_files})
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        raise ConfigError(f"{where}: {field}: {msg}") from None
+        field = ".".join(p for p in (prefix, *map(str, err["loc"])) if p)
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise config_error(where, field, msg) from None
+    for name, (section_cls, filled) in getattr(cls, "sections", {}).items():
+        validate_section(section_cls, getattr(cfg, name), where, f"{prefix}.{name}".lstrip("."),
+                         filled={k: _PLACEHOLDERS[k] for k in filled}, check_files=check_files)
+    return cfg
+
+
+# Stand-ins for the fields a config fills into its sections when it runs (paths, its own LoRA).
+_PLACEHOLDERS: dict[str, Any] = {"model": "-", "out": "-", "data": {}, "lora": None}
+
+
+def validate_section(cls: type[C], fields: dict[str, Any], where: str, name: str, defaults: dict | None = None,
+                     filled: dict | None = None, check_files: bool = True) -> C:
+    """A stage's config from the section `name` of a larger config: `defaults` deep-merged under the
+    section's fields, then `filled` (what the larger config decides, such as paths), which the section
+    may not set: it would be silently overridden."""
+    filled = filled or {}
+    taken = [k for k in fields if k in filled]
+    if taken:
+        raise config_error(where, f"{name}.{taken[0]}", "filled in by pluribus; remove it")
+    return validate(cls, deep_merge(defaults or {}, fields) | filled, where, name, check_files)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, merging nested mappings key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -149,8 +200,8 @@ def load_yaml(path: str | Path, cls: type[C], section: str | None = None) -> C:
         if section not in data:
             raise ConfigError(f"{path}: {section}: missing section")
         data = data[section]
-        return validate(cls, data or {}, f"{path}: {section}")
-    return validate(cls, data, str(path))
+        return validate(cls, data or {}, str(path), section, check_files=True)
+    return validate(cls, data, str(path), check_files=True)
 
 
 class SamplingConfig(Strict):
@@ -245,8 +296,10 @@ class ExpertsConfig(Strict):
     model: str
     out_dir: str
     domains: list[str] = Field(default_factory=list, description="empty: all world domains")
-    sft: dict = Field(default_factory=dict, description="SFTConfig fields (model/out/data are filled in)")
-    grpo: dict = Field(default_factory=dict, description="GRPOConfig fields (model/out/data are filled in)")
+    sft: dict = Field(default_factory=dict, description="SFTConfig fields (model/out/data/lora are filled in)")
+    grpo: dict = Field(default_factory=dict, description="GRPOConfig fields (model/out/data/lora are filled in)")
+    sections: ClassVar = {"sft": (SFTConfig, ("model", "out", "data", "lora")),
+                          "grpo": (GRPOConfig, ("model", "out", "data", "lora"))}
     n_train: int = Field(2000, gt=0, description="train prompts per domain for GRPO")
     n_demos: int = Field(200, gt=0, description="demonstrations per domain for the expert's SFT")
     demo_mistakes: float = Field(0.0, ge=0, lt=1, description="share of demonstrations that show the domain's "
@@ -257,6 +310,8 @@ class ExpertsConfig(Strict):
                             "checker (an upper bound: that checker is meant for evaluation only)")
     report_n: int = Field(200, gt=0, description="test prompts per domain in the report")
     seed: int = 0
+
+    _known_domains = field_validator("domains")(known_domains)
 
 
 class MergeConfig(Strict):
@@ -311,14 +366,7 @@ class OffPolicyConfig(Strict):
     generate_batch_size: int = Field(256, gt=0, description="prompts per generation batch")
     save_data: bool = Field(True, description="write the distillation set to <out>.data.jsonl for inspection")
     sft: dict = Field(default_factory=dict, description="SFTConfig fields (model/out/data are filled in)")
+    sections: ClassVar = {"sft": (SFTConfig, ("model", "out", "data"))}
     seed: int = 0
 
-    @field_validator("experts")
-    @classmethod
-    def _known_domains(cls, experts):
-        from pluribus.world import DOMAINS
-
-        unknown = [d for d in experts if d not in DOMAINS]
-        if unknown:
-            raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
-        return experts
+    _known_domains = field_validator("experts")(known_domains)

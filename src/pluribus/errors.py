@@ -8,6 +8,12 @@ class PluribusError(Exception):
 
 
 class ConfigError(PluribusError):
-    """An invalid config file or value; exit code 2, as for a command-line usage error."""
+    """An invalid config file or value; exit code 2, as for a command-line usage error.
+
+    `field` (a dotted path) and `problem`, where known, let a caller re-word where the field came from."""
 
     exit_code = 2
+
+    def __init__(self, message: str, field: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.field, self.problem = field, problem

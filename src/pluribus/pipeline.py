@@ -3,7 +3,9 @@
 Each stage folder gets the stage's outputs, `config.json` (the snapshot it ran with, inputs
 included) and, written last, `DONE`. A stage whose DONE matches its current config and inputs is
 skipped; anything else is (re)run. Stage configs inside the pipeline YAML are the stage configs
-minus the paths, which the pipeline fills in.
+minus the paths, which the pipeline fills in. Every stage's config is validated before the first
+stage runs (`plan_pipeline`), so a mistake anywhere in the YAML fails at once, naming its dotted
+path, not after pretraining. The run ends by writing its report (`pluribus.report.write_report`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,28 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import Field
+from pydantic import BaseModel, Field, field_validator
 from rich.console import Console
 
-from pluribus.config import EvalConfig, PretrainConfig, SFTConfig, Strict, read_yaml, validate
+from pluribus.config import (EvalConfig, ExpertsConfig, GRPOConfig, MergeConfig, OffPolicyConfig, OPDConfig,
+                             PretrainConfig, SFTConfig, Strict, config_error, deep_merge, known_domains, read_yaml,
+                             validate, validate_section)
+from pluribus.errors import ConfigError
 
 STAGES = ("pretrain", "sft", "eval", "experts", "opd", "mixed_rl", "merge_<method>", "offpolicy", "compare")
 SMOKE_DOMAINS = ["reverse", "max", "case"]
+
+
+class BaselinesConfig(Strict):
+    """The merge's rivals, each from the general SFT model like the OPD student; each optional."""
+
+    mixed_rl: dict[str, Any] | None = Field(None, description="GRPOConfig fields: one RL run on every domain")
+    merge: list[dict[str, Any]] = Field(default_factory=list, description="MergeConfig fields, one per merge")
+    offpolicy: dict[str, Any] | None = Field(None, description="OffPolicyConfig fields")
 
 
 class PipelineConfig(Strict):
@@ -35,24 +49,103 @@ class PipelineConfig(Strict):
     eval: dict[str, Any] = Field(default_factory=dict)
     experts: dict[str, Any] | None = Field(None, description="ExpertsConfig fields; absent: stop after eval")
     opd: dict[str, Any] | None = Field(None, description="OPDConfig fields (teachers: each domain's expert)")
-    baselines: dict[str, Any] = Field(default_factory=dict, description="mixed_rl (GRPO fields), merge (list of "
-                                      "MergeConfig fields), offpolicy (OffPolicyConfig fields); each optional")
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     smoke: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --smoke")
 
+    _known_domains = field_validator("domains")(known_domains)
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+
+@dataclass(frozen=True)
+class Plan:
+    """Every stage's validated config, built before the first stage runs."""
+
+    config: PipelineConfig
+    run_dir: Path
+    domains: list[str]
+    base: Path  # the pretrained model, or base_model
+    pretrain: PretrainConfig | None  # None: base_model given
+    sft: SFTConfig
+    eval: EvalConfig  # evaluates the base; each evaluated model swaps in its folder
+    experts: ExpertsConfig | None  # None: stop after eval
+    students: dict[str, BaseModel]  # stage folder -> config: OPD and the baselines, all from the general SFT model
 
 
 def load_pipeline(path: str | Path, smoke: bool = False) -> PipelineConfig:
+    return plan_pipeline(path, smoke).config
+
+
+def plan_pipeline(path: str | Path, smoke: bool = False) -> Plan:
+    """Validate the YAML and every stage's config in it. With smoke, the config with the smoke
+    overrides applied; a mistake an override makes is named by its place: `smoke.<field.path>`."""
     raw = read_yaml(path)
-    cfg = validate(PipelineConfig, raw, str(path))
-    if smoke:
-        cfg = validate(PipelineConfig, _merge(raw | {"domains": SMOKE_DOMAINS}, cfg.smoke), f"{path} (smoke)")
-    return cfg
+    plan = _plan(validate(PipelineConfig, raw, str(path)), str(path))
+    if not smoke:
+        return plan
+    overrides, where = plan.config.smoke, f"{path} (smoke)"
+    try:
+        return _plan(validate(PipelineConfig, deep_merge(raw | {"domains": SMOKE_DOMAINS}, overrides), where), where)
+    except ConfigError as e:
+        if e.field and _sets(overrides, e.field.split(".")):
+            raise config_error(str(path), f"smoke.{e.field}", e.problem or "") from None
+        raise
+
+
+def _sets(overrides: Any, keys: list[str]) -> bool:
+    """Whether the nested overrides hold a value at the path `keys`."""
+    for key in keys:
+        if isinstance(overrides, dict) and key in overrides:
+            overrides = overrides[key]
+        elif isinstance(overrides, list) and key.isdigit() and int(key) < len(overrides):
+            overrides = overrides[int(key)]
+        else:
+            return False
+    return True
+
+
+def _plan(cfg: PipelineConfig, where: str) -> Plan:
+    from pluribus.world import DOMAINS
+
+    run_dir = Path(cfg.out_dir) / cfg.name
+    domains = cfg.domains or list(DOMAINS)
+    seed = {"seed": cfg.seed}
+    data = {"domains": domains, "seed": cfg.seed}
+
+    def section(cls, name: str, fields: dict, defaults: dict, **filled):
+        return validate_section(cls, fields, where, name, defaults, filled)
+
+    def out(label: str) -> str:
+        return str(run_dir / label / "model")
+
+    pre = None if cfg.base_model else section(PretrainConfig, "pretrain", cfg.pretrain, seed, out=out("pretrain"))
+    base = Path(cfg.base_model) if cfg.base_model else Path(pre.out)
+    sft_cfg = section(SFTConfig, "sft", cfg.sft, {**seed, "data": data}, model=str(base), out=out("sft"))
+    eval_cfg = section(EvalConfig, "eval", cfg.eval, {**seed, "domains": domains}, model=str(base))
+    plan = Plan(cfg, run_dir, domains, base, pre, sft_cfg, eval_cfg, None, {})
+    if cfg.experts is None:
+        return plan
+
+    start = {"model": sft_cfg.out}
+    experts_cfg = section(ExpertsConfig, "experts", cfg.experts, {**seed, "domains": domains}, **start,
+                          out_dir=str(run_dir / "experts"))
+    final = {d: str(Path(experts_cfg.out_dir) / d / "expert") for d in domains}  # stages.experts.expert_paths
+    students: dict[str, BaseModel] = {}
+    if cfg.opd is not None:
+        students["opd"] = section(OPDConfig, "opd", cfg.opd, {**seed, "data": data}, **start, out=out("opd"),
+                                  teachers=[{"path": final[d], "domains": [d]} for d in domains])
+    baselines = cfg.baselines
+    if baselines.mixed_rl is not None:
+        students["mixed_rl"] = section(GRPOConfig, "baselines.mixed_rl", baselines.mixed_rl, {**seed, "data": data},
+                                       **start, out=out("mixed_rl"))
+    for i, item in enumerate(baselines.merge):
+        label = f"merge_{item.get('method', '')}"
+        if label in students:
+            raise config_error(where, f"baselines.merge.{i}.method", f"a second {label} would overwrite the first")
+        students[label] = section(MergeConfig, f"baselines.merge.{i}", item, {}, **start,
+                                  experts=[final[d] for d in domains], out=out(label))
+    if baselines.offpolicy is not None:
+        students["offpolicy"] = section(OffPolicyConfig, "baselines.offpolicy", baselines.offpolicy, seed, **start,
+                                        experts=final, out=out("offpolicy"))
+    return Plan(cfg, run_dir, domains, base, pre, sft_cfg, eval_cfg, experts_cfg, students)
 
 
 def _fingerprint(obj: Any) -> str:
@@ -80,97 +173,59 @@ def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]
 
 
 def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
+    plan = plan_pipeline(path, smoke)  # before the slow imports: a config mistake fails in a second
+    from pluribus.report import write_report
     from pluribus.stages import evaluate, pretrain, sft
-    from pluribus.world import DOMAINS
 
-    cfg = load_pipeline(path, smoke)
-    where = f"{path}{' (smoke)' if smoke else ''}"
-    run_dir = Path(cfg.out_dir) / cfg.name
-    domains = cfg.domains or list(DOMAINS)
+    run_dir = plan.run_dir
+    if plan.pretrain is not None:
+        _stage(run_dir, "pretrain", plan.pretrain.model_dump(), lambda d: pretrain.run(plan.pretrain))
+    _stage(run_dir, "sft", plan.sft.model_dump() | {"input": _fingerprint_dir(plan.base)}, lambda d: sft.run(plan.sft))
 
-    if cfg.base_model:
-        base = Path(cfg.base_model)
-    else:
-        pre = validate(PretrainConfig, {"seed": cfg.seed, **cfg.pretrain, "out": str(run_dir / "pretrain" / "model")},
-                       f"{where}: pretrain")
-        base = Path(pre.out)
-        _stage(run_dir, "pretrain", pre.model_dump(), lambda d: pretrain.run(pre))
-
-    sft_cfg = validate(SFTConfig, _merge({"seed": cfg.seed, "data": {"domains": domains, "seed": cfg.seed}}, cfg.sft)
-                       | {"model": str(base), "out": str(run_dir / "sft" / "model")}, f"{where}: sft")
-    _stage(run_dir, "sft", sft_cfg.model_dump() | {"input": _fingerprint_dir(base)}, lambda d: sft.run(sft_cfg))
-
-    models = {"base": base, "sft": Path(sft_cfg.out)}
+    models = {"base": plan.base, "sft": Path(plan.sft.out)}
     results: dict[str, Any] = {}
 
     def do_eval(stage_dir: Path):
         for label, model_path in models.items():
-            ecfg = validate(EvalConfig, {"seed": cfg.seed, "domains": domains, **cfg.eval, "model": str(model_path)},
-                            f"{where}: eval")
-            scores = evaluate.run(ecfg)
+            scores = evaluate.run(plan.eval.model_copy(update={"model": str(model_path)}))
             results[label] = evaluate.as_json(scores)
             Console(width=120).print(evaluate.table(scores, title=label))
         (stage_dir / "scores.json").write_text(json.dumps(results, indent=2))
 
-    _stage(run_dir, "eval", {"eval": cfg.eval, "domains": domains,
+    _stage(run_dir, "eval", {"eval": plan.config.eval, "domains": plan.domains,
                              "inputs": {k: _fingerprint_dir(v) for k, v in models.items()}}, do_eval)
-    if cfg.experts is not None:
-        _merge_stages(cfg, where, run_dir, domains, models)
+    if plan.experts is not None:
+        _merge_stages(plan, models)
+    print(f"report: {write_report(run_dir)}")
     return run_dir
 
 
-def _merge_stages(cfg: PipelineConfig, where: str, run_dir: Path, domains: list[str], models: dict[str, Path]) -> None:
+def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
     """Experts, then the OPD merge and its baselines from the same start, then the headline comparison."""
-    from pluribus.config import ExpertsConfig, GRPOConfig, MergeConfig, OffPolicyConfig, OPDConfig
-    from pluribus.report import headline
+    from pluribus.report import headline, student_label
     from pluribus.stages import experts, grpo, merge, offpolicy, opd
 
-    sft_path = models["sft"]
-    seed = {"seed": cfg.seed}
-    ecfg = validate(ExpertsConfig, {**seed, "domains": domains, **cfg.experts,
-                                    "model": str(sft_path), "out_dir": str(run_dir / "experts")}, f"{where}: experts")
-    _stage(run_dir, "experts", ecfg.model_dump() | {"input": _fingerprint_dir(sft_path)},
+    run_dir, domains, ecfg = plan.run_dir, plan.domains, plan.experts
+    _stage(run_dir, "experts", ecfg.model_dump() | {"input": _fingerprint_dir(models["sft"])},
            lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))))
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
-    final = {d: str(experts.expert_paths(ecfg.out_dir, d)[1]) for d in domains}
-    data = {"domains": domains, "seed": cfg.seed}
-    start = {"model": str(sft_path)}
+    run_stage = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run, OffPolicyConfig: offpolicy.run}
+    for label, scfg in plan.students.items():
+        _stage(run_dir, label, scfg.model_dump() | {"input": experts_key},
+               lambda d, scfg=scfg: run_stage[type(scfg)](scfg))
 
-    students: dict[str, tuple[Any, Callable[[], Any]]] = {}  # label = stage folder -> (config, run)
-    if cfg.opd is not None:
-        ocfg = validate(OPDConfig, _merge({**seed, "data": data}, cfg.opd) | start | {
-            "out": str(run_dir / "opd" / "model"),
-            "teachers": [{"path": final[d], "domains": [d]} for d in domains]}, f"{where}: opd")
-        students["opd"] = (ocfg, lambda: opd.run(ocfg))
-    if "mixed_rl" in cfg.baselines:
-        gcfg = validate(GRPOConfig, _merge({**seed, "data": data}, cfg.baselines["mixed_rl"]) | start | {
-            "out": str(run_dir / "mixed_rl" / "model")}, f"{where}: baselines.mixed_rl")
-        students["mixed_rl"] = (gcfg, lambda: grpo.run(gcfg))
-    for item in cfg.baselines.get("merge", []):
-        name = f"merge_{item.get('method', '')}"
-        mcfg = validate(MergeConfig, {**item, **start, "experts": [final[d] for d in domains],
-                                      "out": str(run_dir / name / "model")}, f"{where}: baselines.merge")
-        students[name] = (mcfg, lambda mcfg=mcfg: merge.run(mcfg))
-    if "offpolicy" in cfg.baselines:
-        fcfg = validate(OffPolicyConfig, {**seed, **cfg.baselines["offpolicy"], **start, "experts": final,
-                                          "out": str(run_dir / "offpolicy" / "model")}, f"{where}: baselines.offpolicy")
-        students["offpolicy"] = (fcfg, lambda: offpolicy.run(fcfg))
-    for label, (scfg, body) in students.items():
-        _stage(run_dir, label, scfg.model_dump() | {"input": experts_key}, lambda d, body=body: body())
-
-    n = int(cfg.eval.get("n", EvalConfig.model_fields["n"].default))
-    compared = {"base": models["base"], "sft": sft_path,
-                **{label: Path(scfg.out) for label, (scfg, _) in students.items()}}
+    n, seed = plan.eval.n, plan.config.seed
+    compared = models | {label: Path(scfg.out) for label, scfg in plan.students.items()}
 
     def compare(stage_dir: Path):
         evaluated = json.loads((run_dir / "eval" / "scores.json").read_text())  # same prompts: not redone
         report = json.loads((run_dir / "experts" / "report.json").read_text())
         scores = {label: {s["domain"]: s["pass1_greedy"] for s in evaluated[label]} for label in ("base", "sft")}
         scores["expert"] = {d: report["experts"][d]["final"][d] for d in domains}
-        scores |= {label: experts.pass1(Path(scfg.out), domains, n, cfg.seed) for label, (scfg, _) in students.items()}
+        scores |= {label: experts.pass1(Path(scfg.out), domains, n, seed) for label, scfg in plan.students.items()}
         (stage_dir / "scores.json").write_text(json.dumps(scores, indent=2))
-        md, _ = headline(scores, "expert", "opd" if "opd" in scores else list(scores)[-1], out_dir=stage_dir)
-        Console(width=160).print(md.read_text())
+        md, _ = headline(scores, "expert", student_label(scores), out_dir=stage_dir)
+        Console(width=160).print(md.read_text(), markup=False)
 
     _stage(run_dir, "compare", {"n": n, "domains": domains, "experts": experts_key,
                                 "inputs": {k: _fingerprint_dir(v) for k, v in compared.items()}}, compare)
