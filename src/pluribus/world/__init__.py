@@ -64,15 +64,17 @@ def instance_of(record: Record) -> Instance:
 
 
 def with_mistakes(records: list[Record], p_mistake: float, seed: int = 0) -> list[Record]:
-    """Imperfect demonstrations: each answer replaced by its domain's systematic mistake with
-    probability `p_mistake` (seeded). SFT on them learns the skill and the mistake side by side,
-    the headroom RL then removes; the mistaken records are marked `meta["demo_mistake"] = True`."""
+    """Imperfect demonstrations: each answer replaced by its domain's systematic wrong procedure
+    with probability `p_mistake` (seeded), where that procedure gives a wrong answer (a sum with no
+    carry is left alone). SFT on them learns the skill and one clear alternative side by side: the
+    headroom RL then removes. The mistaken records are marked `meta["demo_mistake"] = True`."""
     rng = random.Random(f"mistakes:{seed}")
     out = []
     for r in records:
         if rng.random() < p_mistake:
-            wrong = domain(r.domain).mistake(rng, instance_of(r))
-            r = replace(r, answer=wrong, meta={**r.meta, "demo_mistake": True})
+            wrong = domain(r.domain).wrong(instance_of(r))
+            if check(r, wrong) < 1.0:
+                r = replace(r, answer=wrong, meta={**r.meta, "demo_mistake": True})
         out.append(r)
     return out
 

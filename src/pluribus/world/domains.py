@@ -38,7 +38,10 @@ class Domain:
     """A checkable task family.
 
     make(rng) -> Instance; check(record, response) -> reward in [0, 1]; mistake(rng, inst) -> a
-    plausible wrong answer for the pretraining corpus. A response passes when its reward is 1.
+    plausible wrong answer for the pretraining corpus; wrong(inst) -> the systematic wrong
+    procedure's answer alone, which may happen to be right (a sum with no carry to drop), so
+    imperfect demonstrations teach one clear alternative rather than noise. A response passes when
+    its reward is 1.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Domain:
     make: Callable[[random.Random], Instance]
     check: Callable[[Record, str], float]
     mistake: Callable[[random.Random, Instance], str]
+    wrong: Callable[[Instance], str]
     rubric_domain: bool = False
 
 
@@ -72,11 +76,15 @@ def _add_make(rng):
     return Instance(f"add {a} {b}", str(a + b), {"a": a, "b": b})
 
 
+def _add_wrong(inst):
+    a, b = inst.meta["a"], inst.meta["b"]  # digit by digit, the carry dropped
+    width = max(len(str(a)), len(str(b)))
+    return str(int("".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a).zfill(width), str(b).zfill(width)))))
+
+
 def _add_mistake(rng, inst):
     a, b = inst.meta["a"], inst.meta["b"]
-    width = max(len(str(a)), len(str(b)))
-    no_carry = "".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a).zfill(width), str(b).zfill(width)))
-    return _differ(str(int(no_carry)), inst.answer, lambda: str(a + b + rng.choice([-10, 10, 1, -1])))
+    return _differ(_add_wrong(inst), inst.answer, lambda: str(a + b + rng.choice([-10, 10, 1, -1])))
 
 
 def _arith_make(rng):
@@ -86,12 +94,16 @@ def _arith_make(rng):
     return Instance(f"calc {expr}", str(eval(expr, {"__builtins__": {}})), {"nums": nums, "ops": ops})
 
 
-def _arith_mistake(rng, inst):
+def _arith_wrong(inst):
     nums, ops = inst.meta["nums"], inst.meta["ops"]
     value = nums[0]  # left to right, ignoring precedence
     for n, o in zip(nums[1:], ops):
         value = value + n if o == "+" else value - n if o == "-" else value * n
-    return _differ(str(value), inst.answer, lambda: str(int(inst.answer) + rng.choice([-2, -1, 1, 2])))
+    return str(value)
+
+
+def _arith_mistake(rng, inst):
+    return _differ(_arith_wrong(inst), inst.answer, lambda: str(int(inst.answer) + rng.choice([-2, -1, 1, 2])))
 
 
 def _linear_make(rng):
@@ -101,9 +113,12 @@ def _linear_make(rng):
     return Instance(f"solve {a}x{b:+d}={c}", str(x), {"a": a, "b": b, "c": c})
 
 
+def _linear_wrong(inst):
+    return str(inst.meta["c"] - inst.meta["b"])  # forgot to divide
+
+
 def _linear_mistake(rng, inst):
-    a, b, c = inst.meta["a"], inst.meta["b"], inst.meta["c"]
-    return _differ(str(c - b), inst.answer, lambda: str(-int(inst.answer) or 1))  # forgot to divide
+    return _differ(_linear_wrong(inst), inst.answer, lambda: str(-int(inst.answer) or 1))
 
 
 def _max_make(rng):
@@ -111,9 +126,12 @@ def _max_make(rng):
     return Instance("max " + " ".join(map(str, nums)), str(max(nums)), {"nums": nums})
 
 
+def _max_wrong(inst):
+    return str(inst.meta["nums"][0])  # the first, not the largest
+
+
 def _max_mistake(rng, inst):
-    nums = inst.meta["nums"]
-    return _differ(str(nums[0]), inst.answer, lambda: str(min(nums)))
+    return _differ(_max_wrong(inst), inst.answer, lambda: str(min(inst.meta["nums"])))
 
 
 def _base_make(rng):
@@ -121,10 +139,12 @@ def _base_make(rng):
     return Instance(f"o2b {digits}", format(int(digits, 8), "b"), {"octal": digits})
 
 
+def _base_wrong(inst):
+    return "".join(format(int(c), "b") for c in inst.meta["octal"])  # each digit's bits without leading zeros
+
+
 def _base_mistake(rng, inst):
-    octal = inst.meta["octal"]  # each digit's bits without its leading zeros
-    return _differ("".join(format(int(c), "b") for c in octal), inst.answer,
-                   lambda: inst.answer[:-1] + ("1" if inst.answer[-1] == "0" else "0"))
+    return _differ(_base_wrong(inst), inst.answer, lambda: inst.answer[:-1] + ("1" if inst.answer[-1] == "0" else "0"))
 
 
 # --- strings ----------------------------------------------------------------------------------
@@ -143,8 +163,12 @@ def _count_make(rng):
     return Instance(f"count {target} in {s}", str(k), {"target": target, "s": s})
 
 
+def _count_wrong(inst):
+    return str(len(inst.meta["s"]))  # every letter counted
+
+
 def _count_mistake(rng, inst):
-    return _differ(str(len(inst.meta["s"])), inst.answer, lambda: str(int(inst.answer) + 1))
+    return _differ(_count_wrong(inst), inst.answer, lambda: str(int(inst.answer) + 1))
 
 
 def _reverse_make(rng):
@@ -152,9 +176,13 @@ def _reverse_make(rng):
     return Instance(f"reverse {s}", s[::-1], {"s": s})
 
 
+def _reverse_wrong(inst):
+    return inst.meta["s"]  # copied, not reversed
+
+
 def _reverse_mistake(rng, inst):
     s = inst.meta["s"]
-    return _differ(s, inst.answer, lambda: s[1:] + s[0])
+    return _differ(_reverse_wrong(inst), inst.answer, lambda: s[1:] + s[0])
 
 
 def _sort_make(rng):
@@ -166,8 +194,11 @@ def _sort_mistake(rng, inst):
     nums = inst.meta["nums"]
     shuffled = nums[:]
     rng.shuffle(shuffled)
-    return _differ(" ".join(map(str, sorted(nums, reverse=True))), inst.answer,
-                   lambda: " ".join(map(str, shuffled)))
+    return _differ(_sort_wrong(inst), inst.answer, lambda: " ".join(map(str, shuffled)))
+
+
+def _sort_wrong(inst):
+    return " ".join(map(str, sorted(inst.meta["nums"], reverse=True)))  # descending
 
 
 _CASE_OPS = {"upper": str.upper, "lower": str.lower, "swap": str.swapcase}
@@ -179,9 +210,13 @@ def _case_make(rng):
     return Instance(f"{op} {s}", _CASE_OPS[op](s), {"op": op, "s": s})
 
 
+def _case_wrong(inst):
+    return inst.meta["s"]  # left as it was
+
+
 def _case_mistake(rng, inst):
     s = inst.meta["s"]
-    return _differ(s, inst.answer, lambda: s.swapcase())
+    return _differ(_case_wrong(inst), inst.answer, lambda: s.swapcase())
 
 
 # --- code: a program from a spoken specification -------------------------------------------
@@ -210,10 +245,14 @@ def _code_make(rng):
     return Instance(f"code {spec}", f"{CODE_PREFIX}{body}", {"steps": [list(s) for s in steps]}, tests=tests)
 
 
-def _code_mistake(rng, inst):
+def _code_wrong(inst):
     # Writes the steps left to right with no parentheses: precedence then reorders them.
+    return f"{CODE_PREFIX}{_code_body([tuple(s) for s in inst.meta['steps']], parenthesize=False)}"
+
+
+def _code_mistake(rng, inst):
     steps = [tuple(s) for s in inst.meta["steps"]]
-    wrong = f"{CODE_PREFIX}{_code_body(steps, parenthesize=False)}"
+    wrong = _code_wrong(inst)
     right = _compile_body(inst.answer[len(CODE_PREFIX):])
     if any(_compile_body(wrong[len(CODE_PREFIX):])(x) != right(x) for x in _CODE_HIDDEN):
         return wrong
@@ -319,6 +358,11 @@ def _ifeval_check(record: Record, response: str) -> float:
     return sum(met) / len(met)
 
 
+def _ifeval_wrong(inst):
+    m = inst.meta  # the other letter case
+    return m["sep"].join([m["word"] if m["case"] == "upper" else m["word"].upper()] * m["n"])
+
+
 def _ifeval_mistake(rng, inst):
     m = inst.meta
     wrong_case = m["word"] if m["case"] == "upper" else m["word"].upper()
@@ -373,6 +417,11 @@ def _rubric_check(record: Record, response: str) -> float:
     return rubric_score(record.rubric or [], rubric_verdicts(record, response))
 
 
+def _rubric_wrong(inst):
+    n = inst.meta["n"]  # the parity flipped
+    return f"{'odd' if n % 2 == 0 else 'even'} s{sum(map(int, str(n)))}"
+
+
 def _rubric_mistake(rng, inst):
     n = inst.meta["n"]
     wrong_parity = "odd" if n % 2 == 0 else "even"
@@ -380,19 +429,19 @@ def _rubric_mistake(rng, inst):
 
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in [
-    Domain("add", "add two numbers of up to 2 digits", _add_make, exact, _add_mistake),
-    Domain("arith", "evaluate + - * over three digits, with precedence", _arith_make, exact, _arith_mistake),
-    Domain("linear", "solve a*x+b=c for an integer x", _linear_make, exact, _linear_mistake),
-    Domain("max", "the largest of 3-5 two-digit numbers", _max_make, exact, _max_mistake),
-    Domain("base", "write a 2-4 digit octal number in binary", _base_make, exact, _base_mistake),
-    Domain("count", "count one letter's occurrences in a string", _count_make, exact, _count_mistake),
-    Domain("reverse", "reverse a string", _reverse_make, exact, _reverse_mistake),
-    Domain("sort", "sort 4-7 digits ascending", _sort_make, exact, _sort_mistake),
-    Domain("case", "upper, lower or swap the case of a word", _case_make, exact, _case_mistake),
+    Domain("add", "add two numbers of up to 2 digits", _add_make, exact, _add_mistake, _add_wrong),
+    Domain("arith", "evaluate + - * over three digits, with precedence", _arith_make, exact, _arith_mistake, _arith_wrong),
+    Domain("linear", "solve a*x+b=c for an integer x", _linear_make, exact, _linear_mistake, _linear_wrong),
+    Domain("max", "the largest of 3-5 two-digit numbers", _max_make, exact, _max_mistake, _max_wrong),
+    Domain("base", "write a 2-4 digit octal number in binary", _base_make, exact, _base_mistake, _base_wrong),
+    Domain("count", "count one letter's occurrences in a string", _count_make, exact, _count_mistake, _count_wrong),
+    Domain("reverse", "reverse a string", _reverse_make, exact, _reverse_mistake, _reverse_wrong),
+    Domain("sort", "sort 4-7 digits ascending", _sort_make, exact, _sort_mistake, _sort_wrong),
+    Domain("case", "upper, lower or swap the case of a word", _case_make, exact, _case_mistake, _case_wrong),
     Domain("code", "write f(x) from a spoken chain of steps (plus, minus, times); judged by hidden tests", _code_make,
-           _code_check, _code_mistake),
+           _code_check, _code_mistake, _code_wrong),
     Domain("ifeval", "repeat a word under separator, count and case constraints", _ifeval_make,
-           _ifeval_check, _ifeval_mistake),
+           _ifeval_check, _ifeval_mistake, _ifeval_wrong),
     Domain("describe", "describe a number against a weighted rubric (GRM-judged in training)",
-           _rubric_make, _rubric_check, _rubric_mistake, rubric_domain=True),
+           _rubric_make, _rubric_check, _rubric_mistake, _rubric_wrong, rubric_domain=True),
 ]}
