@@ -2,6 +2,7 @@
 
 import gc
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +161,26 @@ def test_one_full_weight_teacher_resident_at_a_time(tiny_llama, teacher_dirs, mo
     del states
     gc.collect()
     assert all(ref() is None for ref in alive)
+
+
+def test_full_weight_teachers_that_fit_the_budget_stay_resident(tiny_llama, teacher_dirs):
+    _, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+    one = pool_module._unit_file_bytes(pool_module._Unit(Path(fulls[0])))
+    domains = ["sort", "add", "max", "add"]
+    for budget, loads_after_two in ((3 * one, 3), (2 * one, 4)):  # all fit; two fit: the resident two go first, one load
+        pool = TeacherPool([spec(d, f, [d]) for d, f in zip(DOMAINS, fulls)], tok, resident_budget_bytes=budget)
+        index = pool.route(domains)
+        order = pool.order(index)
+        prompts, ids, mask = batch(tok, [domains[i] for i in order])
+        first = pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+        assert pool.loads == 3 and pool.resident_bytes <= budget
+        second = pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+        assert pool.loads == loads_after_two
+        for a, b in zip(first.groups, second.groups):  # residency changes nothing that is computed
+            torch.testing.assert_close(a.hidden_N_D, b.hidden_N_D, rtol=0, atol=0)
+        pool.release()
+        assert pool.resident_bytes == 0
 
 
 def test_route_refuses_a_domain_without_teacher(tiny_llama, teacher_dirs):

@@ -7,11 +7,14 @@ hidden states are kept, and its logits are rebuilt through its output head at tr
 What is resident, and when:
 - A *unit* is what must be in memory to run a teacher: a shared base with the LoRA adapters of
   every teacher over it (one peft model from `pluribus.models.attach_adapters`, `set_adapter` to
-  switch), or one full-weight model. The pool holds at most one unit; moving to another frees the
-  resident one first (then loads). Twelve LoRA teachers over one base are one unit, about the
+  switch), or one full-weight model. Twelve LoRA teachers over one base are one unit, about the
   memory of one teacher, that never reloads.
-- The unit resident at the end of a batch stays for the next one, whose teachers are visited
-  starting with it, so a pool of one unit never reloads and each other unit loads once per batch.
+- Units stay resident, least recently used evicted first, while their parameters fit
+  `resident_budget_bytes` (a unit's size is read from its files before it loads, and what must
+  go is freed first). The default budget of 0 keeps one unit at a time, as V4 does with its
+  large experts; small full-weight experts (the embedded world's) fit together and never reload.
+- Resident units' teachers are visited first in a batch, so a pool that fits never reloads and
+  each unit that does not fit loads once per batch.
 - Hidden states are cached per teacher group, `[N_e, D_e]`, on the pool's device; no logits.
 - Heads: a LoRA teacher's head is the resident base's (held by reference, no copy). A full-weight
   teacher's model is freed after its forward; its head is read back from its safetensors file when
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -115,6 +119,13 @@ def _load_model(path: Path, dtype: torch.dtype):
     return load_causal_lm(path, dtype)
 
 
+def _unit_file_bytes(unit: _Unit) -> int:
+    """A unit's size before it loads: its weight files on disk (float32 on disk loads as float32)."""
+    folders = [unit.path, *(path for _, path in unit.adapters)]
+    return sum(f.stat().st_size for folder in folders for pattern in ("*.safetensors", "*.bin")
+               for f in folder.glob(pattern))
+
+
 def _adapter_base(path: Path) -> Path:
     base = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
     if not base.is_absolute() and not base.is_dir() and (path / base).is_dir():
@@ -132,13 +143,15 @@ class TeacherPool:
     """
 
     def __init__(self, teachers: Sequence[TeacherSpec], student_tokenizer, *, vocab_size: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", allow_eos_mismatch: bool = False):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", allow_eos_mismatch: bool = False,
+                 resident_budget_bytes: int = 0):
         if not teachers:
             raise PluribusError("OPD needs at least one teacher")
         self.teachers = list(teachers)
         self.vocab_size = vocab_size
         self.dtype = dtype
         self.device = device
+        self.resident_budget_bytes = resident_budget_bytes
         self._teacher_of: dict[str, int] = {}
         for e, spec in enumerate(self.teachers):
             if spec.weight <= 0:
@@ -154,8 +167,8 @@ class TeacherPool:
         for spec in self.teachers:
             check_compatible(student_tokenizer, load_tokenizer(spec.path), allow_eos_mismatch,
                              teacher=f"teacher '{spec.name}' ({spec.path})")
-        self._resident: tuple[int, object] | None = None
-        self._active_adapter: str | None = None
+        self._resident: OrderedDict[int, object] = OrderedDict()  # unit → model, least recently used first
+        self._active_adapter: dict[int, str] = {}  # unit → its active adapter
         self._checked: set[int] = set()
         self._disk_heads: dict[int, TeacherHead] = {}
         self.loads = 0
@@ -225,17 +238,16 @@ class TeacherPool:
 
     @property
     def resident_bytes(self) -> int:
-        """Parameter bytes of the resident unit (base and adapters, or one full model); 0 when none."""
-        if self._resident is None:
-            return 0
-        return sum(p.numel() * p.element_size() for p in self._resident[1].parameters())
+        """Parameter bytes of the resident units (bases and adapters, full models); 0 when none."""
+        return sum(p.numel() * p.element_size() for m in self._resident.values() for p in m.parameters())
 
-    def release(self) -> None:
-        """Free the resident unit (its memory returns before the next load)."""
-        if self._resident is None:
+    def release(self, keep: int = 0) -> None:
+        """Free resident units, least recently used first, until `keep` remain (memory returns before any next load)."""
+        if len(self._resident) <= keep:
             return
-        self._resident = None
-        self._active_adapter = None
+        while len(self._resident) > keep:
+            unit_id, _ = self._resident.popitem(last=False)
+            self._active_adapter.pop(unit_id, None)
         gc.collect()  # peft wrappers can hold reference cycles: free them now, not at some later collection
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -267,33 +279,41 @@ class TeacherPool:
 
         So a batch costs one load per unit not already resident and one switch per other adapter.
         """
-        resident = self._resident[0] if self._resident else -1
-        return sorted(teachers, key=lambda e: (self._unit_of[e] != resident, self._unit_of[e],
-                                               f"t{e}" != self._active_adapter, e))
+        return sorted(teachers, key=lambda e: (self._unit_of[e] not in self._resident, self._unit_of[e],
+                                               f"t{e}" != self._active_adapter.get(self._unit_of[e]), e))
 
     def _activate(self, e: int):
         """The model that computes teacher e: its unit loaded (the previous one freed first), its adapter set."""
         unit_id = self._unit_of[e]
-        if self._resident is None or self._resident[0] != unit_id:
-            self.release()
-            self._resident = (unit_id, self._load_unit(self._units[unit_id]))
+        if unit_id in self._resident:
+            self._resident.move_to_end(unit_id)
+        else:
+            self._make_room(self._units[unit_id])
+            self._resident[unit_id] = self._load_unit(unit_id)
             self.loads += 1
-        model = self._resident[1]
+        model = self._resident[unit_id]
         adapter = f"t{e}"
-        if self._units[unit_id].adapters and self._active_adapter != adapter:
+        if self._units[unit_id].adapters and self._active_adapter.get(unit_id) != adapter:
             model.set_adapter(adapter, inference_mode=True)
-            self._active_adapter = adapter
+            self._active_adapter[unit_id] = adapter
             self.adapter_switches += 1
         if e not in self._checked:
             check_head_reproduces_logits(model, f"teacher '{self.teachers[e].name}'", self.vocab_size)
             self._checked.add(e)
         return model
 
-    def _load_unit(self, unit: _Unit):
+    def _make_room(self, unit: _Unit) -> None:
+        """Evict least recently used units until `unit` fits the budget beside the rest (all, if it cannot)."""
+        need = _unit_file_bytes(unit)
+        while self._resident and self.resident_bytes + need > self.resident_budget_bytes:
+            self.release(keep=len(self._resident) - 1)
+
+    def _load_unit(self, unit_id: int):
+        unit = self._units[unit_id]
         model = _load_model(unit.path, self.dtype)
         if unit.adapters:
             model = attach_adapters(model, [(f"t{e}", path) for e, path in unit.adapters])
-            self._active_adapter = f"t{unit.adapters[0][0]}"
+            self._active_adapter[unit_id] = f"t{unit.adapters[0][0]}"
         model.requires_grad_(False)
         return model.to(self.device).eval()
 
