@@ -10,9 +10,8 @@ path, not after pretraining. The run ends by writing its report (`pluribus.repor
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,11 @@ from typing import Any, Callable
 from pydantic import BaseModel, Field, field_validator
 from rich.console import Console
 
+from pluribus import durable
 from pluribus.config import (EvalConfig, ExpertsConfig, GRPOConfig, MergeConfig, OffPolicyConfig, OPDConfig,
                              PretrainConfig, SFTConfig, Strict, config_error, deep_merge, known_domains, read_yaml,
                              validate, validate_section)
+from pluribus.crash import crash_point
 from pluribus.errors import ConfigError
 
 STAGES = ("pretrain", "sft", "eval", "experts", "opd", "mixed_rl", "merge_<method>", "offpolicy", "compare")
@@ -148,26 +149,29 @@ def _plan(cfg: PipelineConfig, where: str) -> Plan:
     return Plan(cfg, run_dir, domains, base, pre, sft_cfg, eval_cfg, experts_cfg, students)
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]) -> Any:
-    """Run `body(stage_dir)` unless DONE says the same snapshot finished; DONE is written last."""
+    """Run `body(stage_dir)` unless DONE says the same snapshot finished; DONE is written last.
+
+    A stage folder holds the work of one snapshot: an interrupted run of the same snapshot resumes from
+    the checkpoints in it, and a different snapshot (config or inputs changed) starts it afresh.
+    """
     stage_dir = run_dir / name
     done = stage_dir / "DONE"
-    key = _fingerprint(snapshot)
+    key = durable.fingerprint(snapshot)
     if done.is_file() and done.read_text().strip() == key:
         print(f"[{name}] done earlier, skipped")
         return None
+    config = stage_dir / "config.json"
+    text = json.dumps(snapshot, indent=2, default=str)
+    if config.is_file() and config.read_text() != text:
+        shutil.rmtree(stage_dir)  # another snapshot's outputs and checkpoints: never to be resumed
     stage_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
-    (stage_dir / "config.json").write_text(json.dumps(snapshot, indent=2, default=str))
+    durable.write_text(config, text)
     start = time.time()
     result = body(stage_dir)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(key)
-    os.replace(tmp, done)
+    crash_point(stage_dir, "done")
+    durable.write_text(done, key)
     print(f"[{name}] finished in {time.time() - start:.0f}s")
     return result
 
@@ -190,7 +194,7 @@ def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
             scores = evaluate.run(plan.eval.model_copy(update={"model": str(model_path)}))
             results[label] = evaluate.as_json(scores)
             Console(width=120).print(evaluate.table(scores, title=label))
-        (stage_dir / "scores.json").write_text(json.dumps(results, indent=2))
+        durable.write_text(stage_dir / "scores.json", json.dumps(results, indent=2))
 
     _stage(run_dir, "eval", {"eval": plan.config.eval, "domains": plan.domains,
                              "inputs": {k: _fingerprint_dir(v) for k, v in models.items()}}, do_eval)
@@ -223,7 +227,7 @@ def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
         scores = {label: {s["domain"]: s["pass1_greedy"] for s in evaluated[label]} for label in ("base", "sft")}
         scores["expert"] = {d: report["experts"][d]["final"][d] for d in domains}
         scores |= {label: experts.pass1(Path(scfg.out), domains, n, seed) for label, scfg in plan.students.items()}
-        (stage_dir / "scores.json").write_text(json.dumps(scores, indent=2))
+        durable.write_text(stage_dir / "scores.json", json.dumps(scores, indent=2))
         md, _ = headline(scores, "expert", student_label(scores), out_dir=stage_dir)
         Console(width=160).print(md.read_text(), markup=False)
 
@@ -238,4 +242,5 @@ def _fingerprint_dir(path: Path) -> str:
         return done.read_text().strip()
     if not path.exists():
         return "missing"
-    return _fingerprint(sorted((str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in path.rglob("*") if p.is_file()))
+    files = sorted((str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in path.rglob("*") if p.is_file())
+    return durable.fingerprint(files)

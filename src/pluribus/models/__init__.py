@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from pluribus.durable import publish_dir
 from pluribus.errors import PluribusError
 
 # peft still calls a transformers method that transformers 5 deprecates; the warning is not the user's to act on.
@@ -134,7 +135,7 @@ def _faithful_tokenizer(path: Path, auto_tokenizer):
 
 
 def save(model, tokenizer, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Save an HF folder atomically: write into a temp folder, then rename over the target."""
+    """Save an HF folder atomically and durably: write into a temp folder, fsync, then rename over the target."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -142,10 +143,29 @@ def save(model, tokenizer, out_dir: str | Path, meta: dict[str, Any] | None = No
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return publish_dir(tmp, out_dir)
+
+
+def load_weights(model, path: str | Path) -> None:
+    """Copy the weights `save` wrote to `path` into `model`, in place (an optimizer over its parameters stays
+    bound): full weights into a plain model, an adapter into a peft model of the same shape."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    if (path / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+    else:
+        result = model.load_state_dict(state, strict=False)
+        current = model.state_dict()
+        loaded = {current[k].data_ptr() for k in state if k in current}
+        missing = [k for k in result.missing_keys if current[k].data_ptr() not in loaded]  # tied weights are loaded
+    if missing or result.unexpected_keys:
+        raise PluribusError(f"{path}: saved weights do not fit the model (missing {missing[:3]}, "
+                            f"unexpected {result.unexpected_keys[:3]})")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,67 @@
+"""Durable writes: fsync, then an atomic rename, so a crash leaves the old thing or the new, never half of one;
+and the fingerprints that markers and checkpoints record to say what they belong to.
+
+A rename is atomic on POSIX file systems, but without the fsyncs a power cut can leave the new
+name pointing at files whose data never reached the disk. Plain Python (no torch): any layer may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of a folder (a rename into it, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and folder under `path` (a file or a folder), `path` included."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return
+    for sub in sorted(path.iterdir()):
+        fsync_tree(sub)
+    fsync_dir(path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically and durably: a temp file beside it, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def publish_dir(tmp: str | Path, dest: str | Path) -> Path:
+    """Move a fully written folder `tmp` to `dest` (replacing it) once its contents are on disk.
+
+    A crash between removing the old `dest` and the rename leaves no `dest`, never a partial one.
+    """
+    tmp, dest = Path(tmp), Path(dest)
+    fsync_tree(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def fingerprint(obj) -> str:
+    """A short stable key of a JSON-able value (anything else by its str): what a marker says was written."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
