@@ -84,6 +84,7 @@ class PretrainConfig(Strict):
     p_mistake: float = Field(0.5, ge=0, le=1, description="share that follow the domain's systematic mistake")
     shares_by_domain: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="domain -> (p_correct, p_mistake), for domains whose answers are long")
+    checkpoint_every: int = Field(250, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0
 
     def shares(self, domain: str) -> tuple[float, float]:
@@ -112,6 +113,7 @@ class SFTConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     optim: OptimConfig = OptimConfig()
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of full weights")
+    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0
 
 
@@ -236,6 +238,7 @@ class GRPOConfig(Strict):
     len_penalty_cache_tokens: int = Field(8, ge=0)
     eval_every: int = Field(0, ge=0, description="greedy pass@1 on held-out prompts every N steps; 0 never")
     eval_n: int = Field(100, gt=0)
+    checkpoint_every: int = Field(25, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -274,6 +277,7 @@ class OPDConfig(Strict):
     save_merged: bool = Field(True, description="with a LoRA student, save its adapter merged into full weights")
     allow_eos_mismatch: bool = Field(False, description="accept a teacher whose EOS differs from the student's")
     reward_every: int = Field(1, ge=0, description="log per-domain checker rewards every N steps (watching only); 0 never")
+    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -60,14 +60,19 @@ def check_math(response: str, answer: str) -> float:
 
 def extract_answer(response: str) -> str | None:
     """The final answer of a response: last balanced `\\boxed{}`, else after `####`, else last number."""
-    boxed = last_boxed(response)
-    if boxed is not None:
-        return boxed.strip()
-    marker = _after_marker(response)
-    if marker is not None:
-        return marker
+    marked = _marked_answer(response)
+    if marked is not None:
+        return marked
     numbers = _NUMBER.findall(response)
     return numbers[-1].strip() if numbers else None
+
+
+def _marked_answer(text: str) -> str | None:
+    """What the text marks as its answer: the last balanced `\\boxed{}`, else the line after `####`."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    return _after_marker(text)
 
 
 def last_boxed(text: str) -> str | None:
@@ -136,13 +141,8 @@ def _to_fraction(s: str) -> Fraction | None:
 
 
 def _gold_answer(answer: str) -> str | None:
-    boxed = last_boxed(answer)
-    if boxed is not None:
-        return boxed.strip()
-    marker = _after_marker(answer)
-    if marker is not None:
-        return marker
-    return answer.strip() or None
+    marked = _marked_answer(answer)
+    return marked if marked is not None else answer.strip() or None
 
 
 def _after_marker(text: str) -> str | None:

@@ -29,7 +29,8 @@ from pluribus.config import OPDConfig
 from pluribus.data import Record
 from pluribus.errors import PluribusError
 from pluribus.models import add_lora, load, merge_lora, render_prompt, save
-from pluribus.rollout import SamplingParams, sample
+from pluribus.rollout import SamplingParams
+from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import MetricsLog, load_records, make_optimizer, optimizer_step, progress, seed_everything
 from pluribus.teachers import (TeacherPool, TeacherSpec, check_head_reproduces_logits, distill_backward,
                                output_head, response_hidden_states)
@@ -58,6 +59,7 @@ class DomainStream:
     """Prompts drawn domain by domain: a domain with probability ∝ its weight, then a record of it at random."""
 
     def __init__(self, records: list[Record], weights: dict[str, float], seed: int):
+        self.records = records
         self.by_domain: dict[str, list[Record]] = {}
         for r in records:
             self.by_domain.setdefault(r.domain, []).append(r)
@@ -69,15 +71,15 @@ class DomainStream:
         self.weights = {d: w for d, w in chosen.items() if w > 0}
         if not self.weights:
             raise PluribusError("the prompt stream is empty: no records, or every domain weight is 0")
-        self._rng = random.Random(seed)
+        self.rng = random.Random(seed)  # the draw order: a resumed run restores it
 
     @property
     def domains(self) -> list[str]:
         return list(self.weights)
 
     def draw(self, n: int) -> list[Record]:
-        domains = self._rng.choices(list(self.weights), weights=list(self.weights.values()), k=n)
-        return [self._rng.choice(self.by_domain[d]) for d in domains]
+        domains = self.rng.choices(list(self.weights), weights=list(self.weights.values()), k=n)
+        return [self.rng.choice(self.by_domain[d]) for d in domains]
 
 
 def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn | None = None,
@@ -100,11 +102,16 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                             cfg.sampling.top_k)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
     out = Path(cfg.out)
-    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
+    ckpt = Checkpointer(out, every=cfg.checkpoint_every, total=cfg.steps, config=cfg.model_dump(),
+                        records=stream.records, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler)
+    first, state = ckpt.restore({"stream": stream.rng})
+    stream.rng = state["stream"]
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"), first)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    bar, task = progress("opd", cfg.steps)
+    bar, task = progress("opd", cfg.steps, first)
     with bar:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             t0 = time.time()
             drawn = stream.draw(cfg.prompts_per_step)
             teacher_index = pool.route([r.domain for r in drawn])
@@ -113,9 +120,9 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
             for r in batch:
                 if r.id not in prompts:
                     prompts[r.id] = render_prompt(tokenizer, r.messages())
-            rollout = sample(model, [prompts[r.id] for r in batch], params, eos_id=eos_id, pad_id=pad_id,
-                             tokenizer=tokenizer,
-                             request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(batch))])
+            rollout = ckpt.sample(step, model, [prompts[r.id] for r in batch], params, eos_id=eos_id, pad_id=pad_id,
+                                  tokenizer=tokenizer,
+                                  request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(batch))])
             t_sample = time.time()
             states = pool.teacher_states(rollout.prompt_ids, rollout.response_ids_B_T, rollout.response_mask_B_T,
                                          teacher_index, pad_id)
@@ -147,6 +154,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                 record.update(_domain_rewards(batch, reward_fn(batch, rollout.texts)))
             metrics.write(**record)
             bar.update(task, advance=1, info=f"kl {record['kl']:.3f}")
+            ckpt.step_done(step, {"stream": stream.rng})
     metrics.close()
     pool.release()
     model.eval()
