@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import shutil
+import sys
+from pathlib import Path
 
 import torch
 
 from pluribus.config import DataConfig, OptimConfig
 from pluribus.data import Record, read_jsonl
+from pluribus.durable import write_text
 from pluribus.errors import PluribusError
 from pluribus.models import pad_batch
 
@@ -87,35 +93,66 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> tuple[float
 
 
 class MetricsLog:
-    """Append-only JSONL of metric dicts, flushed per line (readable while the stage runs)."""
+    """Metric dicts as JSONL, flushed per line (readable while the stage runs), and as TensorBoard scalars in
+    `<name>.tb/` beside it when tensorboard (extra `tb`) or tensorboardX is installed.
 
-    def __init__(self, path):
-        from pathlib import Path
+    start_step: where a resumed loop starts; lines of that step and later (written after the checkpoint it
+    resumes from) are dropped, and TensorBoard purges them, so no step is logged twice. 0: a new log.
+    """
 
+    def __init__(self, path, start_step: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start_step and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # torn by the crash: nothing after it was written
+                if row.get("step", -1) < start_step:
+                    kept.append(line + "\n")
+        write_text(self.path, "".join(kept))
+        tb_dir = self.path.with_name(self.path.name.removesuffix(".jsonl").removesuffix(".metrics") + ".tb")
+        if not start_step:
+            shutil.rmtree(tb_dir, ignore_errors=True)
+        self._tb = _summary_writer(tb_dir, start_step)
         self._f = open(self.path, "a")
 
     def write(self, **metrics) -> None:
-        import json
-
         self._f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
         self._f.flush()
+        if self._tb is not None and "step" in metrics:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, metrics["step"])
+            self._tb.flush()
 
     def close(self) -> None:
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
-def progress(description: str, total: int):
-    """A rich progress bar with ETA (quiet when not on a terminal and under pytest)."""
-    import os
-    import sys
+def _summary_writer(log_dir: Path, purge_step: int):
+    """A TensorBoard SummaryWriter when one is installed, else None; events from `purge_step` on are hidden."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+    return SummaryWriter(str(log_dir), purge_step=purge_step or None)
 
+
+def progress(description: str, total: int, completed: int = 0):
+    """A rich progress bar with ETA (quiet when not on a terminal and under pytest); `completed` for a resumed loop."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     disable = "PYTEST_CURRENT_TEST" in os.environ or not sys.stderr.isatty()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable,
                    transient=False)
-    task = bar.add_task(description, total=total, info="")
+    task = bar.add_task(description, total=total, completed=completed, info="")
     return bar, task

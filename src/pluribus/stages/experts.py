@@ -13,6 +13,9 @@ A rubric domain has no rule to check it: its GRPO needs the generative judge. Un
 its expert is its SFT checkpoint (`rubric_rl: none`); `rubric_rl: hidden_checker` trains on the
 world's hidden rubric checker instead, an upper bound for ablations, since that checker is meant
 for evaluation only.
+
+A finished domain writes `<domain>/DONE` (the key of its config); a re-run skips it, and resumes an
+interrupted one from its loops' checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from pluribus.config import EvalConfig, ExpertsConfig, GRPOConfig, SFTConfig, validate
+from pluribus.durable import fingerprint, publish_dir, write_text
 from pluribus.models import load
 from pluribus.stages import evaluate, grpo, sft
 from pluribus.world import DOMAINS, generate, with_mistakes
@@ -33,7 +37,22 @@ def expert_paths(out_dir: str | Path, domain: str) -> tuple[Path, Path]:
 
 
 def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
+    """Train one domain's expert, unless its DONE marker says this config finished it already.
+
+    An interrupted domain resumes: its SFT and GRPO loops restart from their checkpoints."""
     sft_out, expert_out = expert_paths(cfg.out_dir, domain)
+    done = sft_out.parent / "DONE"
+    key = fingerprint(cfg.model_dump(exclude={"domains", "report_n"}) | {"domain": domain})
+    if done.is_file() and done.read_text().strip() == key:
+        print(f"[experts] {domain} done earlier, skipped")
+        return expert_out
+    done.unlink(missing_ok=True)
+    expert = _train(cfg, domain, sft_out, expert_out, reward_fn)
+    write_text(done, key)
+    return expert
+
+
+def _train(cfg: ExpertsConfig, domain: str, sft_out: Path, expert_out: Path, reward_fn) -> Path:
     lora = None if cfg.lora is None else cfg.lora.model_dump()
     data = {"domains": [domain], "n_per_domain": cfg.n_demos, "seed": cfg.seed}
     sft_cfg = validate(SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model, "out": str(sft_out),
@@ -42,11 +61,11 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
     mistakes = cfg.demo_mistakes if rl else 0.0  # imperfect demonstrations only where RL follows to fix them
     demos = with_mistakes(generate(domain, "train", cfg.n_demos, seed=cfg.seed), mistakes, cfg.seed)
     sft.run(sft_cfg, records=demos, meta={"domain": domain, "expert_stage": "sft"})
-    if not rl:
-        if expert_out.exists():
-            shutil.rmtree(expert_out)
-        shutil.copytree(sft_out, expert_out)  # no judge: the SFT checkpoint is the expert
-        return expert_out
+    if not rl:  # no judge: the SFT checkpoint is the expert
+        tmp = expert_out.with_name(expert_out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(sft_out, tmp)
+        return publish_dir(tmp, expert_out)
     grpo_cfg = validate(GRPOConfig, {"seed": cfg.seed, **cfg.grpo, "model": str(sft_out), "out": str(expert_out),
                                      "data": {**data, "n_per_domain": cfg.n_train}, "lora": lora},
                         f"experts.grpo ({domain})")

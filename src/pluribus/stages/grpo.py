@@ -26,7 +26,8 @@ from pluribus.core import group_advantages, grpo_loss
 from pluribus.data import Record
 from pluribus.models import add_lora, load, render_prompt, response_logprobs, save
 from pluribus.rewards.length import LengthPenalty
-from pluribus.rollout import SamplingParams, sample
+from pluribus.rollout import SamplingParams
+from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import (MetricsLog, load_records, make_optimizer, optimizer_step, progress,
                                     seed_everything)
 
@@ -67,19 +68,22 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
     params = SamplingParams(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p,
                             cfg.sampling.top_k)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps * cfg.inner_updates * cfg.minibatches)
-    rng = random.Random(cfg.seed)
     out = Path(cfg.out)
-    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
-    bar, task = progress("grpo", cfg.steps)
+    ckpt = Checkpointer(out, every=cfg.checkpoint_every, total=cfg.steps, config=cfg.model_dump(), records=records,
+                        model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    first, state = ckpt.restore({"rng": random.Random(cfg.seed)})
+    rng = state["rng"]
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"), first)
+    bar, task = progress("grpo", cfg.steps, first)
     G = cfg.group_size
     with bar:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             t0 = time.time()
             batch = rng.sample(records, min(cfg.prompts_per_step, len(records)))
             rows = [r for r in batch for _ in range(G)]
-            rollout = sample(model, [prompts[r.id] for r in rows], params, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                             request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(rows))])
+            rollout = ckpt.sample(step, model, [prompts[r.id] for r in rows], params, eos_id=tokenizer.eos_token_id,
+                                  pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                                  request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(rows))])
             t_sample = time.time() - t0
             lengths = rollout.lengths.tolist()
             raw = reward_fn(rows, rollout.texts, lengths)
@@ -99,6 +103,7 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
                 record["eval_pass1"] = greedy_pass1(model, tokenizer, eval_records, cfg.sampling.max_new_tokens)
             metrics.write(**record)
             bar.update(task, advance=1, info=f"reward {record['reward_mean']:.2f}")
+            ckpt.step_done(step, {"rng": rng})
     metrics.close()
     model.eval()
     return save(model, tokenizer, out, {"stage": "grpo", **(meta or {}), "config": cfg.model_dump()})

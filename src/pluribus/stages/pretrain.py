@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pluribus.config import PretrainConfig
 from pluribus.models import build_tiny, count_parameters, load, render_example, save
+from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import (MetricsLog, length_buckets, lm_loss, make_optimizer, optimizer_step, progress,
                                     seed_everything)
 from pluribus.world import DOMAINS, Instance, generate, instance_of
@@ -40,14 +41,16 @@ def run(cfg: PretrainConfig) -> Path:
     model, tokenizer = load(init_dir)
     domains = cfg.domains or list(DOMAINS)
     pools = {d: [instance_of(r) for r in generate(d, "train", POOL_PER_DOMAIN, seed=cfg.seed + 1000)] for d in domains}
-    rng = random.Random(cfg.seed)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
-    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
-    bar, task = progress("pretrain", cfg.steps)
+    ckpt = Checkpointer(out, every=cfg.checkpoint_every, total=cfg.steps, config=cfg.model_dump(), records=None,
+                        model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    first, state = ckpt.restore({"rng": random.Random(cfg.seed), "batches": []})
+    rng, batches = state["rng"], state["batches"]  # batches: drawn and bucketed, not yet trained on
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"), first)
+    bar, task = progress("pretrain", cfg.steps, first)
     start = time.time()
-    batches: list[list[list[int]]] = []
     with bar:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             if not batches:
                 texts = []
                 for _ in range(cfg.batch_size * BUCKET_BATCHES):
@@ -64,6 +67,7 @@ def run(cfg: PretrainConfig) -> Path:
                 metrics.write(step=step, loss=loss.item(), grad_norm=norm, lr=scheduler.get_last_lr()[0],
                               elapsed_s=time.time() - start)
             bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+            ckpt.step_done(step, {"rng": rng, "batches": batches})
     metrics.close()
     model.eval()
     return save(model, tokenizer, out, {"stage": "pretrain", "size": cfg.size, "arch": cfg.arch,

@@ -14,6 +14,7 @@ from pluribus.config import SFTConfig
 from pluribus.data import Record
 from pluribus.errors import PluribusError
 from pluribus.models import add_lora, load, render_example, save
+from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import (MetricsLog, lm_loss, load_records, make_optimizer, optimizer_step, progress,
                                     seed_everything)
 
@@ -34,15 +35,17 @@ def run(cfg: SFTConfig, records: list[Record] | None = None, meta: dict | None =
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     model.train()
     demos = demonstrations(tokenizer, records)
-    rng = random.Random(cfg.seed)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
     out = Path(cfg.out)
-    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
-    bar, task = progress("sft", cfg.steps)
-    order: list[int] = []
+    ckpt = Checkpointer(out, every=cfg.checkpoint_every, total=cfg.steps, config=cfg.model_dump(), records=records,
+                        model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+    first, state = ckpt.restore({"rng": random.Random(cfg.seed), "order": []})
+    rng, order = state["rng"], state["order"]  # order: what is left of this epoch's shuffled order
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"), first)
+    bar, task = progress("sft", cfg.steps, first)
     start = time.time()
     with bar:
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             total = 0.0
             for _ in range(cfg.grad_accum):
                 batch = []
@@ -59,6 +62,7 @@ def run(cfg: SFTConfig, records: list[Record] | None = None, meta: dict | None =
                 metrics.write(step=step, loss=total, grad_norm=norm, lr=scheduler.get_last_lr()[0],
                               elapsed_s=time.time() - start)
             bar.update(task, advance=1, info=f"loss {total:.3f}")
+            ckpt.step_done(step, {"rng": rng, "order": order})
     metrics.close()
     model.eval()
     return save(model, tokenizer, out, {"stage": "sft", **(meta or {}), "config": cfg.model_dump()})
