@@ -73,3 +73,19 @@ def test_interrupted_batch_resumes_with_the_same_tokens(tiny_llama, tmp_path):
     assert resumed.finish_reasons == reference.finish_reasons
     prefixes = TokenLog.replay(log)
     assert all(len(prefixes[i]) == int(reference.lengths[i]) for i in range(8))
+
+
+def test_a_resumed_truncating_batch_keeps_the_samplers_masks(tiny_llama, tmp_path):
+    model, tok = load(tiny_llama, trainable=False)
+    prompts = _prompts(tok, 8)
+    params = SamplingParams(12, temperature=0.9, top_p=0.8, top_k=20)
+    args = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=7)
+    reference = sample(model, prompts, params, **args)
+    log = tmp_path / "rollout.log"
+    sample(model, prompts, params, **args, log_path=log, stop_after_steps=5)
+    resumed = sample(model, prompts, params, **args, log_path=log)  # prefixes from the log, the rest decoded
+    replayed = sample(model, prompts, params, **args, log_path=log)  # all from the log: nothing decoded
+    assert not reference.keep_mask_B_T_V.all()  # the masks do truncate
+    for rollout in (resumed, replayed):
+        assert torch.equal(rollout.response_ids_B_T, reference.response_ids_B_T)
+        assert torch.equal(rollout.keep_mask_B_T_V, reference.keep_mask_B_T_V)

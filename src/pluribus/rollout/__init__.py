@@ -8,6 +8,8 @@ Randomness is per request and per position (a Gumbel-max draw seeded by (seed, r
 per batch: a request samples the same tokens whatever else is in its batch. That is what lets an
 interrupted batch resume from its log (DeepSeek-V4 §5.2.3) and give the tokens an uninterrupted
 run would have given; regenerating interrupted requests from scratch biases towards short answers.
+The log holds tokens and log-probs, not top-p/top-k keep masks: a resumed batch rebuilds those of its
+logged prefixes with one forward pass (the same masks up to a float-rounding tie at the cut-off).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from pluribus.models import pad_batch, position_ids_from_mask
+from pluribus.models import pad_batch, position_ids_from_mask, response_logits
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,6 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
                 eos_id, pad_id, greedy, truncating, log, stop_after_steps)
     if log:
         log.close()
-    model.train(was_training)
 
     T = max([len(o) for o in out_tokens] + [1])
     response = torch.full((B, T), pad_id, dtype=torch.long)
@@ -179,13 +180,28 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
     if truncating:
         V = model.config.vocab_size
         keep = torch.ones((B, T, V), dtype=torch.bool)
+        replayed = [i for i in range(B) if prefixes.get(i)]
+        if replayed:  # the log keeps no masks: rebuilt from one forward pass over prompt + logged prefix
+            keep[replayed] = _prefix_keep_mask(model, [prompt_ids[i] for i in replayed], response[replayed],
+                                               [len(prefixes[i]) for i in replayed], params, pad_id)
         for i in range(B):
-            if keep_rows[i]:  # replayed prefixes have no stored keep mask: they count as untruncated
+            if keep_rows[i]:
                 rows = torch.stack(keep_rows[i])
                 keep[i, len(out_tokens[i]) - len(rows): len(out_tokens[i])] = rows
+    model.train(was_training)
     reasons = ["eos" if o and o[-1] == eos_id else "length" for o in out_tokens]
     texts = [tokenizer.decode([t for t in o if t != eos_id]) for o in out_tokens] if tokenizer else []
     return Rollout([list(p) for p in prompt_ids], response, mask, logps, keep, reasons, texts)
+
+
+def _prefix_keep_mask(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor, prefix_lens: list[int],
+                      params: SamplingParams, pad_id: int) -> torch.Tensor:
+    """Keep mask `[B, T, V]` of the sampler's truncation over each row's first prefix_lens[b] response tokens
+    (True beyond them), as decoding computed it, up to float rounding (prefill, not step by step)."""
+    positions_B_T = torch.arange(response_ids_B_T.shape[1])[None, :] < torch.tensor(prefix_lens)[:, None]
+    logits = response_logits(model, prompt_ids, response_ids_B_T, positions_B_T, pad_id).float() / params.temperature
+    keep = truncate_logits(logits.flatten(0, 1), params.top_k, params.top_p).view(logits.shape)
+    return keep | ~positions_B_T[..., None]
 
 
 def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,

@@ -17,8 +17,9 @@ previous one deleted: a folder named `step-<N>` is always whole, and at most two
 Resuming is exact: the same seed on the same machine gives bit-identical weights whether or not the
 loop was killed. One exception: when the kill fell inside a rollout, the tokens generated after the
 restart come from one prefill over prompt + logged prefix instead of step-by-step decoding, so their
-sampler log-probs differ from the uninterrupted run's by float rounding (~1e-6). The tokens are the
-same (sampling noise is seeded per request and position), and so are the scores in practice.
+sampler log-probs differ from the uninterrupted run's by float rounding (~1e-6), and so may, with
+top-p/top-k, a keep mask at its cut-off. The tokens are the same (sampling noise is seeded per request
+and position), and so are the scores in practice.
 """
 
 from __future__ import annotations
