@@ -222,6 +222,16 @@ def tokenizer(tiny_llama):
     return load_tokenizer(tiny_llama)
 
 
+def test_a_world_judge_prompt_and_its_judgement_fit_the_tiny_models_positions(tokenizer):
+    from pluribus.models import render_prompt
+
+    records = generate("describe", "test", 300, seed=3)
+    longest = "even s27 prime odd s1 even s9 pri"[:32]  # a response cut at the sampler's 32 new tokens
+    worst = max(len(render_prompt(tokenizer, WORLD_TEMPLATE.render(r.prompt, longest, r.rubric))) for r in records)
+    judgement = len(tokenizer(WORLD_TEMPLATE.judgement([True] * 4, 9), add_special_tokens=False)["input_ids"]) + 1
+    assert worst + judgement <= 128, (worst, judgement)  # with its EOS
+
+
 def labelled_script(responses_to_steps):
     """A judge that writes, for the response it is shown, the steps given for that response."""
     return lambda prompt: responses_to_steps[quoted_responses(prompt)[0]]

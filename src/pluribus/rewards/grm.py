@@ -201,7 +201,9 @@ WORLD_TEMPLATE = JudgeTemplate(
     pair_separator="\n", analysis=False, escape="\\", max_new_tokens=32,
 )
 """For the world's character-level models: `judge describe 12`, the response in `[[...]]`, the
-criteria one per line; the judgement `1y 2y 3n 4n score 8` (score 0-9, one character)."""
+criteria one per line; the judgement `1y 2y 3n 4n score 8` (score 0-9, one character). With the
+world's terse criteria, a describe prompt quoting a 32-character response is 97 tokens, and with its
+judgement and EOS 117: inside the tiny preset's 128 trained positions."""
 
 GRM_TEMPLATE = JudgeTemplate(
     name="grm",

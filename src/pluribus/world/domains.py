@@ -381,19 +381,27 @@ def _describe_answer(n: int) -> str:
 
 
 def _rubric_make(rng):
+    # Criteria are terse (`odd`, `s14`, `not prime`, `extra words`) so that a judge prompt, its response
+    # and the judgement fit the tiny model's 128 positions; `rubric_verdicts` gives their meaning. Like
+    # a Rubrics-as-Rewards rubric they are written knowing the answer: the judge compares, it need not
+    # compute a digit sum or a primality test.
     n = rng.randint(2, 999)
     digit_sum = sum(map(int, str(n)))
     rubric = [
-        Criterion(f"says {n} is {'even' if n % 2 == 0 else 'odd'}", 3.0, "essential"),
-        Criterion(f"gives the digit sum as s{digit_sum}", 2.0, "important"),
-        Criterion(f"says prime only if {n} is prime", 1.0, "optional"),
-        Criterion("contradicts itself or adds words outside the format", -2.0, "pitfall"),
+        Criterion("even" if n % 2 == 0 else "odd", 3.0, "essential"),
+        Criterion(f"s{digit_sum}", 2.0, "important"),
+        Criterion("prime" if _is_prime(n) else "not prime", 1.0, "optional"),
+        Criterion("extra words", -2.0, "pitfall"),  # met (y) when the response makes the mistake
     ]
     return Instance(f"describe {n}", _describe_answer(n), {"n": n}, rubric=rubric)
 
 
 def rubric_verdicts(record: Record, response: str) -> list[bool]:
-    """The hidden checker: one verdict per rubric criterion of the rubric domain, in order."""
+    """The hidden checker: one verdict per rubric criterion of the rubric domain, in order.
+
+    1 the parity word, and not the other; 2 the digit-sum word `s<sum>`; 3 `prime` said exactly when n is
+    prime; 4 (pitfall) extra words: a word repeated, a word outside the format, or two `s` words.
+    """
     n = record.meta["n"]
     words = response.split()
     parity = "even" if n % 2 == 0 else "odd"
