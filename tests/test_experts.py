@@ -49,3 +49,15 @@ def test_report_scores_every_checkpoint_on_every_domain(trained):
     assert json.loads((experts.Path(cfg.out_dir) / "report.json").read_text()) == rep
     table = experts.report_table(rep)
     assert table.row_count == 3 and [c.header for c in table.columns][4] == "expert GRPO"
+
+
+def test_parallel_workers_train_the_same_experts(trained, tmp_path):
+    cfg, _ = trained
+    parallel = cfg.model_copy(update={"out_dir": str(tmp_path), "workers": 2})
+    paths = experts.run(parallel)  # two spawned processes, one thread each (2 cores), like the serial run here
+    assert set(paths) == {"max", "describe"}
+    for d in ("max", "describe"):
+        for serial_dir, parallel_dir in zip(experts.expert_paths(cfg.out_dir, d), experts.expert_paths(tmp_path, d)):
+            assert (parallel_dir / "adapter_model.safetensors").read_bytes() == \
+                (serial_dir / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / d / "DONE").is_file()

@@ -276,6 +276,8 @@ class OPDConfig(Strict):
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter on the student; None: full weights")
     save_merged: bool = Field(True, description="with a LoRA student, save its adapter merged into full weights")
     allow_eos_mismatch: bool = Field(False, description="accept a teacher whose EOS differs from the student's")
+    teacher_memory_mb: float = Field(0.0, ge=0, description="teachers kept loaded while their weights fit (LRU); "
+                                                            "0: one at a time, as V4 does with large experts")
     reward_every: int = Field(1, ge=0, description="log per-domain checker rewards every N steps (watching only); 0 never")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0
@@ -313,6 +315,8 @@ class ExpertsConfig(Strict):
         "none", description="GRPO reward for rubric domains: none (SFT only until a judge is given) or the hidden "
                             "checker (an upper bound: that checker is meant for evaluation only)")
     report_n: int = Field(200, gt=0, description="test prompts per domain in the report")
+    workers: int = Field(1, ge=1, description="experts trained at once, each in its own process with cores/workers "
+                                              "threads (tiny models use one core poorly)")
     seed: int = 0
 
     _known_domains = field_validator("domains")(known_domains)

@@ -21,6 +21,7 @@ interrupted one from its loops' checkpoints.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
     An interrupted domain resumes: its SFT and GRPO loops restart from their checkpoints."""
     sft_out, expert_out = expert_paths(cfg.out_dir, domain)
     done = sft_out.parent / "DONE"
-    key = fingerprint(cfg.model_dump(exclude={"domains", "report_n"}) | {"domain": domain})
+    key = fingerprint(cfg.model_dump(exclude={"domains", "report_n", "workers"}) | {"domain": domain})
     if done.is_file() and done.read_text().strip() == key:
         print(f"[experts] {domain} done earlier, skipped")
         return expert_out
@@ -74,7 +75,24 @@ def _train(cfg: ExpertsConfig, domain: str, sft_out: Path, expert_out: Path, rew
 
 
 def run(cfg: ExpertsConfig) -> dict[str, Path]:
-    return {d: run_one(cfg, d) for d in cfg.domains or list(DOMAINS)}
+    """Every domain's expert; with `workers` > 1, that many at once in spawned processes (results do
+    not depend on the order, each expert seeds itself; a failed one fails the stage)."""
+    domains = cfg.domains or list(DOMAINS)
+    if cfg.workers == 1 or len(domains) == 1:
+        return {d: run_one(cfg, d) for d in domains}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    with ProcessPoolExecutor(min(cfg.workers, len(domains)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        return dict(zip(domains, pool.map(run_one, [cfg] * len(domains), domains)))
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def pass1(model_path: Path | str, domains: list[str], n: int, seed: int) -> dict[str, float]:

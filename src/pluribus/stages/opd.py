@@ -92,7 +92,8 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
     check_head_reproduces_logits(model, f"student ({cfg.model})")
     pool = TeacherPool([TeacherSpec(t.name or "+".join(t.domains), Path(t.path), tuple(t.domains), t.weight)
                         for t in cfg.teachers], tokenizer, vocab_size=student_head.shape[0],
-                       allow_eos_mismatch=cfg.allow_eos_mismatch)
+                       allow_eos_mismatch=cfg.allow_eos_mismatch,
+                       resident_budget_bytes=int(cfg.teacher_memory_mb * 2**20))
     stream = DomainStream(records if records is not None else load_records(cfg.data), cfg.domain_weights, cfg.seed)
     pool.route(stream.domains)  # fails now, not mid-run, when a domain has no teacher
     reward_fn = reward_fn or default_reward()
