@@ -279,3 +279,21 @@ def test_metrics_need_no_tensorboard(tmp_path, monkeypatch):
     log.write(step=0, loss=1.5)
     log.close()
     assert _steps_and_losses(tmp_path / "m.metrics.jsonl") == [(0, 1.5)] and not (tmp_path / "m.tb").exists()
+
+
+def test_a_stage_folder_is_reused_only_by_its_own_snapshot(tmp_path, capsys):
+    from pluribus.pipeline import _stage
+
+    def body(stage_dir):
+        (stage_dir / "out.txt").write_text("x" if not (stage_dir / "partial").exists() else "resumed")
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "config.json").write_text(json.dumps({"lr": 1, "checkpoint_every": 5}))
+    (tmp_path / "s" / "partial").write_text("")  # an interrupted run of this snapshot left work behind
+    _stage(tmp_path, "s", {"lr": 1, "checkpoint_every": 9}, body)  # a new interval: the same snapshot
+    assert (tmp_path / "s" / "out.txt").read_text() == "resumed"
+    _stage(tmp_path, "s", {"lr": 1, "checkpoint_every": 2}, body)
+    assert capsys.readouterr().out.count("done earlier, skipped") == 1
+    _stage(tmp_path, "s", {"lr": 2, "checkpoint_every": 2}, body)  # another snapshot: a fresh folder
+    assert not (tmp_path / "s" / "partial").exists() and (tmp_path / "s" / "out.txt").read_text() == "x"
+    assert json.loads((tmp_path / "s" / "config.json").read_text()) == {"lr": 2, "checkpoint_every": 2}

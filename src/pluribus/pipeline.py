@@ -149,22 +149,35 @@ def _plan(cfg: PipelineConfig, where: str) -> Plan:
     return Plan(cfg, run_dir, domains, base, pre, sft_cfg, eval_cfg, experts_cfg, students)
 
 
+HOW_NOT_WHAT = ("checkpoint_every", "workers")  # fields that change how a stage runs, never what it computes
+
+
+def _identity(snapshot: Any) -> Any:
+    """The snapshot less the HOW_NOT_WHAT fields, at any depth: what a stage's key is taken of."""
+    if isinstance(snapshot, dict):
+        return {k: _identity(v) for k, v in snapshot.items() if k not in HOW_NOT_WHAT}
+    if isinstance(snapshot, (list, tuple)):
+        return [_identity(v) for v in snapshot]
+    return snapshot
+
+
 def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]) -> Any:
     """Run `body(stage_dir)` unless DONE says the same snapshot finished; DONE is written last.
 
     A stage folder holds the work of one snapshot: an interrupted run of the same snapshot resumes from
-    the checkpoints in it, and a different snapshot (config or inputs changed) starts it afresh.
+    the checkpoints in it, and a different snapshot (config or inputs changed) starts it afresh. A new
+    checkpoint interval or worker count is the same snapshot.
     """
     stage_dir = run_dir / name
     done = stage_dir / "DONE"
-    key = durable.fingerprint(snapshot)
+    key = durable.fingerprint(_identity(snapshot))
     if done.is_file() and done.read_text().strip() == key:
         print(f"[{name}] done earlier, skipped")
         return None
     config = stage_dir / "config.json"
-    text = json.dumps(snapshot, indent=2, default=str)
-    if config.is_file() and config.read_text() != text:
+    if config.is_file() and durable.fingerprint(_identity(json.loads(config.read_text()))) != key:
         shutil.rmtree(stage_dir)  # another snapshot's outputs and checkpoints: never to be resumed
+    text = json.dumps(snapshot, indent=2, default=str)
     stage_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
     durable.write_text(config, text)
