@@ -351,7 +351,8 @@ def _preference(score_a: float, score_b: float) -> str:
     return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
 
 
-def _task_text(record: Record) -> str:
+def task_text(record: Record) -> str:
+    """The task as the judge is shown it: a text prompt, or a chat prompt's user turns."""
     if isinstance(record.prompt, str):
         return record.prompt
     return "\n\n".join(m["content"] for m in record.prompt if m.get("role") == "user")
@@ -411,7 +412,7 @@ class Judge:
         if len(records) != len(responses):
             raise PluribusError(f"judge: {len(records)} records but {len(responses)} responses")
         rubrics = [_rubric(r) for r in records]
-        conversations = [self.template.render(_task_text(r), response, rubric)
+        conversations = [self.template.render(task_text(r), response, rubric)
                          for r, response, rubric in zip(records, responses, rubrics)]
         texts = self._generate(conversations, k, seed, self.params)
         judged = Judged(texts, [[parse_judgement(t, self.template, len(rubric)) for t in ts]
@@ -422,14 +423,25 @@ class Judge:
 
     def compare(self, record: Record, a: str, b: str, k: int | None = None, seed: int | None = None) -> Comparison:
         """Judge a and b side by side, K times with a first and K times with b first."""
-        rubric, task = _rubric(record), _task_text(record)
+        return self.compare_many([record], [a], [b], k, seed)[0]
+
+    def compare_many(self, records: Sequence[Record], first: Sequence[str], second: Sequence[str],
+                     k: int | None = None, seed: int | None = None) -> list[Comparison]:
+        """`compare` for each (record, a, b), all sampled in the same batches."""
+        if not len(records) == len(first) == len(second):
+            raise PluribusError(f"judge: {len(records)} records but {len(first)} and {len(second)} responses")
+        rubrics, tasks = [_rubric(r) for r in records], [task_text(r) for r in records]
         params = replace(self.params, max_new_tokens=2 * self.params.max_new_tokens + len(self.template.pair_separator))
-        texts_ab, texts_ba = self._generate([self.template.render_pair(task, a, b, rubric),
-                                             self.template.render_pair(task, b, a, rubric)], k, seed, params)
+        conversations = [self.template.render_pair(task, x, y, rubric)
+                         for task, a, b, rubric in zip(tasks, first, second, rubrics) for x, y in ((a, b), (b, a))]
+        texts = self._generate(conversations, k, seed, params)
+        return [self._comparison(texts[2 * i], texts[2 * i + 1], len(rubric)) for i, rubric in enumerate(rubrics)]
+
+    def _comparison(self, texts_ab: list[str], texts_ba: list[str], n_criteria: int) -> Comparison:
         # with b first, the pair reads (b, a): swap it back so every pair is (judgement of a, of b)
-        pairs_ab = [parse_pair_judgement(t, self.template, len(rubric)) for t in texts_ab]
+        pairs_ab = [parse_pair_judgement(t, self.template, n_criteria) for t in texts_ab]
         pairs_ba = [None if p is None else p[::-1]
-                    for p in (parse_pair_judgement(t, self.template, len(rubric)) for t in texts_ba)]
+                    for p in (parse_pair_judgement(t, self.template, n_criteria) for t in texts_ba)]
         self._count([pairs_ab + pairs_ba])
         valid = [p for p in pairs_ab + pairs_ba if p is not None]
         score_a, score_b = _mean([p[0].value for p in valid]), _mean([p[1].value for p in valid])
@@ -484,17 +496,22 @@ def label_judgements(records: Sequence[Record], responses: Sequence[str],
     """
     if len(records) != len(responses):
         raise PluribusError(f"label_judgements: {len(records)} records but {len(responses)} responses")
-    lo, hi = template.score_range
     labels = []
     for record, response in zip(records, responses):
         if not world_domain(record.domain).rubric_domain:
             raise PluribusError(f"record '{record.id}': domain '{record.domain}' has no hidden rubric checker")
         verdicts = rubric_verdicts(record, response)
-        score = lo + int(rubric_score(_rubric(record), verdicts) * (hi - lo) + 0.5)
-        analysis = _label_analysis(verdicts) if template.analysis else ""
-        labels.append(Label(template.judgement(verdicts, score, analysis),
-                            Judgement(tuple(verdicts), score, template.value(score))))
+        labels.append(write_label(verdicts, rubric_score(_rubric(record), verdicts), template))
     return labels
+
+
+def write_label(verdicts: Sequence[bool], value: float, template: JudgeTemplate = WORLD_TEMPLATE) -> Label:
+    """The judgement with these verdicts and `value` in [0, 1] put on the template's scale (rounded half up)."""
+    lo, hi = template.score_range
+    score = lo + int(value * (hi - lo) + 0.5)
+    analysis = _label_analysis(verdicts) if template.analysis else ""
+    return Label(template.judgement(verdicts, score, analysis),
+                 Judgement(tuple(verdicts), score, template.value(score)))
 
 
 def _label_analysis(verdicts: Sequence[bool]) -> str:
