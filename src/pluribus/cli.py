@@ -78,6 +78,15 @@ def grpo(config: Path = typer.Argument(..., help="YAML with the grpo fields")) -
 
 
 @app.command()
+def grm(config: Path = typer.Argument(..., help="YAML with the grm fields")) -> None:
+    """Joint RL of generating and judging: the actor judges its own rubric-domain rollouts, and learns to judge."""
+    from pluribus.config import GRMConfig, load_yaml
+    from pluribus.stages import grm as stage
+
+    console.print(f"model saved to {stage.run(load_yaml(config, GRMConfig))}")
+
+
+@app.command()
 def experts(config: Path = typer.Argument(..., help="YAML with the experts fields")) -> None:
     """One specialist per domain: SFT on its demonstrations, then GRPO; prints the report table."""
     from pluribus.config import ExpertsConfig, load_yaml

@@ -151,12 +151,20 @@ def validate(cls: type[C], data: dict, where: str, prefix: str = "", check_files
         raise config_error(where, field, msg) from None
     for name, (section_cls, filled) in getattr(cls, "sections", {}).items():
         validate_section(section_cls, getattr(cfg, name), where, f"{prefix}.{name}".lstrip("."),
-                         filled={k: _PLACEHOLDERS[k] for k in filled}, check_files=check_files)
+                         filled={k: _placeholder(k) for k in filled}, check_files=check_files)
     return cfg
 
 
 # Stand-ins for the fields a config fills into its sections when it runs (paths, its own LoRA).
 _PLACEHOLDERS: dict[str, Any] = {"model": "-", "out": "-", "data": {}, "lora": None}
+
+
+def _placeholder(field: str) -> Any:
+    if field == "domains":  # a rubric domain: what an experts stage fills into its grm section
+        from pluribus.world import DOMAINS
+
+        return [next(d for d in DOMAINS if DOMAINS[d].rubric_domain)]
+    return _PLACEHOLDERS[field]
 
 
 def validate_section(cls: type[C], fields: dict[str, Any], where: str, name: str, defaults: dict | None = None,
@@ -213,14 +221,10 @@ class SamplingConfig(Strict):
     top_k: int = Field(0, ge=0, description="0: no top-k truncation")
 
 
-class GRPOConfig(Strict):
-    """GRPO with the DeepSeek-V3.2 changes (see pluribus.core.grpo for the maths and its departures)."""
+class PolicyUpdateConfig(Strict):
+    """How one batch of rollouts updates the policy: the fields `pluribus.stages.grpo.policy_step` reads,
+    shared by GRPO and the joint generate-and-judge loop (pluribus.core.grpo has the maths)."""
 
-    model: str
-    out: str
-    data: DataConfig
-    steps: int = Field(100, gt=0)
-    prompts_per_step: int = Field(16, gt=0)
     group_size: int = Field(8, ge=2, description="G samples per prompt")
     inner_updates: int = Field(1, ge=1, description="μ: optimizer passes over each rollout batch")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass (rollouts split evenly)")
@@ -233,6 +237,16 @@ class GRPOConfig(Strict):
     off_policy_delta: float | None = Field(None, gt=0, description="V3.2 off-policy sequence masking threshold δ")
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
     optim: OptimConfig = OptimConfig(lr=2e-4, warmup_steps=5, schedule="constant")
+
+
+class GRPOConfig(PolicyUpdateConfig):
+    """GRPO with the DeepSeek-V3.2 changes (see pluribus.core.grpo for the maths and its departures)."""
+
+    model: str
+    out: str
+    data: DataConfig
+    steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(16, gt=0)
     lora: LoraConfig | None = LoraConfig()
     max_len_penalty_tokens: int | None = Field(None, gt=0, description="DAPO overlong penalty: max tokens")
     len_penalty_cache_tokens: int = Field(8, ge=0)
@@ -246,6 +260,92 @@ class GRPOConfig(Strict):
         rollouts = self.prompts_per_step * self.group_size
         if rollouts % self.minibatches:
             raise ValueError(f"prompts_per_step × group_size ({rollouts}) must divide into {self.minibatches} minibatches")
+        return self
+
+
+class GRMConfig(PolicyUpdateConfig):
+    """Joint RL of generating and judging, the actor as its own generative judge; see pluribus.stages.grm.
+
+    group_size is G for generation prompts and judged items alike."""
+
+    model: str
+    out: str
+    domains: list[str] = Field(default_factory=lambda: ["describe"],
+                               description="rubric domains: generation episodes, rewarded by the actor's own judgement")
+    judge_domains: list[str] = Field(default_factory=lambda: ["sort", "max", "linear", "count", "case", "base"],
+                                     description="verifiable domains whose rollouts, labelled by their checker, are "
+                                                 "judged in judging episodes")
+    template: Literal["world", "grm"] = Field("world", description="judge template: world (character models) or "
+                                                                  "grm (DeepSeek-GRM form, for real models)")
+    n_train: int = Field(2000, gt=0, description="train prompts per domain")
+    steps: int = Field(100, gt=0)
+    gen_prompts: int = Field(8, gt=0, description="rubric prompts per step: generation episodes, G rollouts each")
+    judge_items: int = Field(8, gt=0, description="items judged per step: judging episodes, G judgements each")
+    annotated_share: float = Field(0.5, ge=0, le=1, description="share of judge_items drawn from the annotated "
+                                   "set; the rest are the actor's fresh rollouts on judge_domains")
+    judge_k: int = Field(4, ge=1, description="judgements sampled per generation rollout (mean of the valid ones)")
+    judge_temperature: float = Field(1.0, gt=0, description="sampling temperature of the reward's judgements")
+    score_tolerance: int = Field(1, ge=0, description="a judgement agrees with its label when every verdict "
+                                 "matches and the score is within this many points of the label's")
+    max_rubric_labels: int = Field(200, ge=0, description="the cap on rubric_labels: the minimal human annotations")
+    rubric_labels: int = Field(200, ge=0, description="labelled judgements of rubric-domain items (the annotated set)")
+    warmup_steps: int = Field(300, ge=0, description="judge warm-up: SFT steps on labelled judgements before RL "
+                              "(a model that never wrote one samples no valid judgement for RL to reward)")
+    warmup_batch_size: int = Field(32, gt=0)
+    warmup_optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine")
+    warmup_verifiable: int = Field(1000, ge=0, description="verifiable-domain prompts labelled for the warm-up "
+                                   "(the actor's own rollouts, two per prompt)")
+    warmup_replay: float = Field(0.25, ge=0, lt=1, description="share of each warm-up batch that replays the starting "
+                                 "policy's own responses to rubric prompts, so learning to judge does not erase them")
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter; None: full weights (a saved adapter "
+                                                      "keeps training either way)")
+    eval_every: int = Field(20, ge=0, description="judge and policy metrics every N steps (and at the start and "
+                                                  "the end); 0: start and end only")
+    eval_n: int = Field(200, gt=0, description="held-out test prompts per rubric domain, two responses each")
+    eval_pairs: int = Field(100, ge=0, description="of those prompts, how many are also judged pairwise, both orders")
+    seed: int = 0
+
+    @field_validator("domains")
+    @classmethod
+    def _rubric_domains(cls, domains):
+        from pluribus.world import DOMAINS
+
+        checkable = [d for d in known_domains(domains) if not DOMAINS[d].rubric_domain]
+        if checkable or not domains:
+            raise ValueError(f"list rubric domains only, at least one (these have a checker: {checkable})")
+        return domains
+
+    @field_validator("judge_domains")
+    @classmethod
+    def _checkable_domains(cls, domains):
+        from pluribus.world import DOMAINS
+
+        rubric = [d for d in known_domains(domains) if DOMAINS[d].rubric_domain]
+        if rubric:
+            raise ValueError(f"{rubric} have no checker to label a judgement")
+        return domains
+
+    @field_validator("rubric_labels")
+    @classmethod
+    def _label_cap(cls, n, info: ValidationInfo):
+        cap = info.data.get("max_rubric_labels")
+        if cap is not None and n > cap:
+            raise ValueError(f"{n} labelled rubric judgements exceed the cap max_rubric_labels={cap}")
+        return n
+
+    @model_validator(mode="after")
+    def _batches(self):
+        rollouts = (self.gen_prompts + self.judge_items) * self.group_size
+        if rollouts % self.minibatches:
+            raise ValueError(f"(gen_prompts + judge_items) × group_size ({rollouts}) must divide into "
+                             f"{self.minibatches} minibatches")
+        if not self.judge_domains and self.rubric_labels < self.judge_items:
+            raise ValueError(f"with no judge_domains, the annotated set (rubric_labels {self.rubric_labels}) must "
+                             f"hold judge_items ({self.judge_items}) items")
+        if self.n_train < self.gen_prompts:
+            raise ValueError(f"n_train {self.n_train} is fewer than gen_prompts {self.gen_prompts}")
+        if self.eval_pairs > self.eval_n:
+            raise ValueError(f"eval_pairs {self.eval_pairs} exceeds eval_n {self.eval_n}")
         return self
 
 
@@ -305,15 +405,19 @@ class ExpertsConfig(Strict):
     sft: dict = Field(default_factory=dict, description="SFTConfig fields (model/out/data/lora are filled in)")
     grpo: dict = Field(default_factory=dict, description="GRPOConfig fields (model/out/data/lora are filled in)")
     sections: ClassVar = {"sft": (SFTConfig, ("model", "out", "data", "lora")),
-                          "grpo": (GRPOConfig, ("model", "out", "data", "lora"))}
+                          "grpo": (GRPOConfig, ("model", "out", "data", "lora")),
+                          "grm": (GRMConfig, ("model", "out", "domains", "lora"))}
     n_train: int = Field(2000, gt=0, description="train prompts per domain for GRPO")
     n_demos: int = Field(200, gt=0, description="demonstrations per domain for the expert's SFT")
     demo_mistakes: float = Field(0.0, ge=0, lt=1, description="share of demonstrations that show the domain's "
                                  "systematic mistake instead (imperfect demonstrations: headroom for RL)")
     lora: LoraConfig | None = LoraConfig()
-    rubric_rl: Literal["none", "hidden_checker"] = Field(
-        "none", description="GRPO reward for rubric domains: none (SFT only until a judge is given) or the hidden "
-                            "checker (an upper bound: that checker is meant for evaluation only)")
+    rubric_rl: Literal["none", "hidden_checker", "grm"] = Field(
+        "none", description="RL for rubric domains: none (SFT only), grm (joint RL with the actor as its own judge, "
+                            "the `grm` section) or GRPO on the hidden checker (an upper bound: that checker is meant "
+                            "for evaluation only)")
+    grm: dict = Field(default_factory=dict, description="GRMConfig fields for rubric_rl grm "
+                                                        "(model/out/domains/lora are filled in)")
     report_n: int = Field(200, gt=0, description="test prompts per domain in the report")
     workers: int = Field(1, ge=1, description="experts trained at once, each in its own process with cores/workers "
                                               "threads (tiny models use one core poorly)")

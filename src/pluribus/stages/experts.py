@@ -9,10 +9,11 @@ effect of RL can be measured against it: `report` scores both on every domain.
 mistake instead of the answer, so SFT learns both and RL has a real choice to sharpen (on clean
 demonstrations a tiny model reaches ~100% from SFT alone on easy domains, leaving RL nothing).
 
-A rubric domain has no rule to check it: its GRPO needs the generative judge. Until one is given,
-its expert is its SFT checkpoint (`rubric_rl: none`); `rubric_rl: hidden_checker` trains on the
-world's hidden rubric checker instead, an upper bound for ablations, since that checker is meant
-for evaluation only.
+A rubric domain has no rule to check it: its RL needs the generative judge. `rubric_rl: grm` trains
+its expert with the joint loop of `pluribus.stages.grm` (the actor judges its own rollouts, and its
+judging is trained too); with `rubric_rl: none` its expert is its SFT checkpoint; `rubric_rl:
+hidden_checker` runs GRPO on the world's hidden rubric checker instead, an upper bound for
+ablations, since that checker is meant for evaluation only.
 
 A finished domain writes `<domain>/DONE` (the key of its config); a re-run skips it, and resumes an
 interrupted one from its loops' checkpoints.
@@ -25,10 +26,10 @@ import os
 import shutil
 from pathlib import Path
 
-from pluribus.config import EvalConfig, ExpertsConfig, GRPOConfig, SFTConfig, validate
+from pluribus.config import EvalConfig, ExpertsConfig, GRMConfig, GRPOConfig, SFTConfig, validate
 from pluribus.durable import fingerprint, publish_dir, write_text
 from pluribus.models import load
-from pluribus.stages import evaluate, grpo, sft
+from pluribus.stages import evaluate, grm, grpo, sft
 from pluribus.world import DOMAINS, generate, with_mistakes
 
 
@@ -67,6 +68,10 @@ def _train(cfg: ExpertsConfig, domain: str, sft_out: Path, expert_out: Path, rew
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(sft_out, tmp)
         return publish_dir(tmp, expert_out)
+    if DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "grm":
+        grm_cfg = validate(GRMConfig, {"seed": cfg.seed, **cfg.grm, "model": str(sft_out), "out": str(expert_out),
+                                       "domains": [domain], "lora": lora}, f"experts.grm ({domain})")
+        return grm.run(grm_cfg, meta={"domain": domain, "expert_stage": "grm"})
     grpo_cfg = validate(GRPOConfig, {"seed": cfg.seed, **cfg.grpo, "model": str(sft_out), "out": str(expert_out),
                                      "data": {**data, "n_per_domain": cfg.n_train}, "lora": lora},
                         f"experts.grpo ({domain})")

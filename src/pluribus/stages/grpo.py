@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from pluribus.config import EvalConfig, GRPOConfig
+from pluribus.config import EvalConfig, GRPOConfig, PolicyUpdateConfig
 from pluribus.core import group_advantages, grpo_loss
 from pluribus.data import Record
 from pluribus.models import add_lora, load, render_prompt, response_logprobs, save
@@ -44,7 +44,7 @@ def default_reward(cfg: GRPOConfig) -> RewardFn:
     return lambda records, texts, lengths: router.score(records, texts, lengths if penalty else None)
 
 
-def _reference(model, lora: bool):
+def reference_policy(model, lora: bool):
     """A context manager under which `model` computes the reference policy."""
     if lora:
         return model.disable_adapter
@@ -61,7 +61,7 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     lora = hasattr(model, "disable_adapter")
-    reference = _reference(model, lora) if cfg.kl_coef > 0 else None
+    reference = reference_policy(model, lora) if cfg.kl_coef > 0 else None
     records = records if records is not None else load_records(cfg.data)
     reward_fn = reward_fn or default_reward(cfg)
     prompts = {r.id: render_prompt(tokenizer, r.messages()) for r in records}
@@ -87,10 +87,8 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
             t_sample = time.time() - t0
             lengths = rollout.lengths.tolist()
             raw = reward_fn(rows, rollout.texts, lengths)
-            valid = torch.tensor([r is not None for r in raw])
-            rewards = torch.tensor([float("nan") if r is None else float(r) for r in raw])
-            adv = group_advantages(rewards, G, scale=cfg.advantage_scale, valid_N=valid)
-            stats = _update(model, cfg, rollout, adv, reference, optimizer, scheduler, tokenizer.pad_token_id)
+            rewards, valid, stats = policy_step(model, cfg, rollout, raw, reference, optimizer, scheduler,
+                                                tokenizer.pad_token_id)
             elapsed = time.time() - t0
             solved = rewards[valid] >= 1.0
             record = dict(step=step, reward_mean=float(rewards[valid].mean()) if valid.any() else 0.0,
@@ -109,7 +107,22 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
     return save(model, tokenizer, out, {"stage": "grpo", **(meta or {}), "config": cfg.model_dump()})
 
 
-def _update(model, cfg: GRPOConfig, rollout, adv_N, reference, optimizer, scheduler, pad_id) -> dict:
+def policy_step(model, cfg: PolicyUpdateConfig, rollout, raw_N: list[float | None], reference, optimizer,
+                scheduler, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One GRPO update from a rollout batch and its rewards: group advantages, then μ passes of minibatches.
+
+    Rows `[g·G, (g+1)·G)` form group g (G = cfg.group_size). A None reward is invalid: masked out of its
+    group's advantage, never read as 0. GRPO's update, and the joint generate-and-judge loop's
+    (`pluribus.stages.grm`).
+    Returns (rewards_N with NaN where invalid, valid_N, averaged update stats).
+    """
+    valid_N = torch.tensor([r is not None for r in raw_N])
+    rewards_N = torch.tensor([float("nan") if r is None else float(r) for r in raw_N])
+    adv_N = group_advantages(rewards_N, cfg.group_size, scale=cfg.advantage_scale, valid_N=valid_N)
+    return rewards_N, valid_N, _update(model, cfg, rollout, adv_N, reference, optimizer, scheduler, pad_id)
+
+
+def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer, scheduler, pad_id) -> dict:
     """μ passes of minibatch updates on one rollout batch; returns averaged stats."""
     N = adv_N.shape[0]
     mask = rollout.response_mask_B_T

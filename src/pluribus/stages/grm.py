@@ -1,0 +1,445 @@
+"""Joint RL of generating and judging: the actor is its own generative reward model (DeepSeek-V4 §5).
+
+One GRPO loop (`grpo.policy_step` does the update); every batch holds two kinds of episodes, G
+samples each:
+- generation: a rubric-domain prompt. Reward: the actor's own judgement of its response (`Judge` on
+  the very weights being trained: K sampled judgements, the mean of the valid ones in [0, 1]); None
+  where none is valid, which GRPO masks out. No checker enters this reward.
+- judging: the actor judges an item (task, response, rubric). Reward +1 when its judgement agrees
+  with the item's label, −1 when it disagrees or is not a valid judgement.
+
+A judgement *agrees* with its label when every criterion's verdict equals the label's and its score
+is within `score_tolerance` points of the label's (1 on the world's 0-9 scale, so a score rounded the
+other way at a half point is no disagreement). The verdicts must match exactly because they are what
+the judge checks, the score because it is what the generation reward reads.
+
+Labels come from
+- the verifiable domains (`judge_domains`): the actor's own rollouts, labelled by the domain's
+  checker against the one-criterion rubric `answer X` (`verifiable_rubric`): met when the checker
+  gives 1, score the checker's reward on the template's scale. Fresh rollouts every step, one passing
+  and one failing per prompt where the actor's samples have both, so "always no" is not a good judge.
+- the annotated set: at most `max_rubric_labels` (200) labelled judgements of rubric-domain items,
+  `label_judgements` (the hidden checker) on a fixed set of train prompts with two responses each
+  (`candidate_responses`). `annotate` counts them and refuses more than the cap.
+
+Where this departs from the paper, and why:
+- A judge warm-up. A model that has never written a judgement samples no valid one; every judging
+  episode gets −1 and RL has nothing to follow. So the stage first fine-tunes on the labels it will
+  reward: the annotated set (pointwise, and each prompt's two responses as a pair in both orders)
+  and verifiable rollouts of the starting policy. This is DeepSeek-GRM's rejective fine-tuning with
+  labels in place of rejection sampling, and it uses no rubric label beyond the cap.
+- Pairwise judging is taught by the warm-up only; RL's judging episodes are pointwise. Position
+  consistency is measured throughout, so drift would show.
+
+Metrics, on held-out items: `eval_n` test prompts of each rubric domain, two responses each (the
+starting policy's sample and one of the answer, the domain's mistakes, a second sample, a sample with
+a word repeated), judged greedily and compared with the hidden checker's labels; and the policy's own
+greedy and sampled responses on those prompts:
+- judge_acc: share of items whose judgement agrees (the judging reward's definition);
+  judge_acc_verdicts (every verdict right), judge_acc_score (score within tolerance),
+  judge_acc_c<i> (criterion i's verdict right); an invalid judgement is wrong in each.
+- judge_invalid: share of invalid judgements.
+- judge_position_consistency: of the `eval_pairs` pairs judged in both orders, the share whose two
+  judgements are valid and prefer the same response (or tie in both); judge_pair_invalid: share of
+  invalid pair judgements.
+- judge_acc_own: judge_acc on the policy's own greedy responses of that evaluation.
+- judge_policy_score / judge_policy_score_sampled: the policy's mean hidden-checker rubric score,
+  greedy / one sample at temperature 1; judge_policy_pass: greedy share with score 1.
+They go into `<out>.metrics.jsonl` at step 0, every `eval_every` steps and after the last; the
+warm-up's `<out>.warmup.metrics.jsonl` has them before and after it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from pluribus.config import GRMConfig
+from pluribus.data import Criterion, Record
+from pluribus.errors import PluribusError
+from pluribus.models import add_lora, load, render_example, render_prompt, save
+from pluribus.rewards.grm import (GRM_TEMPLATE, WORLD_TEMPLATE, Judge, Judged, Judgement, JudgeTemplate, Label,
+                                  label_judgements, parse_judgement, task_text, write_label)
+from pluribus.rollout import SamplingParams, sample
+from pluribus.stages.common import MetricsLog, lm_loss, make_optimizer, optimizer_step, progress, seed_everything
+from pluribus.stages.evaluate import generate_texts
+from pluribus.stages.grpo import policy_step, reference_policy
+from pluribus.world import check, domain as world_domain, generate, instance_of
+
+TEMPLATES = {"world": WORLD_TEMPLATE, "grm": GRM_TEMPLATE}
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """A response to judge and the judgement it should get."""
+
+    record: Record
+    """The task, with the rubric the judge is shown."""
+    response: str
+    label: Label
+    """The right judgement: its text in the template's form (the warm-up's target) and what it says."""
+
+
+def agrees(judgement: Judgement | None, label: Judgement, tolerance: int) -> bool:
+    """Every verdict equal to the label's and the score within `tolerance` points; an invalid judgement never agrees."""
+    return (judgement is not None and judgement.verdicts == label.verdicts
+            and abs(judgement.score - label.score) <= tolerance)
+
+
+def judging_rewards(texts: Sequence[str], items: Sequence[JudgeItem], template: JudgeTemplate,
+                    tolerance: int) -> list[float]:
+    """+1 where the judge's own text is a judgement that agrees with its item's label, else −1 (invalid included)."""
+    return [1.0 if agrees(parse_judgement(text, template, len(item.record.rubric)), item.label.judgement, tolerance)
+            else -1.0 for text, item in zip(texts, items, strict=True)]
+
+
+def verifiable_rubric(record: Record) -> list[Criterion]:
+    """A checkable record's rubric: one criterion, `answer X`, met when the checker gives the response 1."""
+    if record.answer is None:
+        raise PluribusError(f"record '{record.id}': a verifiable judging item needs an 'answer'")
+    return [Criterion(f"answer {record.answer}", 1.0, "essential")]
+
+
+def checker_items(records: Sequence[Record], responses: Sequence[str], template: JudgeTemplate) -> list[JudgeItem]:
+    """Judging items of checkable records, labelled by their domain's checker against `verifiable_rubric`."""
+    items = []
+    for record, response in zip(records, responses, strict=True):
+        reward = check(record, response)
+        items.append(JudgeItem(replace(record, rubric=verifiable_rubric(record)), response,
+                               write_label([reward >= 1.0], reward, template)))
+    return items
+
+
+def annotate(records: Sequence[Record], responses: Sequence[str], cap: int, template: JudgeTemplate) -> list[JudgeItem]:
+    """The annotated set: the hidden checker's judgements of rubric-domain responses, at most `cap` of them."""
+    if len(records) > cap:
+        raise PluribusError(f"annotated set: {len(records)} labelled rubric judgements exceed the cap of {cap}")
+    return _hidden_checker_items(records, responses, template)
+
+
+def _hidden_checker_items(records: Sequence[Record], responses: Sequence[str],
+                          template: JudgeTemplate) -> list[JudgeItem]:
+    labels = label_judgements(records, responses, template)
+    return [JudgeItem(r, s, label) for r, s, label in zip(records, responses, labels)]
+
+
+def candidate_responses(model, tokenizer, records: Sequence[Record], max_new_tokens: int, seed: int) -> list[str]:
+    """Two responses per rubric record, in order: the policy's own sample, then one of the answer, the
+    domain's systematic wrong answer, one of its mistakes, a second sample, or the first with a word repeated."""
+    if not records:
+        return []
+    rng = random.Random(f"candidates:{seed}")
+    samples = generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, temperature=1.0), seed,
+                             256, samples=2)
+    out = []
+    for record, (own, second) in zip(records, samples):
+        dom, inst = world_domain(record.domain), instance_of(record)
+        words = own.split() or [record.answer or ""]
+        repeated = " ".join(words + [rng.choice(words)])
+        out += [own, rng.choice([record.answer or "", dom.wrong(inst), dom.mistake(rng, inst), second, repeated])]
+    return out
+
+
+def rubric_records(domains: Sequence[str], split: str, n: int, seed: int) -> list[Record]:
+    """`n` records taken in turn from each rubric domain."""
+    per_domain = [generate(d, split, -(-n // len(domains)), seed=seed) for d in domains]
+    return [r for group in zip(*per_domain) for r in group][:n]
+
+
+def as_pairs(items: Sequence[JudgeItem]) -> list[tuple[JudgeItem, JudgeItem]]:
+    """Consecutive items of the same record (as `candidate_responses` makes them) side by side."""
+    return [(a, b) for a, b in zip(items[::2], items[1::2]) if a.record.id == b.record.id]
+
+
+def verifiable_pairs(model, tokenizer, records: Sequence[Record], template: JudgeTemplate, params: SamplingParams,
+                     seed: int, samples: int = 4) -> list[tuple[JudgeItem, JudgeItem]]:
+    """Two of the actor's own rollouts per checkable record, labelled by the checker: one passing and one
+    failing, in random order, where its `samples` rollouts have both; else two of them."""
+    if not records:
+        return []
+    rng = random.Random(f"verifiable:{seed}")
+    texts = generate_texts(model, tokenizer, list(records), params, seed, 256, samples=samples)
+    pairs = []
+    for record, rollouts in zip(records, texts):
+        passed = [r for r in rollouts if check(record, r) >= 1.0]
+        failed = [r for r in rollouts if check(record, r) < 1.0]
+        two = [rng.choice(passed), rng.choice(failed)] if passed and failed else rng.sample(rollouts, 2)
+        rng.shuffle(two)
+        first, second = checker_items([record, record], two, template)
+        pairs.append((first, second))
+    return pairs
+
+
+# --- the judge warm-up --------------------------------------------------------------------------
+
+def judge_examples(tokenizer, template: JudgeTemplate, items: Sequence[JudgeItem],
+                   pairs: Sequence[tuple[JudgeItem, JudgeItem]]) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) of each item's judgement and of each pair's, in both orders."""
+    examples = [render_example(tokenizer, template.render(task_text(i.record), i.response, i.record.rubric),
+                               i.label.text) for i in items]
+    for a, b in pairs:
+        for x, y in ((a, b), (b, a)):
+            conversation = template.render_pair(task_text(x.record), x.response, y.response, x.record.rubric)
+            target = x.label.text + template.pair_separator + y.label.text
+            examples.append(render_example(tokenizer, conversation, target))
+    return examples
+
+
+def warm_up(model, tokenizer, annotated: list[tuple[list[int], int]], verifiable: list[tuple[list[int], int]],
+            replay: list[tuple[list[int], int]], cfg: GRMConfig, metrics: MetricsLog) -> None:
+    """SFT on labelled judgements, each batch `warmup_replay` replayed responses, then `annotated_share` of the
+    rest from the annotated set and the remainder from verifiable rollouts."""
+    if not annotated and not verifiable:
+        raise PluribusError("grm warm-up: no labelled judgement to learn from "
+                            "(rubric_labels and warmup_verifiable are 0)")
+    rng = random.Random(f"warmup:{cfg.seed}")
+    optimizer, scheduler = make_optimizer(model, cfg.warmup_optim, cfg.warmup_steps)
+    n_replay = round(cfg.warmup_batch_size * cfg.warmup_replay) if replay else 0
+    judging = cfg.warmup_batch_size - n_replay
+    n_annotated = judging if not verifiable else round(judging * cfg.annotated_share) if annotated else 0
+    model.train()
+    bar, task = progress("grm warm-up", cfg.warmup_steps)
+    with bar:
+        for step in range(cfg.warmup_steps):
+            batch = (rng.choices(replay, k=n_replay) + rng.choices(annotated, k=n_annotated)
+                     + rng.choices(verifiable, k=judging - n_annotated))
+            loss, _ = lm_loss(model, [ids for ids, _ in batch], [n for _, n in batch], tokenizer.pad_token_id)
+            loss.backward()
+            norm, _ = optimizer_step(model, optimizer, scheduler, cfg.warmup_optim.grad_clip)
+            if step % 10 == 0:
+                metrics.write(step=step, loss=loss.item(), grad_norm=norm, lr=scheduler.get_last_lr()[0])
+            bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+
+
+def replay_examples(model, tokenizer, records: Sequence[Record], max_new_tokens: int,
+                    seed: int) -> list[tuple[list[int], int]]:
+    """The policy's own sampled response to each record, as SFT examples: it keeps what it was, learns nothing new."""
+    texts = generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, temperature=1.0), seed, 256)
+    return [render_example(tokenizer, r.messages(), t[0]) for r, t in zip(records, texts)]
+
+
+# --- measuring the judge and the policy ---------------------------------------------------------
+
+def judge_metrics(judge: Judge, items: Sequence[JudgeItem], pairs: Sequence[tuple[JudgeItem, JudgeItem]],
+                  tolerance: int, seed: int) -> dict[str, float]:
+    """judge_acc, judge_acc_verdicts, judge_acc_score, judge_acc_c<i>, judge_invalid and, with pairs,
+    judge_position_consistency and judge_pair_invalid (see the module docstring)."""
+    judged = judge.judge([i.record for i in items], [i.response for i in items], k=1, seed=seed)
+    found = [js[0] for js in judged.judgements]
+    labels = [i.label.judgement for i in items]
+    out = {"judge_acc": _share(agrees(j, y, tolerance) for j, y in zip(found, labels)),
+           "judge_acc_verdicts": _share(j is not None and j.verdicts == y.verdicts for j, y in zip(found, labels)),
+           "judge_acc_score": _share(j is not None and abs(j.score - y.score) <= tolerance
+                                     for j, y in zip(found, labels)),
+           "judge_invalid": _share(j is None for j in found)}
+    for c in range(max(len(y.verdicts) for y in labels)):
+        rows = [(j, y) for j, y in zip(found, labels) if c < len(y.verdicts)]
+        out[f"judge_acc_c{c + 1}"] = _share(j is not None and j.verdicts[c] == y.verdicts[c] for j, y in rows)
+    if pairs:
+        comparisons = judge.compare_many([a.record for a, _ in pairs], [a.response for a, _ in pairs],
+                                         [b.response for _, b in pairs], k=1, seed=seed)
+        out["judge_position_consistency"] = _share(c.position_consistency == 1.0 for c in comparisons)
+        out["judge_pair_invalid"] = _share(c.invalid_rate for c in comparisons)
+    return out
+
+
+def policy_metrics(model, tokenizer, judge: Judge, records: Sequence[Record], max_new_tokens: int, tolerance: int,
+                   seed: int) -> dict[str, float | list[str]]:
+    """judge_policy_score (greedy), judge_policy_pass, judge_policy_score_sampled, judge_acc_own, and four
+    sampled responses as policy_examples (to see what the reward is doing to them)."""
+    greedy = [t[0] for t in generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, 0.0),
+                                           seed, 256)]
+    sampled = [t[0] for t in generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, 1.0),
+                                            seed, 256)]
+    scores = [check(r, t) for r, t in zip(records, greedy)]
+    own = judge_metrics(judge, _hidden_checker_items(records, greedy, judge.template), [], tolerance, seed)
+    return {"judge_policy_score": _share(scores), "judge_policy_pass": _share(s >= 1.0 for s in scores),
+            "judge_policy_score_sampled": _share(check(r, t) for r, t in zip(records, sampled)),
+            "judge_acc_own": own["judge_acc"],
+            "policy_examples": [f"{r.prompt} -> {t}" for r, t in zip(records[:4], sampled[:4])]}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What the judge and the policy are measured on: test prompts only, labelled by the checkers."""
+
+    items: list[JudgeItem]
+    """Rubric-domain test prompts, two responses each (`candidate_responses`), hidden-checker labels."""
+    verifiable: list[JudgeItem]
+    """Checkable test prompts, two of the starting policy's rollouts each, checker labels."""
+    records: list[Record]
+    """The rubric-domain test prompts, for the policy's own responses."""
+
+
+def evaluate(model, tokenizer, template: JudgeTemplate, held_out: HeldOut, cfg: GRMConfig) -> dict:
+    """Every judge_* metric, the judge greedy (one judgement per item); judge_acc_verifiable on checkable items."""
+    judge = Judge(model, tokenizer, template, k=1, params=SamplingParams(template.max_new_tokens, temperature=0.0))
+    pairs = as_pairs(held_out.items)[:cfg.eval_pairs]
+    out = judge_metrics(judge, held_out.items, pairs, cfg.score_tolerance, cfg.seed)
+    if held_out.verifiable:
+        out["judge_acc_verifiable"] = judge_metrics(judge, held_out.verifiable, [], cfg.score_tolerance,
+                                                    cfg.seed)["judge_acc"]
+    return out | policy_metrics(model, tokenizer, judge, held_out.records, cfg.sampling.max_new_tokens,
+                                cfg.score_tolerance, cfg.seed)
+
+
+def _share(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else 0.0
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Episodes:
+    """One step's prompts: generation episodes, then judging episodes; G samples of each, consecutive."""
+
+    generation: list[Record]
+    """Rubric-domain prompts, rewarded by the actor's own judgement."""
+    judging: list[JudgeItem]
+    """Items the actor judges, rewarded by agreement with their labels (annotated ones first)."""
+
+    def conversations(self, template: JudgeTemplate) -> list[list[dict[str, str]]]:
+        return ([r.messages() for r in self.generation]
+                + [template.render(task_text(i.record), i.response, i.record.rubric) for i in self.judging])
+
+    def kinds(self, group_size: int) -> list[str]:
+        """Per rollout row: "generation" or "judging"."""
+        return ["generation"] * (len(self.generation) * group_size) + ["judging"] * (len(self.judging) * group_size)
+
+
+def draw_episodes(rng: random.Random, gen_records: Sequence[Record], n_gen: int, annotated: Sequence[JudgeItem],
+                  n_annotated: int, fresh: Sequence[JudgeItem]) -> Episodes:
+    """`n_gen` rubric prompts; `n_annotated` items of the annotated set, then the fresh verifiable items."""
+    return Episodes(rng.sample(list(gen_records), min(n_gen, len(gen_records))),
+                    rng.sample(list(annotated), min(n_annotated, len(annotated))) + list(fresh))
+
+
+def episode_rewards(episodes: Episodes, texts: Sequence[str], group_size: int, judge: Judge,
+                    tolerance: int) -> tuple[list[float | None], Judged, list[float]]:
+    """(the reward of every row, the judge's verdicts on the generation rows, the judging rows' rewards).
+
+    A generation row's reward is the actor's judgement of it (None where no judgement was valid); a
+    judging row's is +1 or −1 (`judging_rewards`). Only the judge's own text is ever parsed.
+    """
+    n_gen = len(episodes.generation) * group_size
+    judged = judge.judge([r for r in episodes.generation for _ in range(group_size)], texts[:n_gen])
+    judging = judging_rewards(texts[n_gen:], [i for i in episodes.judging for _ in range(group_size)], judge.template,
+                              tolerance)
+    return judged.rewards + judging, judged, judging
+
+
+@dataclass(frozen=True)
+class StageData:
+    gen_records: list[Record]
+    """Rubric-domain train prompts for generation episodes."""
+    checkable: list[Record]
+    """Train prompts of the verifiable domains, whose fresh rollouts become judging items."""
+    annotated: list[JudgeItem]
+    """The annotated set: at most the cap of hidden-checker labels."""
+    held_out: HeldOut
+
+
+def stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> StageData:
+    """Prompts, the annotated set (responses of the starting policy, labelled, capped) and the held-out items."""
+    max_new = cfg.sampling.max_new_tokens
+    labelled = rubric_records(cfg.domains, "train", -(-cfg.rubric_labels // 2), cfg.seed + 2)
+    responses = candidate_responses(model, tokenizer, labelled, max_new, cfg.seed + 2)
+    annotated = annotate([r for r in labelled for _ in range(2)][:cfg.rubric_labels], responses[:cfg.rubric_labels],
+                         cfg.max_rubric_labels, template)
+    test = rubric_records(cfg.domains, "test", cfg.eval_n, cfg.seed)
+    per_domain = -(-cfg.eval_n // len(cfg.judge_domains)) if cfg.judge_domains else 0
+    checkable_test = [r for d in cfg.judge_domains for r in generate(d, "test", per_domain, seed=cfg.seed)]
+    held_out = HeldOut(
+        _hidden_checker_items([r for r in test for _ in range(2)],
+                              candidate_responses(model, tokenizer, test, max_new, cfg.seed + 3), template),
+        [i for pair in verifiable_pairs(model, tokenizer, checkable_test, template, _rollout_params(cfg), cfg.seed + 3)
+         for i in pair],
+        test)
+    return StageData(rubric_records(cfg.domains, "train", cfg.n_train, cfg.seed + 1),
+                     [r for d in cfg.judge_domains for r in generate(d, "train", cfg.n_train, seed=cfg.seed + 1)],
+                     annotated, held_out)
+
+
+def _rollout_params(cfg: GRMConfig, max_new_tokens: int | None = None) -> SamplingParams:
+    return SamplingParams(max_new_tokens or cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p,
+                          cfg.sampling.top_k)
+
+
+def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg: GRMConfig, out: Path) -> dict:
+    """The judge warm-up, measured before and after (and saved to `<out>.warmup`); returns the metrics after it."""
+    metrics = MetricsLog(out.with_name(out.name + ".warmup.metrics.jsonl"))
+    metrics.write(step=0, **evaluate(model, tokenizer, template, data.held_out, cfg))
+    rng = random.Random(f"warmup-data:{cfg.seed}")
+    prompts = rng.sample(data.checkable, min(cfg.warmup_verifiable, len(data.checkable)))
+    own = verifiable_pairs(model, tokenizer, prompts, template, _rollout_params(cfg), cfg.seed + 4)
+    replay = replay_examples(model, tokenizer, data.gen_records + data.checkable[::4], cfg.sampling.max_new_tokens,
+                             cfg.seed + 5)
+    warm_up(model, tokenizer, judge_examples(tokenizer, template, data.annotated, as_pairs(data.annotated)),
+            judge_examples(tokenizer, template, [i for pair in own for i in pair], own), replay, cfg, metrics)
+    after = evaluate(model, tokenizer, template, data.held_out, cfg)
+    metrics.write(step=cfg.warmup_steps, **after)
+    metrics.close()
+    save(model, tokenizer, out.with_name(out.name + ".warmup"), {"stage": "grm-warmup", "config": cfg.model_dump()})
+    return after
+
+
+def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
+    seed_everything(cfg.seed)
+    template = TEMPLATES[cfg.template]
+    model, tokenizer = load(cfg.model)
+    if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
+        model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+    out = Path(cfg.out)
+    data = stage_data(model, tokenizer, template, cfg)
+    start = (run_warm_up(model, tokenizer, template, data, cfg, out) if cfg.warmup_steps
+             else evaluate(model, tokenizer, template, data.held_out, cfg))
+    # the KL anchor is a frozen copy of the policy as RL starts, a judge already (with LoRA too: the model
+    # without its adapter never learnt to judge, and the KL would pull the judge back)
+    reference = reference_policy(model, lora=False) if cfg.kl_coef > 0 else None
+
+    # one sampling for both kinds of rows (the loss recomputes log-probs at this temperature): room for a judgement
+    params = _rollout_params(cfg, max(cfg.sampling.max_new_tokens, template.max_new_tokens))
+    reward_judge = Judge(model, tokenizer, template, k=cfg.judge_k, seed=cfg.seed,
+                         params=SamplingParams(template.max_new_tokens, cfg.judge_temperature))
+    optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps * cfg.inner_updates * cfg.minibatches)
+    metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
+    metrics.write(step=0, annotated_labels=len(data.annotated), **start)
+    rng, G = random.Random(cfg.seed), cfg.group_size
+    n_annotated = min(round(cfg.judge_items * cfg.annotated_share) if data.checkable else cfg.judge_items,
+                      len(data.annotated))
+    n_fresh = cfg.judge_items - n_annotated if data.checkable else 0
+    bar, task = progress("grm", cfg.steps)
+    with bar:
+        for step in range(cfg.steps):
+            t0 = time.time()
+            fresh = verifiable_pairs(model, tokenizer, rng.sample(data.checkable, n_fresh),
+                                     template, _rollout_params(cfg), cfg.seed * 7_919 + step)
+            episodes = draw_episodes(rng, data.gen_records, cfg.gen_prompts, data.annotated, n_annotated,
+                                     [first for first, _ in fresh])
+            prompts = [render_prompt(tokenizer, c) for c in episodes.conversations(template)]
+            rollout = sample(model, [p for p in prompts for _ in range(G)], params, eos_id=tokenizer.eos_token_id,
+                             pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                             request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(prompts) * G)])
+            raw, judged, judging = episode_rewards(episodes, rollout.texts, G, reward_judge, cfg.score_tolerance)
+            _, _, stats = policy_step(model, cfg, rollout, raw, reference, optimizer, scheduler, tokenizer.pad_token_id)
+            n_gen, n_ann = len(episodes.generation) * G, n_annotated * G
+            gen_rows = [r for r in episodes.generation for _ in range(G)]
+            row = dict(step=step + 1,
+                       gen_reward=_share(r for r in judged.rewards if r is not None),
+                       gen_invalid_frac=judged.invalid_rate,
+                       gen_hidden_score=_share(check(r, t) for r, t in zip(gen_rows, rollout.texts[:n_gen])),
+                       judging_reward=_share(judging), judging_reward_annotated=_share(judging[:n_ann]),
+                       judging_reward_verifiable=_share(judging[n_ann:]),
+                       lr=scheduler.get_last_lr()[0], step_s=time.time() - t0, **stats)
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+                row |= evaluate(model, tokenizer, template, data.held_out, cfg)
+            metrics.write(**row)
+            bar.update(task, advance=1, info=f"judging {row['judging_reward']:+.2f} gen {row['gen_reward']:.2f}")
+    metrics.close()
+    model.eval()
+    return save(model, tokenizer, out, {"stage": "grm", "annotated_labels": len(data.annotated), **(meta or {}),
+                                        "config": cfg.model_dump()})
