@@ -136,3 +136,11 @@ def test_experts_train_a_rubric_domain_with_the_joint_loop(tiny_llama, tmp_path,
     assert read_meta(final)["expert_stage"] == "grm" and read_meta(final)["domain"] == "describe"
     assert (final / "adapter_config.json").is_file()  # the expert's LoRA adapter kept training
     assert "judge_acc" in json.loads((tmp_path / "describe" / "expert.metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_an_experts_config_without_grm_keeps_its_stage_key():
+    from pluribus.config import ExpertsConfig
+
+    plain = ExpertsConfig(model="m", out_dir="o")
+    assert "grm" not in plain.model_dump() and ExpertsConfig.model_validate(plain.model_dump()) == plain
+    assert ExpertsConfig(model="m", out_dir="o", rubric_rl="grm", grm={"steps": 3}).model_dump()["grm"] == {"steps": 3}

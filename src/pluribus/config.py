@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 from pluribus.errors import ConfigError
 
@@ -424,6 +425,14 @@ class ExpertsConfig(Strict):
     seed: int = 0
 
     _known_domains = field_validator("domains")(known_domains)
+
+    @model_serializer(mode="wrap")
+    def _without_unused_grm(self, handler):
+        # an empty grm section is left out, so configs written before it existed keep their stage keys
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("grm"):
+            data.pop("grm", None)
+        return data
 
 
 class MergeConfig(Strict):
