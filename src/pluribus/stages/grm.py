@@ -27,9 +27,14 @@ Where this departs from the paper, and why:
   episode gets −1 and RL has nothing to follow. So the stage first fine-tunes on the labels it will
   reward: the annotated set (pointwise, and each prompt's two responses as a pair in both orders)
   and verifiable rollouts of the starting policy. This is DeepSeek-GRM's rejective fine-tuning with
-  labels in place of rejection sampling, and it uses no rubric label beyond the cap.
+  labels in place of rejection sampling, and it uses no rubric label beyond the cap. A share of each
+  batch (`warmup_replay`) replays the starting policy's own sampled answers, which teaches nothing
+  new but keeps a small model from forgetting how to answer while it learns to judge. The warmed-up
+  model is saved to `<out>.warmup`.
 - Pairwise judging is taught by the warm-up only; RL's judging episodes are pointwise. Position
   consistency is measured throughout, so drift would show.
+- The KL anchor (`kl_coef` > 0) is a frozen copy of the policy as RL starts, with LoRA too: the
+  model without its adapter never learnt to judge.
 
 Metrics, on held-out items: `eval_n` test prompts of each rubric domain, two responses each (the
 starting policy's sample and one of the answer, the domain's mistakes, a second sample, a sample with
@@ -42,11 +47,15 @@ greedy and sampled responses on those prompts:
 - judge_position_consistency: of the `eval_pairs` pairs judged in both orders, the share whose two
   judgements are valid and prefer the same response (or tie in both); judge_pair_invalid: share of
   invalid pair judgements.
-- judge_acc_own: judge_acc on the policy's own greedy responses of that evaluation.
+- judge_acc_own: judge_acc on the policy's own greedy responses of that evaluation;
+  judge_acc_verifiable: judge_acc on checkable test prompts, two of the starting policy's rollouts each.
 - judge_policy_score / judge_policy_score_sampled: the policy's mean hidden-checker rubric score,
-  greedy / one sample at temperature 1; judge_policy_pass: greedy share with score 1.
+  greedy / one sample at temperature 1; judge_policy_pass: greedy share with score 1;
+  policy_examples: four of those samples, to read what the reward does to them.
 They go into `<out>.metrics.jsonl` at step 0, every `eval_every` steps and after the last; the
-warm-up's `<out>.warmup.metrics.jsonl` has them before and after it.
+warm-up's `<out>.warmup.metrics.jsonl` has them before and after it. Every RL step also logs
+gen_reward (the actor's judgement of its rollouts), gen_invalid_frac, gen_hidden_score (the hidden
+checker on the same rollouts, watched, never a reward) and judging_reward (annotated, verifiable).
 """
 
 from __future__ import annotations
