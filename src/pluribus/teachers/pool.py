@@ -17,7 +17,7 @@ What is resident, and when:
   each unit that does not fit loads once per batch.
 - Hidden states are cached per teacher group, `[N_e, D_e]`, on the pool's device; no logits.
 - Heads: a LoRA teacher's head is the resident base's (held by reference, no copy). A full-weight
-  teacher's model is freed after its forward; its head is read back from its safetensors file when
+  teacher's model is freed when it leaves the budget; its head is read back from its safetensors file when
   the loss needs it, one teacher at a time (V4 loads offloaded heads on demand). Where the head
   cannot be found in the files, a reference to it is kept instead (its `[V, D]` stays in memory).
 
