@@ -71,7 +71,16 @@ class LoraConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
-class PretrainConfig(Strict):
+class Distributed(Strict):
+    """How a training stage spreads over the processes of `torchrun` (see pluribus.dist); one process ignores it."""
+
+    distributed: Literal["ddp", "fsdp2"] = Field(
+        "ddp", exclude_if=lambda mode: mode == "ddp",  # left out of dumps when default: earlier stage keys hold
+        description="under torchrun: ddp keeps the whole model on every process; fsdp2 shards parameters, "
+                    "gradients and optimizer state (full weights only)")
+
+
+class PretrainConfig(Distributed):
     """Train the tiny preset from scratch on world text whose answers are mostly wrong."""
 
     out: str
@@ -103,7 +112,7 @@ class PretrainConfig(Strict):
         return self
 
 
-class SFTConfig(Strict):
+class SFTConfig(Distributed):
     """Prompt-masked cross-entropy on chat-formatted demonstrations."""
 
     model: str
@@ -222,7 +231,7 @@ class SamplingConfig(Strict):
     top_k: int = Field(0, ge=0, description="0: no top-k truncation")
 
 
-class PolicyUpdateConfig(Strict):
+class PolicyUpdateConfig(Distributed):
     """How one batch of rollouts updates the policy: the fields `pluribus.stages.grpo.policy_step` reads,
     shared by GRPO and the joint generate-and-judge loop (pluribus.core.grpo has the maths)."""
 
@@ -359,7 +368,7 @@ class TeacherConfig(Strict):
     name: str | None = Field(None, description="label in metrics (default: the domains joined by '+')")
 
 
-class OPDConfig(Strict):
+class OPDConfig(Distributed):
     """Multi-teacher on-policy distillation (DeepSeek-V4 Eq. 29); see pluribus.stages.opd."""
 
     model: str = Field(description="the student's starting point (the general SFT model): full weights or a LoRA adapter")

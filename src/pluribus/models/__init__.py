@@ -134,13 +134,16 @@ def _faithful_tokenizer(path: Path, auto_tokenizer):
     return auto_tokenizer if same else exact
 
 
-def save(model, tokenizer, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Save an HF folder atomically and durably: write into a temp folder, fsync, then rename over the target."""
+def save(model, tokenizer, out_dir: str | Path, meta: dict[str, Any] | None = None,
+         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save an HF folder atomically and durably: write into a temp folder, fsync, then rename over the target.
+
+    state_dict: the weights to write when the model's own are not whole (a sharded model's gathered state)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(str(tmp))
     (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2))
     return publish_dir(tmp, out_dir)
@@ -149,10 +152,8 @@ def save(model, tokenizer, out_dir: str | Path, meta: dict[str, Any] | None = No
 def load_weights(model, path: str | Path) -> None:
     """Copy the weights `save` wrote to `path` into `model`, in place (an optimizer over its parameters stays
     bound): full weights into a plain model, an adapter into a peft model of the same shape."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    state = saved_weights(path)
     if (path / "adapter_config.json").is_file():
         from peft import set_peft_model_state_dict
 
@@ -166,6 +167,13 @@ def load_weights(model, path: str | Path) -> None:
     if missing or result.unexpected_keys:
         raise PluribusError(f"{path}: saved weights do not fit the model (missing {missing[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]})")
+
+
+def saved_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files `save` wrote to `path`, by name."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

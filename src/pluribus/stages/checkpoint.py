@@ -14,6 +14,11 @@ A loop writing `<out>` keeps its checkpoints in `<out>.ckpt/`:
 A checkpoint is written into `step-<N>.tmp/`, fsynced, renamed to `step-<N>/`, and only then is the
 previous one deleted: a folder named `step-<N>` is always whole, and at most two exist at a time.
 
+Under torchrun (`pluribus.dist`) rank 0 writes the checkpoint, from full state dicts (FSDP2 gathers
+them), with every rank's RNG states; each rank keeps its own rollout log (`rollout-<step>-rank<r>.jsonl`),
+and a resume puts each rank's RNG states back. A checkpoint is the same files whatever the number of
+processes, so one process can resume it (its data order is the same; its RNG states are rank 0's).
+
 Resuming is exact: the same seed on the same machine gives bit-identical weights whether or not the
 loop was killed. One exception: when the kill fell inside a rollout, the tokens generated after the
 restart come from one prefill over prompt + logged prefix instead of step-by-step decoding, so their
@@ -31,10 +36,11 @@ from typing import Any, Sequence
 
 import torch
 
+from pluribus import dist
 from pluribus.crash import armed, crash_point, kill
 from pluribus.durable import fingerprint, publish_dir, write_text
 from pluribus.errors import PluribusError
-from pluribus.models import load_weights, save
+from pluribus.models import load_weights, save, saved_weights
 from pluribus.rollout import Rollout, SamplingParams, sample
 
 STATE_FILE = "state.pt"
@@ -61,40 +67,52 @@ class Checkpointer:
         self.out = Path(out)
         self.dir = checkpoint_dir(out)
         self.every, self.total = every, total
-        config = {k: v for k, v in config.items() if k != "checkpoint_every"}
+        config = {k: v for k, v in config.items() if k not in ("checkpoint_every", "distributed")}
         self.key = fingerprint({"config": config, "records": records})
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
 
     def restore(self, state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """(steps completed, loop state): from the latest checkpoint, with weights, optimizer, scheduler and
         global RNGs put back; (0, `state`) when there is none."""
-        key_file = self.dir / "key"
-        if not (key_file.is_file() and key_file.read_text().strip() == self.key):
-            shutil.rmtree(self.dir, ignore_errors=True)  # another run's, or none
-            self.dir.mkdir(parents=True)
-            write_text(key_file, self.key)
-            return 0, state
-        for partial in self.dir.glob("step-*.tmp"):  # a write the crash interrupted
-            shutil.rmtree(partial)
+        if dist.is_main():
+            self._clear_unless_ours()
+        dist.barrier()
         saved_dirs = sorted(self.dir.glob("step-*"))
         if not saved_dirs:
             return 0, state
         latest = saved_dirs[-1]
         try:
             saved = torch.load(latest / STATE_FILE, weights_only=False)
-            load_weights(self.model, latest / "model")
+            if dist.is_fsdp(self.model):
+                dist.load_model_state(self.model, saved_weights(latest / "model"))
+            else:
+                load_weights(self.model, latest / "model")
         except (OSError, RuntimeError, PluribusError) as e:
             raise PluribusError(f"{latest}: checkpoint unreadable ({e}); delete {self.dir} to start the stage "
                                 f"afresh") from None
-        self.optimizer.load_state_dict(saved["optimizer"])
+        dist.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        random.setstate(saved["python_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        if saved["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        self._drop_rollout_logs(before=saved["step"])
+        rngs = saved.get("rank_rngs") or [(saved["python_rng"], saved["torch_rng"], saved["cuda_rng"])]
+        python_rng, torch_rng, cuda_rng = rngs[dist.world().rank if dist.world().rank < len(rngs) else 0]
+        random.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if dist.is_main():
+            self._drop_rollout_logs(before=saved["step"])
+        dist.barrier()
         print(f"[{self.out}] resumed after step {saved['step'] - 1} of {self.total}")
         return saved["step"], saved["loop"]
+
+    def _clear_unless_ours(self) -> None:
+        key_file = self.dir / "key"
+        if not (key_file.is_file() and key_file.read_text().strip() == self.key):
+            shutil.rmtree(self.dir, ignore_errors=True)  # another run's, or none
+            self.dir.mkdir(parents=True)
+            write_text(key_file, self.key)
+            return
+        for partial in self.dir.glob("step-*.tmp"):  # a write the crash interrupted
+            shutil.rmtree(partial)
 
     def step_done(self, step: int, state: dict[str, Any]) -> None:
         """After step `step` (0-based) with the loop's `state`: a checkpoint when one is due, then the crash point."""
@@ -104,15 +122,28 @@ class Checkpointer:
         crash_point(self.out, str(step))
 
     def _save(self, done: int, state: dict[str, Any]) -> None:
+        # gathered on every rank (collectives under FSDP2 and torchrun), written by rank 0
+        weights, optimizer = dist.model_state(self.model), dist.optimizer_state(self.model, self.optimizer)
+        rngs = dist.all_gather_objects((random.getstate(), torch.get_rng_state(),
+                                        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+        if dist.is_main():
+            self._write(done, state, weights, optimizer, rngs if len(rngs) > 1 else None)
+        dist.barrier()
+
+    def _write(self, done: int, state: dict[str, Any], weights: dict | None, optimizer: dict,
+               rank_rngs: list | None) -> None:
         final = self.dir / f"step-{done:08d}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save(self.model, self.tokenizer, tmp / "model", {"checkpoint_of": str(self.out), "steps_done": done})
-        torch.save({"step": done, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "loop": state}, tmp / STATE_FILE)
+        save(self.model, self.tokenizer, tmp / "model", {"checkpoint_of": str(self.out), "steps_done": done},
+             state_dict=weights)
+        saved = {"step": done, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                 "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "loop": state}
+        if rank_rngs is not None:
+            saved["rank_rngs"] = rank_rngs
+        torch.save(saved, tmp / STATE_FILE)
         crash_point(self.out, f"checkpoint@{done - 1}")
         publish_dir(tmp, final)
         for old in self.dir.glob("step-*"):
@@ -121,7 +152,8 @@ class Checkpointer:
         self._drop_rollout_logs(before=done)
 
     def rollout_log(self, step: int) -> Path:
-        return self.dir / f"rollout-{step:08d}.jsonl"
+        w = dist.world()
+        return self.dir / (f"rollout-{step:08d}.jsonl" if w.size == 1 else f"rollout-{step:08d}-rank{w.rank}.jsonl")
 
     def _drop_rollout_logs(self, before: int) -> None:
         for log in self.dir.glob("rollout-*.jsonl"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pluribus import dist
 from pluribus.config import DataConfig, OptimConfig
 from pluribus.data import Record, read_jsonl
 from pluribus.durable import write_text
@@ -54,11 +55,14 @@ def make_optimizer(model, optim: OptimConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def lm_loss(model, sequences: list[list[int]], loss_starts: list[int], pad_id: int) -> tuple[torch.Tensor, int]:
+def lm_loss(model, sequences: list[list[int]], loss_starts: list[int], pad_id: int,
+            normaliser: int | None = None) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over tokens at positions ≥ loss_start of each sequence; (loss, token count).
 
     loss_start is the index of the first token that is a target: the prompt length for SFT (the
     prompt is context, not a target), 1 for pretraining on whole texts.
+    normaliser: divide the summed loss by this instead of the token count (a data-parallel rank's share
+    of a global batch divides by the global count: `target_count` summed over ranks).
     """
     ids, attn = pad_batch(sequences, pad_id)
     labels = ids.clone()
@@ -69,7 +73,22 @@ def lm_loss(model, sequences: list[list[int]], loss_starts: list[int], pad_id: i
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                              ignore_index=-100, reduction="sum")
     count = int((targets != -100).sum())
-    return loss / max(1, count), count
+    return loss / max(1, count if normaliser is None else normaliser), count
+
+
+def target_count(sequences: list[list[int]], loss_starts: list[int]) -> int:
+    """The token count `lm_loss` will find, without a forward pass."""
+    return sum(max(0, len(s) - max(1, start)) for s, start in zip(sequences, loss_starts))
+
+
+def global_lm_loss(trainer, world, sequences: list[list[int]], loss_starts: list[int], pad_id: int):
+    """`lm_loss` of this rank's part of a global batch, normalised by the global target count
+    (`pluribus.dist`), and that count. One process: `lm_loss` itself."""
+    if world.size == 1:
+        return lm_loss(trainer, sequences, loss_starts, pad_id)
+    total = int(dist.all_sum(torch.tensor([target_count(sequences, loss_starts)])).item())
+    loss, _ = lm_loss(trainer, sequences, loss_starts, pad_id, normaliser=total)
+    return loss, total
 
 
 def length_buckets(items: list, length, batch_size: int, rng: random.Random) -> list[list]:
@@ -83,7 +102,7 @@ def length_buckets(items: list, length, batch_size: int, rng: random.Random) -> 
 def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> tuple[float, bool]:
     """Clip, step, zero; skip the update when the gradient is not finite. (grad norm, stepped)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    norm = dist.scalar(torch.nn.utils.clip_grad_norm_(params, grad_clip))  # FSDP2: a replicated DTensor
     stepped = math.isfinite(norm)
     if stepped:
         optimizer.step()
@@ -102,6 +121,9 @@ class MetricsLog:
 
     def __init__(self, path, start_step: int = 0):
         self.path = Path(path)
+        self.enabled = dist.is_main()  # under torchrun, rank 0 writes the (already reduced) metrics
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if start_step and self.path.is_file():
@@ -120,6 +142,8 @@ class MetricsLog:
         self._f = open(self.path, "a")
 
     def write(self, **metrics) -> None:
+        if not self.enabled:
+            return
         self._f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
         self._f.flush()
         if self._tb is not None and "step" in metrics:
@@ -129,6 +153,8 @@ class MetricsLog:
             self._tb.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._f.close()
         if self._tb is not None:
             self._tb.close()
@@ -150,7 +176,7 @@ def progress(description: str, total: int, completed: int = 0):
     """A rich progress bar with ETA (quiet when not on a terminal and under pytest); `completed` for a resumed loop."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    disable = "PYTEST_CURRENT_TEST" in os.environ or not sys.stderr.isatty()
+    disable = "PYTEST_CURRENT_TEST" in os.environ or not sys.stderr.isatty() or not dist.is_main()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable,
                    transient=False)

@@ -6,6 +6,7 @@ answer otherwise (per-domain shares can differ: a long answer sampled token by t
 larger share of right demonstrations before any whole sample comes out right). The base's most likely answer is therefore wrong (low greedy pass@1) while right
 answers are in its samples (pass@k > 0): RL has signal, and SFT must teach, not merely unlock.
 Test prompts never appear: the corpus draws from the train split only.
+Under torchrun each process trains on its slice of every batch (`pluribus.dist`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import random
 import time
 from pathlib import Path
 
+from pluribus import dist
 from pluribus.config import PretrainConfig
-from pluribus.models import build_tiny, count_parameters, load, render_example, save
+from pluribus.models import build_tiny, count_parameters, load, render_example
 from pluribus.stages.checkpoint import Checkpointer
-from pluribus.stages.common import (MetricsLog, length_buckets, lm_loss, make_optimizer, optimizer_step, progress,
-                                    seed_everything)
+from pluribus.stages.common import (MetricsLog, global_lm_loss, length_buckets, make_optimizer, optimizer_step,
+                                    progress, seed_everything)
 from pluribus.world import DOMAINS, Instance, generate, instance_of
 
 POOL_PER_DOMAIN = 4000
@@ -35,12 +37,19 @@ def corpus_answer(rng: random.Random, inst: Instance, pool: list, domain, p_corr
 
 
 def run(cfg: PretrainConfig) -> Path:
+    world = dist.init()
+    world.per_rank(cfg.batch_size, "pretrain batch_size")
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    init_dir = build_tiny(out.with_name(out.name + ".init"), size=cfg.size, seed=cfg.seed, arch=cfg.arch)
+    init_dir = out.with_name(out.name + ".init")
+    if world.is_main:
+        build_tiny(init_dir, size=cfg.size, seed=cfg.seed, arch=cfg.arch)
+    dist.barrier()
     model, tokenizer = load(init_dir)
+    trainer = dist.wrap(model, cfg.distributed)
     domains = cfg.domains or list(DOMAINS)
-    pools = {d: [instance_of(r) for r in generate(d, "train", POOL_PER_DOMAIN, seed=cfg.seed + 1000)] for d in domains}
+    pools = {d: [instance_of(r) for r in generate(d, "train", POOL_PER_DOMAIN, seed=cfg.seed + 1000, unique=True)]
+             for d in domains}  # unique, as when the base was first measured: the same corpus, the same base
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps)
     ckpt = Checkpointer(out, every=cfg.checkpoint_every, total=cfg.steps, config=cfg.model_dump(), records=None,
                         model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
@@ -59,9 +68,10 @@ def run(cfg: PretrainConfig) -> Path:
                     answer = corpus_answer(rng, inst, pools[d], DOMAINS[d], *cfg.shares(d))
                     texts.append(render_example(tokenizer, [{"role": "user", "content": inst.prompt}], answer)[0])
                 batches = length_buckets(texts, len, cfg.batch_size, rng)
-            seqs = batches.pop()
-            loss, _ = lm_loss(model, seqs, [1] * len(seqs), tokenizer.pad_token_id)
+            seqs = world.shard(batches.pop())
+            loss, _ = global_lm_loss(trainer, world, seqs, [1] * len(seqs), tokenizer.pad_token_id)
             loss.backward()
+            loss = dist.all_sum(loss.detach())
             norm, _ = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
             if step % 25 == 0 or step == cfg.steps - 1:
                 metrics.write(step=step, loss=loss.item(), grad_norm=norm, lr=scheduler.get_last_lr()[0],
@@ -70,5 +80,5 @@ def run(cfg: PretrainConfig) -> Path:
             ckpt.step_done(step, {"rng": rng, "batches": batches})
     metrics.close()
     model.eval()
-    return save(model, tokenizer, out, {"stage": "pretrain", "size": cfg.size, "arch": cfg.arch,
+    return dist.save(model, tokenizer, out, {"stage": "pretrain", "size": cfg.size, "arch": cfg.arch,
                                         "parameters": count_parameters(model), "config": cfg.model_dump()})

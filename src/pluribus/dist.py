@@ -1,0 +1,356 @@
+"""Data parallelism under `torchrun`: process group, sharding, reductions, DDP/FSDP2 wrapping, rank-0 saves.
+
+Every training stage calls `init()` first. Launched by `torchrun --nproc_per_node N` (WORLD_SIZE > 1
+in the environment) it joins the process group, gloo on CPU and NCCL on GPU; otherwise it returns a
+one-process `World` and nothing below communicates, so a plain `python`/`pluribus` run computes
+exactly what it did before this module existed.
+
+The contract every loop follows, so that N processes × 1/N of the batch compute what one process
+computes on the whole batch:
+- Each rank takes its contiguous slice of the global batch (`World.shard`); every rank draws the
+  same global batch from identically seeded generators, so nothing but results is exchanged.
+- Each rank's loss is its share of the global loss: its terms divided by the *global* normaliser
+  (tokens, sequences, tokens per teacher: `all_sum` of the local counts).
+- Gradients are summed over ranks, not averaged (`wrap` sets DDP's comm hook and FSDP2's divide
+  factor to 1): with global normalisers the sum is the whole batch's gradient, whatever N is.
+- Metrics are reduced (`weighted_means`, `all_sum`, `all_gather_rows`) and written by rank 0 only;
+  models and checkpoints are written once by rank 0 from a full state dict (FSDP2 gathers it), so a
+  single process loads them as usual.
+
+FSDP2 (`fully_shard` on each decoder layer, then the root) keeps 1/N of the parameters, gradients and
+optimizer state per rank. Generation with the HF sampler needs the whole model on each rank:
+`gathered` all-gathers the parameters for the duration of a rollout (a vLLM engine would hold its
+own copy instead). FSDP2 trains full weights; LoRA runs use DDP (the trainable part is small).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence, TypeVar
+
+import torch
+import torch.distributed as tdist
+
+from pluribus.errors import PluribusError
+
+Mode = Literal["ddp", "fsdp2"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: rank in [0, size), and the device it trains on."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def per_rank(self, n: int, what: str) -> int:
+        """`n` / the world size, where `n` (a global batch: `what`) divides evenly; else one line."""
+        if n % self.size:
+            raise PluribusError(f"{what} {n} does not split evenly over {self.size} processes: use a multiple "
+                                f"of {self.size}")
+        return n // self.size
+
+    def shard(self, items: Sequence[T], what: str = "items") -> list[T]:
+        """This rank's contiguous slice of `items`; their number must divide by the world size."""
+        n = self.per_rank(len(items), what)
+        return list(items[self.rank * n:(self.rank + 1) * n])
+
+
+def init() -> World:
+    """Join the torchrun process group (once per process); a one-process World when not under torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not tdist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_teardown)
+    return world()
+
+
+def _teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def world() -> World:
+    """The current World (one process when no group was joined)."""
+    if not tdist.is_initialized():
+        return World()
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    return World(tdist.get_rank(), tdist.get_world_size(), device)
+
+
+def is_main() -> bool:
+    return world().is_main
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+# --- reductions -------------------------------------------------------------------------------------
+
+def _comm_device() -> torch.device:
+    return world().device
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (a copy, float64 kept); the values themselves with one process."""
+    if not tdist.is_initialized():
+        return values
+    out = values.detach().to(_comm_device(), copy=True)
+    tdist.all_reduce(out)
+    return out.to(values.device)
+
+
+def all_true(flag: bool) -> bool:
+    """Whether `flag` holds on every rank: a decision (skip a step, stop) that all ranks must take together."""
+    return bool(all_sum(torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)).item() == 0)
+
+
+def weighted_means(values: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """name -> (local mean, local weight) to the global mean Σ mean·weight / Σ weight, in one all-reduce.
+
+    One process: the local means unchanged."""
+    if not tdist.is_initialized():
+        return {k: v for k, (v, _) in values.items()}
+    sums = all_sum(torch.tensor([[v * w, w] for v, w in values.values()], dtype=torch.float64))
+    return {k: float(s / w) if w > 0 else 0.0 for k, (s, w) in zip(values, sums.tolist())}
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `[n, ...]` rows (the same n on each), concatenated in rank order."""
+    if not tdist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor, device=_comm_device()) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, tensor.to(_comm_device()).contiguous())
+    return torch.cat(parts).to(tensor.device)
+
+
+def broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank (the same shape everywhere); unchanged with one process."""
+    if not tdist.is_initialized():
+        return tensor
+    out = tensor.to(_comm_device()).contiguous()
+    tdist.broadcast(out, 0)
+    return out.to(tensor.device)
+
+
+def all_gather_objects(obj):
+    """Every rank's picklable `obj`, in rank order."""
+    if not tdist.is_initialized():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+# --- wrapping ---------------------------------------------------------------------------------------
+
+def _sum_hook(_state, bucket):
+    """DDP comm hook: all-reduce SUM (DDP's default divides by the world size first)."""
+    return tdist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def wrap(model, mode: Mode, *, trunk: bool = False, frozen: bool = False):
+    """What the loop runs its training forwards through (the model itself with one process).
+
+    ddp: `DistributedDataParallel` over the model (over its decoder when `trunk`: OPD runs the decoder
+    and applies the output head itself); gradients summed over ranks.
+    fsdp2: `fully_shard` on every decoder layer (the model's `_no_split_modules`) and then the root,
+    in place: the returned object is the model, its parameters now DTensor shards. Rank 0's weights
+    are broadcast first, so every rank shards the same tensors. The optimizer must be built after.
+    frozen: a model that is only evaluated (GRPO's reference): sharded under fsdp2, left alone under ddp.
+    """
+    w = world()
+    if w.size == 1:
+        return model
+    if mode == "fsdp2":
+        if hasattr(model, "disable_adapter"):
+            raise PluribusError("distributed: fsdp2 shards full-weight training; a LoRA run trains few "
+                                "parameters: use distributed: ddp")
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(w.device)
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                tdist.broadcast(tensor.data, 0)
+        layers = set(getattr(model, "_no_split_modules", None) or ())
+        for module in model.modules():
+            if type(module).__name__ in layers:
+                fully_shard(module)
+        fully_shard(model)
+        for module in model.modules():
+            if is_fsdp(module):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        return model
+    if frozen:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    target = _causal_lm(model).get_decoder() if trunk else model
+    target.to(w.device)
+    ddp = DistributedDataParallel(target, device_ids=[w.device] if w.device.type == "cuda" else None,
+                                  broadcast_buffers=False)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+@contextlib.contextmanager
+def no_sync(trainer, enabled: bool) -> Iterator[None]:
+    """Backward passes inside accumulate gradients locally (gradient accumulation); the next one outside syncs."""
+    if not enabled or world().size == 1:
+        yield
+        return
+    if is_fsdp(trainer):
+        trainer.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            trainer.set_requires_gradient_sync(True)
+        return
+    with trainer.no_sync():
+        yield
+
+
+@contextlib.contextmanager
+def gathered(model) -> Iterator[None]:
+    """FSDP2: every parameter all-gathered for the block and kept so between forwards (HF generation runs
+    a different number of forwards on each rank, which per-forward all-gathers could not follow).
+    Enter on every rank; inside, forwards do not communicate. A no-op otherwise."""
+    if not is_fsdp(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def trunk_forward(trainer, model):
+    """A function `(input_ids, attention_mask, position_ids) -> last hidden states [B, L, D]` (final norm
+    applied) that runs through `trainer`'s hooks; None with one process (the model's decoder as usual)."""
+    if world().size == 1:
+        return None
+    if is_fsdp(trainer):  # through the root, whose hooks gather the embeddings and the head; one logit row
+        return lambda **kw: trainer(**kw, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1]
+    return lambda **kw: trainer(**kw, use_cache=False).last_hidden_state
+
+
+def add_gradient(param: torch.Tensor | None, local_grad: torch.Tensor | None) -> None:
+    """Sum `local_grad` (a full-shape gradient computed outside the wrapper's backward, e.g. OPD's output
+    head) over ranks and add it to `param.grad`, this rank's shard of it under FSDP2."""
+    if param is None or not param.requires_grad:
+        return
+    full = all_sum(local_grad if local_grad is not None else torch.zeros_like(_local(param)))
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.grad = full if param.grad is None else param.grad + full
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param.detach()
+
+
+def scalar(value) -> float:
+    """A float from a tensor that may be a replicated DTensor (FSDP2's grad norm)."""
+    from torch.distributed.tensor import DTensor
+
+    return float(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
+# --- state, saved once ------------------------------------------------------------------------------
+
+def model_state(model) -> dict | None:
+    """The full state dict for saving: FSDP2 gathers it (a collective: call on every rank), rank 0 gets it,
+    the others None; None too when the model's own `state_dict` will do."""
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    seen: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:  # a tied weight (the output head): saved once, as the model's own save does
+            state.pop(name, None)
+        seen.setdefault(id(param), name)
+    return state if is_main() else None
+
+
+def load_model_state(model, state: dict) -> None:
+    """Put a full state dict (every rank holds it) into an FSDP2 model's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or result.unexpected_keys:
+        raise PluribusError(f"saved weights do not fit the model (missing {missing[:3]}, "
+                            f"unexpected {result.unexpected_keys[:3]})")
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state as one process would hold it (FSDP2: gathered, a collective)."""
+    if not is_fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    if not is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save(model, tokenizer, out, meta: dict | None = None):
+    """`pluribus.models.save`, once: rank 0 writes the folder (FSDP2: from the gathered full weights),
+    the others wait for it; every rank gets its path."""
+    from pathlib import Path
+
+    from pluribus.models import save as save_model
+
+    state = model_state(model)
+    path = Path(out)
+    if is_main():
+        path = save_model(model, tokenizer, out, meta, state_dict=state)
+    barrier()
+    return path
