@@ -48,10 +48,14 @@ def _crash_plan(seed: int = 6) -> list[tuple[str, str]]:
     ]
 
 
-def _config(folder: Path) -> Path:
-    """The quickstart with --smoke, checkpointing every few steps so that kills land between checkpoints."""
+def _config(folder: Path, workers: int = 1) -> Path:
+    """The quickstart with --smoke, checkpointing every few steps so that kills land between checkpoints.
+
+    The killed runs use one worker, so each kill ends the process the test runs; the reference uses
+    two (stages side by side in worker processes): the same numbers either way."""
     raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     raw["out_dir"] = str(folder / "runs")
+    raw["workers"] = raw["smoke"]["experts"]["workers"] = workers
     smoke = raw["smoke"]
     smoke["pretrain"]["checkpoint_every"] = 8
     smoke["sft"]["checkpoint_every"] = 3
@@ -94,7 +98,7 @@ def _metrics(run_dir: Path) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """The reference run, then the killed chain: per kill its exit code, stdout, and what was on disk."""
-    reference = _config(tmp_path_factory.mktemp("reference"))
+    reference = _config(tmp_path_factory.mktemp("reference"), workers=2)
     assert _run(reference).returncode == 0
     ref_dir = reference.parent / "runs" / "quickstart"
     config = _config(tmp_path_factory.mktemp("killed"))

@@ -26,6 +26,7 @@ from pluribus.config import (EvalConfig, ExpertsConfig, GRPOConfig, MergeConfig,
                              validate, validate_section)
 from pluribus.crash import crash_point
 from pluribus.errors import ConfigError
+from pluribus.parallel import run_all
 
 STAGES = ("pretrain", "sft", "eval", "experts", "opd", "mixed_rl", "merge_<method>", "offpolicy", "compare")
 SMOKE_DOMAINS = ["reverse", "max", "case"]
@@ -45,6 +46,8 @@ class PipelineConfig(Strict):
     base_model: str | None = Field(None, description="an HF folder to start from instead of pretraining")
     domains: list[str] = Field(default_factory=list, description="empty: all world domains")
     seed: int = 0
+    workers: int = Field(1, ge=1, description="independent stages at once (the OPD student and the baselines; "
+                                              "the final evaluations), each in its own process with cores/workers")
     pretrain: dict[str, Any] = Field(default_factory=dict)
     sft: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
@@ -161,6 +164,15 @@ def _identity(snapshot: Any) -> Any:
     return snapshot
 
 
+def _done(run_dir: Path, name: str, snapshot: dict) -> bool:
+    """Whether the stage's DONE marker says this snapshot finished (and say so)."""
+    done = run_dir / name / "DONE"
+    if done.is_file() and done.read_text().strip() == durable.fingerprint(_identity(snapshot)):
+        print(f"[{name}] done earlier, skipped")
+        return True
+    return False
+
+
 def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]) -> Any:
     """Run `body(stage_dir)` unless DONE says the same snapshot finished; DONE is written last.
 
@@ -168,12 +180,11 @@ def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]
     the checkpoints in it, and a different snapshot (config or inputs changed) starts it afresh. A new
     checkpoint interval or worker count is the same snapshot.
     """
+    if _done(run_dir, name, snapshot):
+        return None
     stage_dir = run_dir / name
     done = stage_dir / "DONE"
     key = durable.fingerprint(_identity(snapshot))
-    if done.is_file() and done.read_text().strip() == key:
-        print(f"[{name}] done earlier, skipped")
-        return None
     config = stage_dir / "config.json"
     if config.is_file() and durable.fingerprint(_identity(json.loads(config.read_text()))) != key:
         shutil.rmtree(stage_dir)  # another snapshot's outputs and checkpoints: never to be resumed
@@ -220,16 +231,15 @@ def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
 def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
     """Experts, then the OPD merge and its baselines from the same start, then the headline comparison."""
     from pluribus.report import headline, student_label
-    from pluribus.stages import experts, grpo, merge, offpolicy, opd
+    from pluribus.stages import experts
 
-    run_dir, domains, ecfg = plan.run_dir, plan.domains, plan.experts
+    run_dir, domains, ecfg, workers = plan.run_dir, plan.domains, plan.experts, plan.config.workers
     _stage(run_dir, "experts", ecfg.model_dump() | {"input": _fingerprint_dir(models["sft"])},
            lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))))
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
-    run_stage = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run, OffPolicyConfig: offpolicy.run}
-    for label, scfg in plan.students.items():
-        _stage(run_dir, label, scfg.model_dump() | {"input": experts_key},
-               lambda d, scfg=scfg: run_stage[type(scfg)](scfg))
+    todo = [(run_dir, label, scfg, experts_key) for label, scfg in plan.students.items()
+            if not _done(run_dir, label, _student_snapshot(scfg, experts_key))]  # skipped without a process
+    run_all(_student_stage, todo, workers)
 
     n, seed = plan.eval.n, plan.config.seed
     compared = models | {label: Path(scfg.out) for label, scfg in plan.students.items()}
@@ -239,13 +249,27 @@ def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
         report = json.loads((run_dir / "experts" / "report.json").read_text())
         scores = {label: {s["domain"]: s["pass1_greedy"] for s in evaluated[label]} for label in ("base", "sft")}
         scores["expert"] = {d: report["experts"][d]["final"][d] for d in domains}
-        scores |= {label: experts.pass1(Path(scfg.out), domains, n, seed) for label, scfg in plan.students.items()}
+        students = list(plan.students)
+        scores |= dict(zip(students, run_all(experts.pass1, [(Path(plan.students[label].out), domains, n, seed)
+                                                             for label in students], workers)))
         durable.write_text(stage_dir / "scores.json", json.dumps(scores, indent=2))
         md, _ = headline(scores, "expert", student_label(scores), out_dir=stage_dir)
         Console(width=160).print(md.read_text(), markup=False)
 
     _stage(run_dir, "compare", {"n": n, "domains": domains, "experts": experts_key,
                                 "inputs": {k: _fingerprint_dir(v) for k, v in compared.items()}}, compare)
+
+
+def _student_snapshot(scfg: BaseModel, experts_key: str) -> dict:
+    return scfg.model_dump() | {"input": experts_key}
+
+
+def _student_stage(run_dir: Path, label: str, scfg: BaseModel, experts_key: str) -> None:
+    """One stage that starts from the general SFT model and the experts: OPD or a baseline."""
+    from pluribus.stages import grpo, merge, offpolicy, opd
+
+    run = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run, OffPolicyConfig: offpolicy.run}[type(scfg)]
+    _stage(run_dir, label, _student_snapshot(scfg, experts_key), lambda d: run(scfg))
 
 
 def _fingerprint_dir(path: Path) -> str:

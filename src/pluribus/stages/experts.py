@@ -22,13 +22,13 @@ interrupted one from its loops' checkpoints.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from pluribus.config import EvalConfig, ExpertsConfig, GRMConfig, GRPOConfig, SFTConfig, validate
 from pluribus.durable import fingerprint, publish_dir, write_text
 from pluribus.models import load
+from pluribus.parallel import run_all
 from pluribus.stages import evaluate, grm, grpo, sft
 from pluribus.world import DOMAINS, generate, with_mistakes
 
@@ -83,21 +83,7 @@ def run(cfg: ExpertsConfig) -> dict[str, Path]:
     """Every domain's expert; with `workers` > 1, that many at once in spawned processes (results do
     not depend on the order, each expert seeds itself; a failed one fails the stage)."""
     domains = cfg.domains or list(DOMAINS)
-    if cfg.workers == 1 or len(domains) == 1:
-        return {d: run_one(cfg, d) for d in domains}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-    with ProcessPoolExecutor(min(cfg.workers, len(domains)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(threads,)) as pool:
-        return dict(zip(domains, pool.map(run_one, [cfg] * len(domains), domains)))
-
-
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+    return dict(zip(domains, run_all(run_one, [(cfg, d) for d in domains], cfg.workers)))
 
 
 def pass1(model_path: Path | str, domains: list[str], n: int, seed: int) -> dict[str, float]:
@@ -111,13 +97,16 @@ def report(cfg: ExpertsConfig, base: str | None = None) -> dict:
     """Greedy pass@1 on `report_n` test prompts of every world domain, for the base (if given), the
     general SFT model, and each expert's SFT checkpoint and final model; written to out_dir/report.json."""
     every = list(DOMAINS)
-    out: dict = {"n": cfg.report_n, "general": pass1(cfg.model, every, cfg.report_n, cfg.seed), "experts": {}}
-    if base:
-        out["base"] = pass1(base, every, cfg.report_n, cfg.seed)
+    models = {"general": cfg.model} | ({"base": base} if base else {})
     for d in cfg.domains or every:
-        sft_path, expert_path = expert_paths(cfg.out_dir, d)
-        out["experts"][d] = {"sft": pass1(sft_path, every, cfg.report_n, cfg.seed),
-                             "final": pass1(expert_path, every, cfg.report_n, cfg.seed),
+        models |= dict(zip((f"{d}/sft", f"{d}/final"), map(str, expert_paths(cfg.out_dir, d))))
+    scores = dict(zip(models, run_all(pass1, [(m, every, cfg.report_n, cfg.seed) for m in models.values()],
+                                      cfg.workers)))
+    out: dict = {"n": cfg.report_n, "general": scores["general"], "experts": {}}
+    if base:
+        out["base"] = scores["base"]
+    for d in cfg.domains or every:
+        out["experts"][d] = {"sft": scores[f"{d}/sft"], "final": scores[f"{d}/final"],
                              "rl": not (DOMAINS[d].rubric_domain and cfg.rubric_rl == "none")}
     path = Path(cfg.out_dir) / "report.json"
     path.write_text(json.dumps(out, indent=2))
