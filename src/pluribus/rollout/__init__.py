@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from pluribus.models import pad_batch, position_ids_from_mask, response_logits
+from pluribus.rollout.lean import LeanDecoder
 
 
 @dataclass(frozen=True)
@@ -204,18 +205,74 @@ def _prefix_keep_mask(model, prompt_ids: list[list[int]], response_ids_B_T: torc
     return keep | ~positions_B_T[..., None]
 
 
+class _HFForward:
+    """Decoding through the model's own forward and its KV cache: any causal LM. Finished rows stay in the
+    batch, fed padding and masked out."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+
+    def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+        ids, self.attn = pad_batch(sequences, self.pad_id, side="left")
+        self.position = position_ids_from_mask(self.attn)
+        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=self.position, use_cache=True,
+                         logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
+        feed = torch.full((self.attn.shape[0],), self.pad_id, dtype=torch.long)
+        feed[live] = tokens_L
+        alive = torch.zeros(self.attn.shape[0], dtype=torch.long)
+        alive[live] = 1
+        self.attn = torch.cat([self.attn, alive[:, None]], dim=1)
+        self.position = self.position[:, -1:] + 1
+        out = self.model(input_ids=feed[:, None], attention_mask=self.attn, position_ids=self.position,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[live, -1].float()
+
+
+class _LeanForward:
+    """Decoding through `LeanDecoder` (Llama/Qwen2 family): the same logits without transformers' per-call
+    overhead; once a quarter of its rows have finished, they leave the cache."""
+
+    def __init__(self, decoder: LeanDecoder, pad_id: int):
+        self.decoder, self.pad_id = decoder, pad_id
+
+    def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+        self.rows = list(range(len(sequences)))  # the cache's rows, as indices of the prefilled sequences
+        return self.decoder.prefill(sequences, max_new_tokens)
+
+    def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
+        if len(live) <= 0.75 * len(self.rows):
+            slot = {row: s for s, row in enumerate(self.rows)}
+            self.decoder.keep_rows(torch.tensor([slot[row] for row in live]))
+            self.rows = list(live)
+        if len(live) == len(self.rows):
+            return self.decoder.step(tokens_L)
+        slot = {row: s for s, row in enumerate(self.rows)}
+        slots = [slot[row] for row in live]
+        feed = torch.full((len(self.rows),), self.pad_id, dtype=torch.long)
+        feed[slots] = tokens_L
+        return self.decoder.step(feed)[slots]
+
+
+def _forward_engine(model, pad_id: int):
+    decoder = LeanDecoder.build(model)
+    return _HFForward(model, pad_id) if decoder is None else _LeanForward(decoder, pad_id)
+
+
 def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
             eos_id, pad_id, greedy, truncating, log, stop_after_steps):
     """The decode loop over the unfinished rows; fills the per-row output lists in place."""
-    rows = [prompt_ids[i] + out_tokens[i] for i in active]
-    ids, attn = pad_batch(rows, pad_id, side="left")
-    pos = position_ids_from_mask(attn)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()
-    alive = torch.ones(len(active), dtype=torch.bool)
+    forward = _forward_engine(model, pad_id)
+    logits = forward.prefill([prompt_ids[i] + out_tokens[i] for i in active],
+                             params.max_new_tokens - min(len(out_tokens[i]) for i in active))
+    live = list(range(len(active)))  # positions in `active` still decoding: the rows of `logits`
     steps = 0
     while True:
-        step_of = [len(out_tokens[i]) for i in active]
+        rows = [active[j] for j in live]
         if greedy:
             logp = torch.log_softmax(logits, -1)
             tok = logp.argmax(-1)
@@ -226,29 +283,26 @@ def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finishe
             if keep is not None:
                 scaled = scaled.masked_fill(~keep, float("-inf"))
             logp = torch.log_softmax(scaled, -1)
-            tok = (logp + _gumbel([seeds[i] for i in active], step_of, logits.shape[-1])).argmax(-1)
+            noise = _gumbel([seeds[i] for i in rows], [len(out_tokens[i]) for i in rows], logits.shape[-1])
+            tok = (logp + noise).argmax(-1)
         chosen_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        tokens, logps = tok.tolist(), chosen_logp.tolist()
         logged = {}
-        for j, i in enumerate(active):
-            if not alive[j]:
-                continue
-            t = int(tok[j])
-            out_tokens[i].append(t)
-            out_logps[i].append(float(chosen_logp[j]))
+        going_on = []  # positions in `live` of the rows that continue
+        for k, i in enumerate(rows):
+            out_tokens[i].append(tokens[k])
+            out_logps[i].append(logps[k])
             if keep is not None:
-                keep_rows[i].append(keep[j].clone())
-            logged[i] = (t, float(chosen_logp[j]))
-            if t == eos_id or len(out_tokens[i]) >= params.max_new_tokens:
-                alive[j] = False
+                keep_rows[i].append(keep[k])
+            logged[i] = (tokens[k], logps[k])
+            if tokens[k] == eos_id or len(out_tokens[i]) >= params.max_new_tokens:
                 finished[i] = True
+            else:
+                going_on.append(k)
         if log is not None and logged:
             log.append(steps, logged)
         steps += 1
-        if not alive.any() or (stop_after_steps is not None and steps >= stop_after_steps):
+        if not going_on or (stop_after_steps is not None and steps >= stop_after_steps):
             return
-        feed = torch.where(alive, tok, torch.full_like(tok, pad_id))
-        attn = torch.cat([attn, alive[:, None].long()], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=feed[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        live = [live[k] for k in going_on]
+        logits = forward.step(tok[going_on], live)

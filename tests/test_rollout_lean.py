@@ -1,0 +1,99 @@
+"""The lean decode path (pluribus.rollout.lean): the HF forward's logits, the HF path's tokens, and a clean
+refusal of what it does not reproduce."""
+
+import pytest
+import torch
+
+from pluribus.models import add_lora, load, pad_batch, position_ids_from_mask, render_prompt
+from pluribus.rollout import SamplingParams, sample
+from pluribus.rollout import lean as lean_module
+from pluribus.rollout.lean import LeanDecoder
+
+
+def _prompts(tok, n):
+    return [render_prompt(tok, [{"role": "user", "content": f"sort {' '.join(str(7 * i + j) for j in range(i % 4 + 1))}"}])
+            for i in range(n)]
+
+
+def _hf_only(monkeypatch):
+    monkeypatch.setattr(lean_module.LeanDecoder, "build", classmethod(lambda cls, model: None))
+
+
+def _lora(model):
+    model = add_lora(model, rank=4, alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_lean_logits_equal_the_hf_forward(request, fixture, lora, one_thread):
+    model, tok = load(request.getfixturevalue(fixture), trainable=False)
+    model = _lora(model) if lora else model
+    prompts = _prompts(tok, 5)
+    ids, attn = pad_batch(prompts, tok.pad_token_id, side="left")
+    pos = position_ids_from_mask(attn)
+    with torch.no_grad():
+        decoder = LeanDecoder.build(model)
+        assert decoder is not None
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        hf, cache = out.logits[:, -1].float(), out.past_key_values
+        lean = decoder.prefill(prompts, 6)
+        assert (hf - lean).abs().max() < 1e-5
+        for _ in range(6):
+            token = hf.argmax(-1)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(input_ids=token[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                        use_cache=True)
+            hf, cache = out.logits[:, -1].float(), out.past_key_values
+            lean = decoder.step(token)
+            assert (hf - lean).abs().max() < 1e-5
+
+
+def test_lean_and_hf_paths_sample_the_same_tokens(tiny_qwen2, monkeypatch, one_thread):
+    """Distinct prompts, a GRPO-style batch (each prompt 4 times) and rows that stop early (a frequent token as
+    EOS, so finished rows leave the lean cache mid-batch): the same tokens and log-probs either way."""
+    model, tok = load(tiny_qwen2, trainable=False)
+    distinct = _prompts(tok, 8)
+    grouped = [p for p in distinct[:3] for _ in range(4)]
+    cases = [(distinct, SamplingParams(10), tok.eos_token_id), (grouped, SamplingParams(10, 0.8, 0.9, 20), tok.eos_token_id),
+             (distinct * 2, SamplingParams(48), 78)]
+    compactions = []
+    keep_rows = LeanDecoder.keep_rows
+    monkeypatch.setattr(LeanDecoder, "keep_rows", lambda self, rows: (compactions.append(len(rows)), keep_rows(self, rows)))
+    lean = [sample(model, p, params, eos_id=eos, pad_id=tok.pad_token_id, seed=5) for p, params, eos in cases]
+    assert compactions  # finished rows did leave the cache
+    _hf_only(monkeypatch)
+    hf = [sample(model, p, params, eos_id=eos, pad_id=tok.pad_token_id, seed=5) for p, params, eos in cases]
+    assert len(set(int(n) for n in lean[2].lengths)) > 1  # some rows did stop early
+    for a, b in zip(lean, hf):
+        assert torch.equal(a.response_ids_B_T, b.response_ids_B_T)
+        assert torch.equal(a.response_mask_B_T, b.response_mask_B_T)
+        assert (a.sampler_logprobs_B_T - b.sampler_logprobs_B_T).abs().max() < 1e-5
+        assert (a.keep_mask_B_T_V is None) == (b.keep_mask_B_T_V is None)
+        if a.keep_mask_B_T_V is not None:
+            assert torch.equal(a.keep_mask_B_T_V, b.keep_mask_B_T_V)
+
+
+def test_unsupported_models_fall_back_to_hf(tiny_llama):
+    model, _ = load(tiny_llama, trainable=False)
+    assert LeanDecoder.build(model) is not None
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert LeanDecoder.build(model) is None
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    model.config.hidden_act = "gelu"
+    assert LeanDecoder.build(model) is None
+
+
+def test_packs_hold_every_context_within_capacity():
+    lengths = [30, 9, 12, 64, 70, 5, 5, 33, 18]
+    packs = lean_module._packs(lengths)
+    assert sorted(c for pack in packs for c in pack) == list(range(len(lengths)))
+    capacity = max(lean_module.PACK_TOKENS, max(lengths))
+    assert all(sum(lengths[c] for c in pack) <= capacity for pack in packs)
+    assert len(packs) < len(lengths)  # short contexts share packs
