@@ -40,9 +40,23 @@ class DataConfig(Strict):
     domains: list[str] = Field(default_factory=list, description="world domains to generate from")
     n_per_domain: int = Field(500, gt=0, description="generated train records per world domain")
     jsonl: list[str] = Field(default_factory=list, description="paths of JSONL files in the data contract")
+    rewards: dict[str, str] = Field(default_factory=dict, exclude_if=lambda rewards: not rewards,
+                                    description="reward kind per domain of the JSONL records: math, code, ifeval, "
+                                                "grm, world:NAME (pluribus.rewards.router); world domains need none")
     seed: int = 0
 
     _known_domains = field_validator("domains")(known_domains)
+
+    @field_validator("rewards")
+    @classmethod
+    def _reward_kinds(cls, rewards):
+        for domain, kind in rewards.items():
+            if kind.startswith("world:"):
+                known_domains([kind.removeprefix("world:")])
+            elif kind not in ("math", "code", "ifeval", "grm"):
+                raise ValueError(f"domain '{domain}': unknown reward kind '{kind}' (known: math, code, ifeval, grm, "
+                                 "world:NAME)")
+        return rewards
 
     @field_validator("jsonl")
     @classmethod
@@ -231,6 +245,39 @@ class SamplingConfig(Strict):
     top_k: int = Field(0, ge=0, description="0: no top-k truncation")
 
 
+class RolloutConfig(Strict):
+    """Which engine generates an RL loop's rollouts (pluribus.rollout.engine): the trainer's own model (hf) or a
+    vLLM engine synced with the trainer's weights before every rollout (vllm, extra `pluribus[vllm]`)."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="vllm: the engine's weights; float32 matches the trainer's log-probs to ~1e-6")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm on a GPU: its share of the GPU's "
+                                                                      "memory (the trainer needs the rest)")
+    kv_cache_mb: int | None = Field(None, gt=0, description="vllm: KV cache size; None: vLLM's default")
+    max_model_len: int | None = Field(None, gt=0, description="vllm: longest prompt + response; None: the model's")
+
+    @field_validator("engine")
+    @classmethod
+    def _installed(cls, engine):
+        if engine == "vllm":  # a missing vllm fails as the config loads, in one line
+            from pluribus.rollout.vllm_engine import MISSING, vllm_installed
+
+            if not vllm_installed():
+                raise ValueError(MISSING)
+        return engine
+
+    def vllm_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"engine"})
+
+
+def rollout_field():
+    """A stage's `rollout` field: left out of dumps when default, so the stage and checkpoint keys of runs from
+    before it existed stay the same."""
+    return Field(default_factory=RolloutConfig, exclude_if=lambda rollout: rollout == RolloutConfig(),
+                 description="the rollout engine: hf (default) or vllm")
+
+
 class PolicyUpdateConfig(Distributed):
     """How one batch of rollouts updates the policy: the fields `pluribus.stages.grpo.policy_step` reads,
     shared by GRPO and the joint generate-and-judge loop (pluribus.core.grpo has the maths)."""
@@ -239,6 +286,7 @@ class PolicyUpdateConfig(Distributed):
     inner_updates: int = Field(1, ge=1, description="μ: optimizer passes over each rollout batch")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass (rollouts split evenly)")
     sampling: SamplingConfig = SamplingConfig()
+    rollout: RolloutConfig = rollout_field()
     advantage_scale: Literal["none", "std"] = "none"
     eps_low: float = Field(0.2, gt=0, lt=1)
     eps_high: float = Field(0.28, gt=0)
@@ -280,6 +328,10 @@ class GRMConfig(PolicyUpdateConfig):
 
     model: str
     out: str
+    data: DataConfig | None = Field(None, exclude_if=lambda data: data is None,
+                                    description="users' records (JSONL) for the domains below, checked by their "
+                                                "`rewards`; rubric records may carry labelled judgements "
+                                                "(meta.labels); None: the world's domains")
     domains: list[str] = Field(default_factory=lambda: ["describe"],
                                description="rubric domains: generation episodes, rewarded by the actor's own judgement")
     judge_domains: list[str] = Field(default_factory=lambda: ["sort", "max", "linear", "count", "case", "base"],
@@ -317,9 +369,11 @@ class GRMConfig(PolicyUpdateConfig):
 
     @field_validator("domains")
     @classmethod
-    def _rubric_domains(cls, domains):
+    def _rubric_domains(cls, domains, info: ValidationInfo):
         from pluribus.world import DOMAINS
 
+        if info.data.get("data") is not None:  # users' domains: checked against their records as the stage starts
+            return domains
         checkable = [d for d in known_domains(domains) if not DOMAINS[d].rubric_domain]
         if checkable or not domains:
             raise ValueError(f"list rubric domains only, at least one (these have a checker: {checkable})")
@@ -327,9 +381,11 @@ class GRMConfig(PolicyUpdateConfig):
 
     @field_validator("judge_domains")
     @classmethod
-    def _checkable_domains(cls, domains):
+    def _checkable_domains(cls, domains, info: ValidationInfo):
         from pluribus.world import DOMAINS
 
+        if info.data.get("data") is not None:
+            return domains
         rubric = [d for d in known_domains(domains) if DOMAINS[d].rubric_domain]
         if rubric:
             raise ValueError(f"{rubric} have no checker to label a judgement")
@@ -381,6 +437,7 @@ class OPDConfig(Distributed):
     prompts_per_step: int = Field(32, gt=0, description="student rollouts per step (one per prompt)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig,
                                      description="full-vocabulary KL needs no top-p/top-k: leave them off")
+    rollout: RolloutConfig = rollout_field()
     chunk_size: int = Field(1024, gt=0, description="positions per chunk when teacher logits are rebuilt from hidden states")
     optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, schedule="cosine")
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter on the student; None: full weights")

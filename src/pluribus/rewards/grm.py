@@ -376,6 +376,8 @@ class Judge:
     params: sampling for one judgement; default temperature 1 and the template's `max_new_tokens`
         (twice that, plus the separator, for a pairwise judgement).
     batch_size: judge requests per `sample` call.
+    engine: a `pluribus.rollout.engine.RolloutEngine` holding the policy's weights to sample judgements with;
+        None: `pluribus.rollout.sample` on `model`.
 
     `judge` returns texts, judgements and rewards; `score` just the rewards; calling the instance,
     `(record, response) -> float | None`, is the router's `judge=` form (and the router hands a batch
@@ -383,11 +385,12 @@ class Judge:
     """
 
     def __init__(self, model, tokenizer, template: JudgeTemplate = WORLD_TEMPLATE, *, k: int = 4, seed: int = 0,
-                 params: SamplingParams | None = None, batch_size: int = 64) -> None:
+                 params: SamplingParams | None = None, batch_size: int = 64, engine=None) -> None:
         if k < 1 or batch_size < 1:
             raise PluribusError(f"judge: k and batch_size must be ≥ 1, got k={k}, batch_size={batch_size}")
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.k, self.seed, self.batch_size = k, seed, batch_size
+        self.engine = engine
         self.params = params or SamplingParams(max_new_tokens=template.max_new_tokens, temperature=1.0)
         self.n_judged = self.n_invalid = 0
         self._calls = 0
@@ -464,9 +467,10 @@ class Judge:
         texts: list[list[str]] = [[] for _ in prompts]
         for start in range(0, len(owners), self.batch_size):
             rows = range(start, min(start + self.batch_size, len(owners)))
-            rollout = sample(self.model, [prompts[owners[j]] for j in rows], params,
-                             eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                             request_seeds=[seed * 1_000_003 + j for j in rows], tokenizer=self.tokenizer)
+            generate = self.engine.generate if self.engine is not None else functools.partial(sample, self.model)
+            rollout = generate([prompts[owners[j]] for j in rows], params,
+                               eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                               request_seeds=[seed * 1_000_003 + j for j in rows], tokenizer=self.tokenizer)
             for j, text in zip(rows, rollout.texts):
                 texts[owners[j]].append(text)
         return texts

@@ -29,6 +29,7 @@ and position), and so are the scores in practice.
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 from pathlib import Path
@@ -161,15 +162,17 @@ class Checkpointer:
                 log.unlink()
 
     def sample(self, step: int, model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int,
-               pad_id: int, request_seeds: Sequence[int], tokenizer) -> Rollout:
-        """`pluribus.rollout.sample` through step `step`'s token log: an interrupted batch resumes, a finished
-        one replays."""
+               pad_id: int, request_seeds: Sequence[int], tokenizer, engine=None) -> Rollout:
+        """`pluribus.rollout.sample` (or `engine.generate`, a `pluribus.rollout.engine.RolloutEngine`) through
+        step `step`'s token log: an interrupted batch resumes, a finished one replays."""
+
         cut = CRASH_AFTER_TOKENS if armed(self.out, f"rollout@{step}") else None
         log = self.rollout_log(step)
         if log.is_file():
             print(f"[{self.out}] step {step}: rollout resumed from its token log")
-        rollout = sample(model, prompt_ids, params, eos_id=eos_id, pad_id=pad_id, request_seeds=request_seeds,
-                         tokenizer=tokenizer, log_path=log, stop_after_steps=cut)
+        generate = engine.generate if engine is not None else functools.partial(sample, model)
+        rollout = generate(prompt_ids, params, eos_id=eos_id, pad_id=pad_id, request_seeds=request_seeds,
+                           tokenizer=tokenizer, log_path=log, stop_after_steps=cut)
         if cut is not None:
             kill()
         return rollout

@@ -22,6 +22,11 @@ Labels come from
   `label_judgements` (the hidden checker) on a fixed set of train prompts with two responses each
   (`candidate_responses`). `annotate` counts them and refuses more than the cap.
 
+Users' data (`cfg.data`, see `users_stage_data`): the rubric domains' JSONL records are the prompts, and
+the judgements people wrote of example responses (`meta.labels`) are the annotated set; the verifiable
+domains' records are checked by their `data.rewards` (math, code, IFEval), against a rubric naming the
+final answer, the tests or the instructions. There is no hidden checker, so the policy is not scored.
+
 Where this departs from the paper, and why:
 - A judge warm-up. A model that has never written a judgement samples no valid one; every judging
   episode gets −1 and RL has nothing to follow. So the stage first fine-tunes on the labels it will
@@ -54,8 +59,8 @@ greedy and sampled responses on those prompts:
   policy_examples: four of those samples, to read what the reward does to them.
 They go into `<out>.metrics.jsonl` at step 0, every `eval_every` steps and after the last; the
 warm-up's `<out>.warmup.metrics.jsonl` has them before and after it. Every RL step also logs
-gen_reward (the actor's judgement of its rollouts), gen_invalid_frac, gen_hidden_score (the hidden
-checker on the same rollouts, watched, never a reward) and judging_reward (annotated, verifiable).
+gen_reward (the actor's judgement of its rollouts), gen_invalid_frac, gen_hidden_score (world domains:
+the hidden checker on the same rollouts, watched, never a reward) and judging_reward (annotated, verifiable).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pluribus.config import GRMConfig
 from pluribus.data import Criterion, Record
@@ -72,11 +77,16 @@ from pluribus.errors import PluribusError
 from pluribus.models import add_lora, load, render_example, render_prompt, save
 from pluribus.rewards.grm import (GRM_TEMPLATE, WORLD_TEMPLATE, Judge, Judged, Judgement, JudgeTemplate, Label,
                                   label_judgements, parse_judgement, task_text, write_label)
-from pluribus.rollout import SamplingParams, sample
-from pluribus.stages.common import MetricsLog, lm_loss, make_optimizer, optimizer_step, progress, seed_everything
+from pluribus.rewards.math import extract_answer
+from pluribus.rollout import SamplingParams
+from pluribus.rollout.engine import open_engine
+from pluribus.stages.common import (MetricsLog, lm_loss, load_records, make_optimizer, optimizer_step, progress,
+                                    seed_everything)
 from pluribus.stages.evaluate import generate_texts
 from pluribus.stages.grpo import policy_step, reference_policy
-from pluribus.world import check, domain as world_domain, generate, instance_of
+from pluribus.world import DOMAINS, check, domain as world_domain, generate, instance_of, rubric_score
+
+Checker = Callable[[Record, str], float]
 
 TEMPLATES = {"world": WORLD_TEMPLATE, "grm": GRM_TEMPLATE}
 
@@ -106,17 +116,24 @@ def judging_rewards(texts: Sequence[str], items: Sequence[JudgeItem], template: 
 
 
 def verifiable_rubric(record: Record) -> list[Criterion]:
-    """A checkable record's rubric: one criterion, `answer X`, met when the checker gives the response 1."""
+    """A checkable record's rubric: one criterion, met when the checker gives the response 1: `answer X` for a
+    world record; for users' records, its tests (code), its instructions (IFEval) or its final answer (math)."""
+    if record.domain not in DOMAINS and record.tests:
+        return [Criterion("the program passes these tests:\n" + "\n".join(record.tests), 1.0, "essential")]
+    if record.domain not in DOMAINS and "instruction_id_list" in record.meta:
+        return [Criterion("the response follows every instruction of the task", 1.0, "essential")]
     if record.answer is None:
         raise PluribusError(f"record '{record.id}': a verifiable judging item needs an 'answer'")
-    return [Criterion(f"answer {record.answer}", 1.0, "essential")]
+    final = record.answer if record.domain in DOMAINS else extract_answer(record.answer) or record.answer
+    return [Criterion(f"answer {final}", 1.0, "essential")]
 
 
-def checker_items(records: Sequence[Record], responses: Sequence[str], template: JudgeTemplate) -> list[JudgeItem]:
+def checker_items(records: Sequence[Record], responses: Sequence[str], template: JudgeTemplate,
+                  checker: Checker = check) -> list[JudgeItem]:
     """Judging items of checkable records, labelled by their domain's checker against `verifiable_rubric`."""
     items = []
     for record, response in zip(records, responses, strict=True):
-        reward = check(record, response)
+        reward = checker(record, response)
         items.append(JudgeItem(replace(record, rubric=verifiable_rubric(record)), response,
                                write_label([reward >= 1.0], reward, template)))
     return items
@@ -164,7 +181,7 @@ def as_pairs(items: Sequence[JudgeItem]) -> list[tuple[JudgeItem, JudgeItem]]:
 
 
 def verifiable_pairs(model, tokenizer, records: Sequence[Record], template: JudgeTemplate, params: SamplingParams,
-                     seed: int, samples: int = 4) -> list[tuple[JudgeItem, JudgeItem]]:
+                     seed: int, samples: int = 4, checker: Checker = check) -> list[tuple[JudgeItem, JudgeItem]]:
     """Two of the actor's own rollouts per checkable record, labelled by the checker: one passing and one
     failing, in random order, where its `samples` rollouts have both; else two of them."""
     if not records:
@@ -173,11 +190,12 @@ def verifiable_pairs(model, tokenizer, records: Sequence[Record], template: Judg
     texts = generate_texts(model, tokenizer, list(records), params, seed, 256, samples=samples)
     pairs = []
     for record, rollouts in zip(records, texts):
-        passed = [r for r in rollouts if check(record, r) >= 1.0]
-        failed = [r for r in rollouts if check(record, r) < 1.0]
+        rewards = [checker(record, r) for r in rollouts]
+        passed = [r for r, reward in zip(rollouts, rewards) if reward >= 1.0]
+        failed = [r for r, reward in zip(rollouts, rewards) if reward < 1.0]
         two = [rng.choice(passed), rng.choice(failed)] if passed and failed else rng.sample(rollouts, 2)
         rng.shuffle(two)
-        first, second = checker_items([record, record], two, template)
+        first, second = checker_items([record, record], two, template, checker)
         pairs.append((first, second))
     return pairs
 
@@ -287,10 +305,12 @@ def evaluate(model, tokenizer, template: JudgeTemplate, held_out: HeldOut, cfg: 
     """Every judge_* metric, the judge greedy (one judgement per item); judge_acc_verifiable on checkable items."""
     judge = Judge(model, tokenizer, template, k=1, params=SamplingParams(template.max_new_tokens, temperature=0.0))
     pairs = as_pairs(held_out.items)[:cfg.eval_pairs]
-    out = judge_metrics(judge, held_out.items, pairs, cfg.score_tolerance, cfg.seed)
+    out = judge_metrics(judge, held_out.items, pairs, cfg.score_tolerance, cfg.seed) if held_out.items else {}
     if held_out.verifiable:
         out["judge_acc_verifiable"] = judge_metrics(judge, held_out.verifiable, [], cfg.score_tolerance,
                                                     cfg.seed)["judge_acc"]
+    if not held_out.records:  # users' rubric domains have no hidden checker to score the policy with
+        return out
     return out | policy_metrics(model, tokenizer, judge, held_out.records, cfg.sampling.max_new_tokens,
                                 cfg.score_tolerance, cfg.seed)
 
@@ -348,8 +368,10 @@ class StageData:
     checkable: list[Record]
     """Train prompts of the verifiable domains, whose fresh rollouts become judging items."""
     annotated: list[JudgeItem]
-    """The annotated set: at most the cap of hidden-checker labels."""
+    """The annotated set: at most the cap of hidden-checker labels (of people's labels, for users' data)."""
     held_out: HeldOut
+    checker: Checker = check
+    """`(record, response) -> reward` of the verifiable domains."""
 
 
 def stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> StageData:
@@ -373,6 +395,52 @@ def stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> Sta
                      annotated, held_out)
 
 
+def users_stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> StageData:
+    """The same from users' records (`cfg.data`): the rubric domains' records are the generation prompts and
+    their labelled judgements (`meta["labels"]`, see `labelled_items`) the annotated set; the verifiable
+    domains' records, checked by `cfg.data.rewards`, give fresh judging items. With no test split and no
+    hidden checker, the judge is measured on the annotated set itself and on two rollouts of each of up to
+    `eval_n` verifiable records; the policy is not scored."""
+    from pluribus.rewards.router import RewardRouter
+
+    records = load_records(cfg.data)
+    by_domain = {d: [r for r in records if r.domain == d] for d in [*cfg.domains, *cfg.judge_domains]}
+    empty = [d for d, rs in by_domain.items() if not rs]
+    if empty:
+        raise PluribusError(f"grm: no records of domain(s) {empty} in {cfg.data.jsonl}")
+    checker = RewardRouter(cfg.data.rewards)
+    unrouted = [d for d in cfg.judge_domains if checker.kinds.get(d) in (None, "grm")]
+    if unrouted:
+        raise PluribusError(f"grm: verifiable domain(s) {unrouted} need a checking reward in data.rewards "
+                            "(math, code, ifeval or world:NAME)")
+    gen_records = [r for d in cfg.domains for r in by_domain[d]]
+    checkable = [r for d in cfg.judge_domains for r in by_domain[d]]
+    annotated = labelled_items(gen_records, template, cfg.max_rubric_labels)[:cfg.rubric_labels]
+    pairs = verifiable_pairs(model, tokenizer, checkable[:cfg.eval_n], template, _rollout_params(cfg), cfg.seed + 3,
+                             checker=checker)
+    return StageData(gen_records, checkable, annotated, HeldOut(annotated, [i for p in pairs for i in p], []),
+                     checker)
+
+
+def labelled_items(records: Sequence[Record], template: JudgeTemplate, cap: int) -> list[JudgeItem]:
+    """Judgements people wrote, from each rubric record's `meta["labels"]`: `[{response, verdicts}]`, one
+    verdict (true: met) per rubric criterion; the score is the rubric's weighted one. At most `cap`."""
+    items = []
+    for record in records:
+        for j, label in enumerate(record.meta.get("labels") or []):
+            rubric = record.rubric or []
+            verdicts = label.get("verdicts") if isinstance(label, dict) else None
+            if not (rubric and isinstance(label.get("response"), str) and isinstance(verdicts, list)
+                    and len(verdicts) == len(rubric) and all(isinstance(v, bool) for v in verdicts)):
+                raise PluribusError(f"record '{record.id}': meta.labels[{j}] needs a 'response' and 'verdicts', one "
+                                    f"true/false per rubric criterion ({len(rubric)})")
+            items.append(JudgeItem(record, label["response"],
+                                   write_label(verdicts, rubric_score(rubric, verdicts), template)))
+    if len(items) > cap:
+        raise PluribusError(f"annotated set: {len(items)} labelled rubric judgements exceed the cap of {cap}")
+    return items
+
+
 def _rollout_params(cfg: GRMConfig, max_new_tokens: int | None = None) -> SamplingParams:
     return SamplingParams(max_new_tokens or cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p,
                           cfg.sampling.top_k)
@@ -384,7 +452,8 @@ def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg:
     metrics.write(step=0, **evaluate(model, tokenizer, template, data.held_out, cfg))
     rng = random.Random(f"warmup-data:{cfg.seed}")
     prompts = rng.sample(data.checkable, min(cfg.warmup_verifiable, len(data.checkable)))
-    own = verifiable_pairs(model, tokenizer, prompts, template, _rollout_params(cfg), cfg.seed + 4)
+    own = verifiable_pairs(model, tokenizer, prompts, template, _rollout_params(cfg), cfg.seed + 4,
+                           checker=data.checker)
     replay = replay_examples(model, tokenizer, data.gen_records + data.checkable[::4], cfg.sampling.max_new_tokens,
                              cfg.seed + 5)
     warm_up(model, tokenizer, judge_examples(tokenizer, template, data.annotated, as_pairs(data.annotated)),
@@ -403,7 +472,8 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     out = Path(cfg.out)
-    data = stage_data(model, tokenizer, template, cfg)
+    data = stage_data(model, tokenizer, template, cfg) if cfg.data is None else users_stage_data(model, tokenizer,
+                                                                                                  template, cfg)
     start = (run_warm_up(model, tokenizer, template, data, cfg, out) if cfg.warmup_steps
              else evaluate(model, tokenizer, template, data.held_out, cfg))
     # the KL anchor is a frozen copy of the policy as RL starts, a judge already (with LoRA too: the model
@@ -412,8 +482,9 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
 
     # one sampling for both kinds of rows (the loss recomputes log-probs at this temperature): room for a judgement
     params = _rollout_params(cfg, max(cfg.sampling.max_new_tokens, template.max_new_tokens))
+    engine = open_engine(cfg.rollout.engine, model, cfg.model, seed=cfg.seed, **cfg.rollout.vllm_options())
     reward_judge = Judge(model, tokenizer, template, k=cfg.judge_k, seed=cfg.seed,
-                         params=SamplingParams(template.max_new_tokens, cfg.judge_temperature))
+                         params=SamplingParams(template.max_new_tokens, cfg.judge_temperature), engine=engine)
     optimizer, scheduler = make_optimizer(model, cfg.optim, cfg.steps * cfg.inner_updates * cfg.minibatches)
     metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"))
     metrics.write(step=0, annotated_labels=len(data.annotated), **start)
@@ -426,13 +497,15 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
         for step in range(cfg.steps):
             t0 = time.time()
             fresh = verifiable_pairs(model, tokenizer, rng.sample(data.checkable, n_fresh),
-                                     template, _rollout_params(cfg), cfg.seed * 7_919 + step)
+                                     template, _rollout_params(cfg), cfg.seed * 7_919 + step, checker=data.checker)
             episodes = draw_episodes(rng, data.gen_records, cfg.gen_prompts, data.annotated, n_annotated,
                                      [first for first, _ in fresh])
             prompts = [render_prompt(tokenizer, c) for c in episodes.conversations(template)]
-            rollout = sample(model, [p for p in prompts for _ in range(G)], params, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                             request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(prompts) * G)])
+            engine.sync_weights(model)  # the rollouts and the reward's judgements come from this step's weights
+            rollout = engine.generate([p for p in prompts for _ in range(G)], params, eos_id=tokenizer.eos_token_id,
+                                      pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                                      request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i
+                                                     for i in range(len(prompts) * G)])
             raw, judged, judging = episode_rewards(episodes, rollout.texts, G, reward_judge, cfg.score_tolerance)
             _, _, stats = policy_step(model, cfg, rollout, raw, reference, optimizer, scheduler, tokenizer.pad_token_id)
             n_gen, n_ann = len(episodes.generation) * G, n_annotated * G
@@ -440,15 +513,17 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
             row = dict(step=step + 1,
                        gen_reward=_share(r for r in judged.rewards if r is not None),
                        gen_invalid_frac=judged.invalid_rate,
-                       gen_hidden_score=_share(check(r, t) for r, t in zip(gen_rows, rollout.texts[:n_gen])),
                        judging_reward=_share(judging), judging_reward_annotated=_share(judging[:n_ann]),
                        judging_reward_verifiable=_share(judging[n_ann:]),
                        lr=scheduler.get_last_lr()[0], step_s=time.time() - t0, **stats)
+            if cfg.data is None:  # the world's rubric domains have a hidden checker to watch (never a reward)
+                row["gen_hidden_score"] = _share(check(r, t) for r, t in zip(gen_rows, rollout.texts[:n_gen]))
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 row |= evaluate(model, tokenizer, template, data.held_out, cfg)
             metrics.write(**row)
             bar.update(task, advance=1, info=f"judging {row['judging_reward']:+.2f} gen {row['gen_reward']:.2f}")
     metrics.close()
+    engine.close()
     model.eval()
     return save(model, tokenizer, out, {"stage": "grm", "annotated_labels": len(data.annotated), **(meta or {}),
                                         "config": cfg.model_dump()})

@@ -27,6 +27,7 @@ from pluribus.data import Record
 from pluribus.models import add_lora, load, render_prompt, response_logprobs, save
 from pluribus.rewards.length import LengthPenalty
 from pluribus.rollout import SamplingParams
+from pluribus.rollout.engine import open_engine
 from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import (MetricsLog, load_records, make_optimizer, optimizer_step, progress,
                                     seed_everything)
@@ -35,12 +36,13 @@ RewardFn = Callable[[list[Record], list[str], list[int]], list[float | None]]
 
 
 def default_reward(cfg: GRPOConfig) -> RewardFn:
-    """The router's rewards (world checkers by default), with the overlong penalty when configured."""
+    """The router's rewards (world checkers, and `cfg.data.rewards` for JSONL domains), with the overlong penalty
+    when configured."""
     from pluribus.rewards.router import RewardRouter
 
     penalty = LengthPenalty(cfg.max_len_penalty_tokens, cfg.len_penalty_cache_tokens) \
         if cfg.max_len_penalty_tokens else None
-    router = RewardRouter(length_penalty=penalty)
+    router = RewardRouter(cfg.data.rewards, length_penalty=penalty)
     return lambda records, texts, lengths: router.score(records, texts, lengths if penalty else None)
 
 
@@ -74,6 +76,7 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
     first, state = ckpt.restore({"rng": random.Random(cfg.seed)})
     rng = state["rng"]
     metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"), first)
+    engine = open_engine(cfg.rollout.engine, model, cfg.model, seed=cfg.seed, **cfg.rollout.vllm_options())
     bar, task = progress("grpo", cfg.steps, first)
     G = cfg.group_size
     with bar:
@@ -81,8 +84,9 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
             t0 = time.time()
             batch = rng.sample(records, min(cfg.prompts_per_step, len(records)))
             rows = [r for r in batch for _ in range(G)]
+            engine.sync_weights(model)
             rollout = ckpt.sample(step, model, [prompts[r.id] for r in rows], params, eos_id=tokenizer.eos_token_id,
-                                  pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                                  pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, engine=engine,
                                   request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(rows))])
             t_sample = time.time() - t0
             lengths = rollout.lengths.tolist()
@@ -103,6 +107,7 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
             bar.update(task, advance=1, info=f"reward {record['reward_mean']:.2f}")
             ckpt.step_done(step, {"rng": rng})
     metrics.close()
+    engine.close()
     model.eval()
     return save(model, tokenizer, out, {"stage": "grpo", **(meta or {}), "config": cfg.model_dump()})
 

@@ -30,6 +30,7 @@ from pluribus.data import Record
 from pluribus.errors import PluribusError
 from pluribus.models import add_lora, load, merge_lora, render_prompt, save
 from pluribus.rollout import SamplingParams
+from pluribus.rollout.engine import open_engine
 from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import MetricsLog, load_records, make_optimizer, optimizer_step, progress, seed_everything
 from pluribus.teachers import (TeacherPool, TeacherSpec, check_head_reproduces_logits, distill_backward,
@@ -38,12 +39,14 @@ from pluribus.teachers import (TeacherPool, TeacherSpec, check_head_reproduces_l
 RewardFn = Callable[[list[Record], list[str]], list[float | None]]
 
 
-def default_reward() -> RewardFn:
-    """The router's rewards for the domains it knows (world checkers by default); None elsewhere."""
+def default_reward(routes: dict[str, str] | None = None) -> RewardFn:
+    """The router's rewards for the domains it can check (world checkers, and `routes`: domain -> reward kind);
+    None elsewhere, and for domains routed to the generative judge (none is at hand here)."""
     from pluribus.rewards.router import RewardRouter
 
-    router = RewardRouter()
-    known = set(router.domains)
+    router = RewardRouter(routes)
+    known = {d for d in router.domains if router.kinds[d] != "grm"}
+
 
     def score(records: list[Record], texts: list[str]) -> list[float | None]:
         rows = [i for i, r in enumerate(records) if r.domain in known]
@@ -96,7 +99,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                        resident_budget_bytes=int(cfg.teacher_memory_mb * 2**20))
     stream = DomainStream(records if records is not None else load_records(cfg.data), cfg.domain_weights, cfg.seed)
     pool.route(stream.domains)  # fails now, not mid-run, when a domain has no teacher
-    reward_fn = reward_fn or default_reward()
+    reward_fn = reward_fn or default_reward(cfg.data.rewards)
     names = [spec.name for spec in pool.teachers]
     prompts: dict[str, list[int]] = {}
     params = SamplingParams(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p,
@@ -110,6 +113,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
     stream.rng = state["stream"]
     metrics = MetricsLog(out.with_name(out.name + ".metrics.jsonl"), first)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    engine = open_engine(cfg.rollout.engine, model, cfg.model, seed=cfg.seed, **cfg.rollout.vllm_options())
     bar, task = progress("opd", cfg.steps, first)
     with bar:
         for step in range(first, cfg.steps):
@@ -121,8 +125,9 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
             for r in batch:
                 if r.id not in prompts:
                     prompts[r.id] = render_prompt(tokenizer, r.messages())
+            engine.sync_weights(model)
             rollout = ckpt.sample(step, model, [prompts[r.id] for r in batch], params, eos_id=eos_id, pad_id=pad_id,
-                                  tokenizer=tokenizer,
+                                  tokenizer=tokenizer, engine=engine,
                                   request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(batch))])
             t_sample = time.time()
             states = pool.teacher_states(rollout.prompt_ids, rollout.response_ids_B_T, rollout.response_mask_B_T,
@@ -157,6 +162,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
             bar.update(task, advance=1, info=f"kl {record['kl']:.3f}")
             ckpt.step_done(step, {"stream": stream.rng})
     metrics.close()
+    engine.close()
     pool.release()
     model.eval()
     lora = hasattr(model, "disable_adapter")
