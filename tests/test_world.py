@@ -46,6 +46,18 @@ def test_generation_is_deterministic_and_seeded():
     assert [r.prompt for r in a] != [r.prompt for r in generate("add", "train", 20, seed=6)]
 
 
+def test_a_training_set_follows_the_domain_distribution_and_a_test_set_is_unique():
+    """8,000 unique code demonstrations would hold 5% two-step programs (their space runs out); i.i.d.
+    training draws keep the generator's share, which is what the test set holds."""
+    share = lambda records: sum(len(r.meta["steps"]) == 2 for r in records) / len(records)  # noqa: E731
+    train = generate("code", "train", 8000, seed=0)
+    test = generate("code", "test", 400, seed=0)
+    assert 0.4 <= share(train) <= 0.6 and 0.3 <= share(test) <= 0.6
+    assert share(generate("code", "train", 8000, seed=0, unique=True)) < 0.1
+    assert len({r.prompt for r in train}) < len(train)  # repeats, as the distribution has them
+    assert len({r.prompt for r in test}) == len(test)
+
+
 @pytest.mark.parametrize("name", list(DOMAINS))
 def test_trivial_floor_is_low(name):
     assert trivial_floor(generate(name, "test", 200)) <= 0.20

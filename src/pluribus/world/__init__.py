@@ -35,13 +35,20 @@ def split_of(prompt: str) -> str:
     return "test" if h < TEST_FRACTION else "train"
 
 
-def generate(name: str, split: str, n: int, seed: int = 0, unique: bool = True) -> list[Record]:
+def generate(name: str, split: str, n: int, seed: int = 0, unique: bool | None = None) -> list[Record]:
     """`n` records of one domain and split, deterministic in (name, split, seed).
 
-    With `unique`, prompts do not repeat unless the domain's space runs out (then they may).
+    With `unique`, prompts do not repeat unless the domain's space runs out (then they may). By
+    default a test set is unique (each test prompt counts once) and a training set is drawn i.i.d.
+    from the domain's distribution, repeats and all: unique draws exhaust the small parts of a
+    space first (the 576 two-step programs, the one-digit sums) and so skew a large training set
+    toward the large parts (8,000 unique code demonstrations hold 5% two-step programs; the
+    distribution, and the test set, 40%).
     """
     if split not in SPLITS:
         raise PluribusError(f"unknown split '{split}' (use train or test)")
+    if unique is None:
+        unique = split == "test"
     dom = domain(name)
     rng = random.Random(f"{name}:{split}:{seed}")
     records, seen, tries = [], set(), 0
