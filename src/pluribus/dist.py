@@ -236,26 +236,34 @@ def no_sync(trainer, enabled: bool) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def gathered(model) -> Iterator[None]:
-    """FSDP2: every parameter all-gathered for the block and kept so between forwards (HF generation runs
-    a different number of forwards on each rank, which per-forward all-gathers could not follow).
-    Enter on every rank; inside, forwards do not communicate. A no-op otherwise."""
-    if not is_fsdp(model):
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
+def unshard(model) -> None:
+    """FSDP2: all-gather every parameter and keep it so between forwards until `reshard` (HF generation runs a
+    different number of forwards on each rank, which per-forward all-gathers could not follow). Call on
+    every rank; in between, forwards do not communicate. A no-op otherwise."""
+    for unit in _fsdp_units(model):
         unit.set_reshard_after_forward(False)
         unit.unshard()
+
+
+def reshard(model) -> None:
+    """Undo `unshard`: back to 1/N of the parameters per rank."""
+    for unit in _fsdp_units(model):
+        unit.reshard()
+        unit.set_reshard_after_forward(True)
+
+
+def _fsdp_units(model) -> list:
+    return [m for m in model.modules() if is_fsdp(m)] if is_fsdp(model) else []
+
+
+@contextlib.contextmanager
+def gathered(model) -> Iterator[None]:
+    """`unshard` for the block, then `reshard`."""
+    unshard(model)
     try:
         yield
     finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(True)
+        reshard(model)
 
 
 def trunk_forward(trainer, model):

@@ -213,7 +213,9 @@ def grpo_loss(
     Per token: PPO-clip loss + `kl_coef` × KL estimate to the reference; sequences dropped by the
     off-policy mask (when `off_policy_delta` is set) leave the mask; then `aggregate`.
     Stats: `clip_frac` (token mean over the kept tokens), `kl` (token mean of the KL estimate over
-    the kept tokens; 0 without a reference), `masked_seq_frac` (fraction of the B sequences dropped).
+    the kept tokens; 0 without a reference), `masked_seq_frac` (fraction of the B sequences dropped),
+    `tokens` and `sequences` (the kept tokens, the kept sequences with a token: the normalisers of the
+    two aggregations, which data-parallel training sums over ranks).
     """
     _require(logprobs_B_T.dim() == 2, f"logprobs_B_T must be 2-D [B, T], got shape {tuple(logprobs_B_T.shape)}")
     _require_B_T("old_logprobs_B_T", old_logprobs_B_T, logprobs_B_T.shape)
@@ -249,5 +251,7 @@ def grpo_loss(
         "clip_frac": aggregate(clip_active_B_T.to(per_token_B_T.dtype), mask_B_T),
         "kl": kl_stat,
         "masked_seq_frac": (~keep_B).to(per_token_B_T.dtype).mean(),
+        "tokens": mask_B_T.sum().to(per_token_B_T.dtype),
+        "sequences": (mask_B_T.sum(-1) > 0).sum().to(per_token_B_T.dtype),
     }
     return loss, stats

@@ -8,6 +8,11 @@ finite is skipped and logged, never applied.
 
 The reference model is the starting weights: with LoRA, the same model with the adapter disabled
 (no second copy); with full weights, a frozen copy.
+
+Under torchrun (`pluribus.dist`) each process samples, rewards and trains on its slice of the prompts
+(whole groups, so advantages need nothing from other ranks); a minibatch is the same set of rollouts as
+with one process (one permutation of the global batch, rank 0's), each rank holding its part, and the
+loss is normalised by the minibatch's global token (or sequence) count. Metrics cover the global batch.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from pluribus import dist
 from pluribus.config import EvalConfig, GRPOConfig, PolicyUpdateConfig
 from pluribus.core import group_advantages, grpo_loss
 from pluribus.data import Record
@@ -46,24 +52,29 @@ def default_reward(cfg: GRPOConfig) -> RewardFn:
     return lambda records, texts, lengths: router.score(records, texts, lengths if penalty else None)
 
 
-def reference_policy(model, lora: bool):
-    """A context manager under which `model` computes the reference policy."""
+def reference_policy(model, lora: bool, distributed: str = "ddp"):
+    """A context manager under which `model` computes the reference policy (take it before `dist.wrap`;
+    under fsdp2 the frozen copy is sharded too)."""
     if lora:
         return model.disable_adapter
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
+    frozen = dist.wrap(frozen, distributed, frozen=True)
     return lambda: contextlib.nullcontext(frozen)
 
 
 def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardFn | None = None,
         meta: dict | None = None, eval_records: list[Record] | None = None) -> Path:
+    world = dist.init()
+    world.per_rank(cfg.prompts_per_step, "grpo prompts_per_step")
     seed_everything(cfg.seed)
     model, tokenizer = load(cfg.model)
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     lora = hasattr(model, "disable_adapter")
-    reference = reference_policy(model, lora) if cfg.kl_coef > 0 else None
+    reference = reference_policy(model, lora, cfg.distributed) if cfg.kl_coef > 0 else None
+    trainer = dist.wrap(model, cfg.distributed)
     records = records if records is not None else load_records(cfg.data)
     reward_fn = reward_fn or default_reward(cfg)
     prompts = {r.id: render_prompt(tokenizer, r.messages()) for r in records}
@@ -83,16 +94,22 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
         for step in range(first, cfg.steps):
             t0 = time.time()
             batch = rng.sample(records, min(cfg.prompts_per_step, len(records)))
-            rows = [r for r in batch for _ in range(G)]
+            rows = [r for r in world.shard(batch, "prompts this step") for _ in range(G)]
             engine.sync_weights(model)
+            dist.unshard(model)  # fsdp2: whole weights while the HF sampler runs
             rollout = ckpt.sample(step, model, [prompts[r.id] for r in rows], params, eos_id=tokenizer.eos_token_id,
                                   pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, engine=engine,
-                                  request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(rows))])
+                                  request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + world.rank * len(rows) + i
+                                                 for i in range(len(rows))])
+            dist.reshard(model)
             t_sample = time.time() - t0
             lengths = rollout.lengths.tolist()
             raw = reward_fn(rows, rollout.texts, lengths)
-            rewards, valid, stats = policy_step(model, cfg, rollout, raw, reference, optimizer, scheduler,
+            rewards, valid, stats = policy_step(trainer, cfg, rollout, raw, reference, optimizer, scheduler,
                                                 tokenizer.pad_token_id)
+            if world.size > 1:  # the metrics describe the global batch
+                rewards, valid = dist.all_gather_rows(rewards), dist.all_gather_rows(valid)
+                lengths = dist.all_gather_rows(rollout.lengths).tolist()
             elapsed = time.time() - t0
             solved = rewards[valid] >= 1.0
             record = dict(step=step, reward_mean=float(rewards[valid].mean()) if valid.any() else 0.0,
@@ -102,19 +119,23 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
                           response_len=sum(lengths) / len(lengths), lr=scheduler.get_last_lr()[0],
                           tokens_per_s=sum(lengths) / max(t_sample, 1e-9), step_s=elapsed, **stats)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and eval_records:
-                record["eval_pass1"] = greedy_pass1(model, tokenizer, eval_records, cfg.sampling.max_new_tokens)
+                with dist.gathered(model):
+                    record["eval_pass1"] = greedy_pass1(model, tokenizer, eval_records, cfg.sampling.max_new_tokens)
             metrics.write(**record)
             bar.update(task, advance=1, info=f"reward {record['reward_mean']:.2f}")
             ckpt.step_done(step, {"rng": rng})
     metrics.close()
     engine.close()
     model.eval()
-    return save(model, tokenizer, out, {"stage": "grpo", **(meta or {}), "config": cfg.model_dump()})
+    return dist.save(model, tokenizer, out, {"stage": "grpo", **(meta or {}), "config": cfg.model_dump()})
 
 
 def policy_step(model, cfg: PolicyUpdateConfig, rollout, raw_N: list[float | None], reference, optimizer,
                 scheduler, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One GRPO update from a rollout batch and its rewards: group advantages, then μ passes of minibatches.
+
+    `model` is what the loss runs through: the model, or its `pluribus.dist.wrap` under torchrun, where
+    `rollout` and `raw_N` are this rank's whole groups and the update is that of the global batch.
 
     Rows `[g·G, (g+1)·G)` form group g (G = cfg.group_size). A None reward is invalid: masked out of its
     group's advantage, never read as 0. GRPO's update, and the joint generate-and-judge loop's
@@ -128,7 +149,13 @@ def policy_step(model, cfg: PolicyUpdateConfig, rollout, raw_N: list[float | Non
 
 
 def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer, scheduler, pad_id) -> dict:
-    """μ passes of minibatch updates on one rollout batch; returns averaged stats."""
+    """μ passes of minibatch updates on one rollout batch; returns averaged stats.
+
+    A minibatch is a slice of one permutation of the global batch (rank 0's draw); each rank trains on
+    the rows of it that it holds, its loss scaled to its share of the minibatch's global normaliser. A
+    rank that holds none of a minibatch still runs it with a zero mask, so the gradient all-reduce
+    meets every rank."""
+    world = dist.world()
     N = adv_N.shape[0]
     mask = rollout.response_mask_B_T
     ref_logprobs = None
@@ -138,22 +165,30 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
                                                 mask, pad_id, cfg.sampling.temperature, rollout.keep_mask_B_T_V)
     sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "masked_seq_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     skipped = updates = 0
-    size = N // cfg.minibatches
+    size = N * world.size // cfg.minibatches
     model.train()
     for _ in range(cfg.inner_updates):
-        order = torch.randperm(N)
+        order = dist.broadcast(torch.randperm(N * world.size))
         for m in range(cfg.minibatches):
-            idx = order[m * size:(m + 1) * size]
+            idx = order[m * size:(m + 1) * size] - world.rank * N
+            idx = idx[(idx >= 0) & (idx < N)]
+            held = idx.numel() > 0
+            if not held:
+                idx = torch.zeros(1, dtype=torch.long)
+            rows_mask = mask[idx] if held else torch.zeros_like(mask[idx])
             keep = None if rollout.keep_mask_B_T_V is None else rollout.keep_mask_B_T_V[idx]
             logprobs, entropy = response_logprobs(model, [rollout.prompt_ids[i] for i in idx],
-                                                  rollout.response_ids_B_T[idx], mask[idx], pad_id,
+                                                  rollout.response_ids_B_T[idx], rows_mask, pad_id,
                                                   cfg.sampling.temperature, keep)
-            loss, stats = grpo_loss(logprobs, rollout.sampler_logprobs_B_T[idx], adv_N[idx], mask[idx],
+            loss, stats = grpo_loss(logprobs, rollout.sampler_logprobs_B_T[idx], adv_N[idx], rows_mask,
                                     ref_logprobs_B_T=None if ref_logprobs is None else ref_logprobs[idx],
                                     kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.eps_low,
                                     eps_high=cfg.eps_high, off_policy_delta=cfg.off_policy_delta,
                                     aggregation=cfg.aggregation)
-            if not torch.isfinite(loss):
+            if world.size > 1:  # this rank's share: its terms over the minibatch's global normaliser
+                count = stats["tokens" if cfg.aggregation == "token_mean" else "sequences"]
+                loss = loss * (count / dist.all_sum(count).clamp_min(1))
+            if not dist.all_true(bool(torch.isfinite(loss))):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
@@ -161,11 +196,16 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
             norm, stepped = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
             skipped += not stepped
             updates += 1
-            sums["loss"] += loss.item()
+            sums["loss"] += float(dist.all_sum(loss.detach()))
             sums["grad_norm"] += norm if stepped else 0.0
-            sums["entropy"] += float(entropy[mask[idx]].mean())
-            for k in ("clip_frac", "kl", "masked_seq_frac"):
-                sums[k] += float(stats[k])
+            tokens, rows = float(stats["tokens"]), float(held) * len(idx)
+            means = dist.weighted_means({"entropy": (float(entropy[rows_mask].mean()) if held else 0.0,
+                                                     float(rows_mask.sum())),
+                                         "clip_frac": (float(stats["clip_frac"]), tokens),
+                                         "kl": (float(stats["kl"]), tokens),
+                                         "masked_seq_frac": (float(stats["masked_seq_frac"]), rows)})
+            for k, v in means.items():
+                sums[k] += v
     out = {k: v / max(1, updates) for k, v in sums.items()}
     out["skipped_updates"] = skipped
     return out

@@ -13,6 +13,11 @@ The student starts from `cfg.model` (full weights, or a LoRA adapter: a saved ad
 training, `cfg.lora` adds one to a full model). The teachers are separate models loaded from their
 own folders, never the student's weights. A LoRA student is saved merged into full weights by
 default (`save_merged`), so the result is a plain HF model like the experts' base.
+
+Under torchrun (`pluribus.dist`) each process takes its slice of the drawn prompts, orders that slice
+by teacher (the V4 schedule holds on every rank: each of its teachers runs once per step), samples and
+scores it with its own teacher pool; Eq. 29's per-teacher means use the global token count of each
+teacher (`distill_step`), so N processes compute the update of one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from pluribus import dist
 from pluribus.config import OPDConfig
 from pluribus.data import Record
 from pluribus.errors import PluribusError
@@ -87,12 +93,15 @@ class DomainStream:
 
 def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn | None = None,
         meta: dict | None = None) -> Path:
+    world = dist.init()
+    world.per_rank(cfg.prompts_per_step, "opd prompts_per_step")
     seed_everything(cfg.seed)
     model, tokenizer = load(cfg.model)
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-    student_head, student_bias = output_head(model)
+    student_head, _ = output_head(model)
     check_head_reproduces_logits(model, f"student ({cfg.model})")
+    trainer = dist.wrap(model, cfg.distributed, trunk=True)
     pool = TeacherPool([TeacherSpec(t.name or "+".join(t.domains), Path(t.path), tuple(t.domains), t.weight)
                         for t in cfg.teachers], tokenizer, vocab_size=student_head.shape[0],
                        allow_eos_mismatch=cfg.allow_eos_mismatch,
@@ -118,7 +127,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
     with bar:
         for step in range(first, cfg.steps):
             t0 = time.time()
-            drawn = stream.draw(cfg.prompts_per_step)
+            drawn = world.shard(stream.draw(cfg.prompts_per_step), "prompts this step")  # then ordered per rank
             teacher_index = pool.route([r.domain for r in drawn])
             order = pool.order(teacher_index)
             batch, teacher_index = [drawn[i] for i in order], [teacher_index[i] for i in order]
@@ -126,38 +135,34 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                 if r.id not in prompts:
                     prompts[r.id] = render_prompt(tokenizer, r.messages())
             engine.sync_weights(model)
+            dist.unshard(model)  # fsdp2: whole weights while the HF sampler runs
             rollout = ckpt.sample(step, model, [prompts[r.id] for r in batch], params, eos_id=eos_id, pad_id=pad_id,
                                   tokenizer=tokenizer, engine=engine,
-                                  request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(batch))])
+                                  request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + world.rank * len(batch) + i
+                                                 for i in range(len(batch))])
+            dist.reshard(model)
             t_sample = time.time()
             states = pool.teacher_states(rollout.prompt_ids, rollout.response_ids_B_T, rollout.response_mask_B_T,
                                          teacher_index, pad_id)
             t_teachers = time.time()
-            model.train()
-            student_hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
-                                                    rollout.response_mask_B_T, pad_id)
-            loss, kl_mean_E, tokens_E = distill_backward(student_hidden, student_head, states, pool.weights_E,
-                                                         cfg.chunk_size, student_bias)
-            del student_hidden, states
-            if torch.isfinite(loss):
-                grad_norm, stepped = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                grad_norm, stepped = float("nan"), False
+            loss, kl_mean_E, tokens_E, grad_norm, stepped = distill_step(
+                model, trainer, rollout, states, pool.weights_E, optimizer, scheduler, cfg, pad_id)
+            del states
             t_end = time.time()
             tokens = int(tokens_E.sum())
             record = dict(step=step, loss=float(loss), grad_norm=grad_norm, skipped=int(not stepped),
                           lr=scheduler.get_last_lr()[0],
                           kl=float((kl_mean_E * tokens_E).sum() / max(1, tokens)),
-                          tokens=tokens, response_len=tokens / len(batch),
+                          tokens=tokens, response_len=tokens / (len(batch) * world.size),
                           tokens_per_s=tokens / max(t_end - t0, 1e-9), sample_s=t_sample - t0,
                           teacher_s=t_teachers - t_sample, student_s=t_end - t_teachers, step_s=t_end - t0,
                           teacher_resident_mib=pool.resident_bytes / 2**20)
             record.update({f"kl_{names[e]}": float(kl_mean_E[e]) for e in range(len(names)) if tokens_E[e] > 0})
-            record.update({f"rollouts_{d}": n for d, n in sorted(Counter(r.domain for r in batch).items())})
+            every_batch = [r for part in dist.all_gather_objects(batch) for r in part]  # the global batch
+            record.update({f"rollouts_{d}": n for d, n in sorted(Counter(r.domain for r in every_batch).items())})
             if cfg.reward_every and step % cfg.reward_every == 0:
-                record.update(_domain_rewards(batch, reward_fn(batch, rollout.texts)))
+                rewards = [x for part in dist.all_gather_objects(reward_fn(batch, rollout.texts)) for x in part]
+                record.update(_domain_rewards(every_batch, rewards))
             metrics.write(**record)
             bar.update(task, advance=1, info=f"kl {record['kl']:.3f}")
             ckpt.step_done(step, {"stream": stream.rng})
@@ -167,8 +172,54 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
     model.eval()
     lora = hasattr(model, "disable_adapter")
     saved = merge_lora(model) if lora and cfg.save_merged else model
-    return save(saved, tokenizer, out, {"stage": "opd", **(meta or {}), "lora_merged": lora and cfg.save_merged,
+    return dist.save(saved, tokenizer, out, {"stage": "opd", **(meta or {}), "lora_merged": lora and cfg.save_merged,
                                         "config": cfg.model_dump()})
+
+
+def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optimizer, scheduler, cfg: OPDConfig,
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
+    """One OPD update from this rank's rollouts and their teachers' cached states: `(loss, kl_mean_E, tokens_E,
+    grad norm, stepped)`, the first three over the global batch. A non-finite loss skips the step.
+
+    `trainer` is `dist.wrap(model, ..., trunk=True)` (the model itself with one process). Under torchrun
+    each teacher's weight is scaled by this rank's share of that teacher's global tokens, so the summed
+    gradient is Eq. 29 over the global batch. The head's gradient is taken on a detached copy and summed
+    over ranks by hand (`dist.add_gradient`): `distill_backward` applies the head outside the model's
+    forward, one teacher at a time, where DDP's and FSDP2's hooks do not see it.
+    """
+    world = dist.world()
+    model.train()
+    if world.size == 1:
+        head, bias = output_head(model)
+        hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
+                                        rollout.response_mask_B_T, pad_id)
+        loss, kl_mean_E, tokens_E = distill_backward(hidden, head, states, weights_E, cfg.chunk_size, bias)
+    else:
+        tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])
+        global_E = dist.all_sum(tokens_E)
+        hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
+                                        rollout.response_mask_B_T, pad_id, trunk=dist.trunk_forward(trainer, model))
+        head, bias = (_detached(p) for p in output_head(model))  # after the forward: fsdp2 holds them whole
+        loss, kl_mean_E, _ = distill_backward(hidden, head, states, weights_E * tokens_E / global_E.clamp_min(1),
+                                              cfg.chunk_size, bias)
+        if not (torch.isfinite(loss) and hidden.shape[0] > 0):  # no backward reached the trunk: join the reduction
+            (hidden.sum() * 0).backward()
+        for param, copy in zip(output_head(model), (head, bias)):
+            dist.add_gradient(param, None if copy is None else copy.grad)
+        loss, kl_mean_E = dist.all_sum(loss), dist.all_sum(kl_mean_E * tokens_E) / global_E.clamp_min(1)
+        tokens_E = global_E
+    del hidden
+    if torch.isfinite(loss):  # global under torchrun: every rank decides alike
+        grad_norm, stepped = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        grad_norm, stepped = float("nan"), False
+    return loss, kl_mean_E, tokens_E, grad_norm, stepped
+
+
+def _detached(param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else param.detach().requires_grad_(param.requires_grad)
 
 
 def _domain_rewards(batch: list[Record], rewards: list[float | None]) -> dict[str, float]:

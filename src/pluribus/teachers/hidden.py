@@ -34,12 +34,14 @@ def output_head(model) -> tuple[Tensor, Tensor | None]:
 
 
 def response_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
-                           response_mask_B_T: Tensor, pad_id: int) -> Tensor:
+                           response_mask_B_T: Tensor, pad_id: int, trunk=None) -> Tensor:
     """Final-norm hidden states `[N, D]` at the positions predicting the N masked response tokens.
 
     Responses are right-padded (as `Rollout` holds them). Rows come sample by sample, each sample's
     tokens in order: row n predicts the n-th True of `response_mask_B_T` in row-major order.
     Gradient flows when called with grad enabled.
+    trunk: what runs the decoder, `(input_ids, attention_mask, position_ids) -> [B, L, D]`, when it is not
+    the model's own (a data-parallel wrapper's forward, `pluribus.dist.trunk_forward`).
     """
     mask_B_T = response_mask_B_T.bool()
     T = int(mask_B_T.sum(-1).max()) if mask_B_T.numel() else 0
@@ -48,9 +50,12 @@ def response_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T:
     device = _device(model)
     # The last response token predicts nothing we score, and later columns never change earlier ones.
     ids_B_L, attn_B_L, pos_B_L = (x[:, :-1].to(device) for x in (ids_B_L, attn_B_L, pos_B_L))
-    decoder = _causal_lm(model).get_decoder()
-    hidden_B_L_D = decoder(input_ids=ids_B_L, attention_mask=attn_B_L, position_ids=pos_B_L,
-                           use_cache=False).last_hidden_state
+    if trunk is None:
+        decoder = _causal_lm(model).get_decoder()
+        hidden_B_L_D = decoder(input_ids=ids_B_L, attention_mask=attn_B_L, position_ids=pos_B_L,
+                               use_cache=False).last_hidden_state
+    else:
+        hidden_B_L_D = trunk(input_ids=ids_B_L, attention_mask=attn_B_L, position_ids=pos_B_L)
     return hidden_B_L_D[:, P - 1:][mask_B_T.to(device)]
 
 

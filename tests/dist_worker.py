@@ -1,0 +1,143 @@
+"""Scenarios for tests/test_distributed.py, run the same way by one process (imported) and by N (torchrun).
+
+`python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py JOBS.json` runs every job of
+the file in turn: [name, kwargs] pairs naming the functions below. Each writes `<out>/result.pt` from
+rank 0: the logged losses and the full weights (gathered under FSDP2) after its steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+PROBE = [1, 5, 9, 14, 30, 41, 7, 2]
+
+
+def _finish(model, tokenizer, out: str, losses: list[float], **extra) -> None:
+    """Rank 0 writes the losses, the full weights and the live model's logits on PROBE; `<out>/model` is saved
+    the way the stages save (once, from rank 0)."""
+    from pluribus import dist
+
+    model.eval()
+    with dist.gathered(model), torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROBE])).logits
+    dist.save(model, tokenizer, f"{out}/model")
+    state = dist.model_state(model)
+    extra["logits"] = logits
+    if dist.is_main():
+        state = state if state is not None else {k: v.detach().clone() for k, v in model.named_parameters()}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"losses": losses, "params": state, **extra}, Path(out) / "result.pt")
+    dist.barrier()
+
+
+def rows(batch, part: slice):
+    """The rows `part` of a Rollout (every field is a per-row list or tensor, or None)."""
+    return dataclasses.replace(batch, **{f.name: None if getattr(batch, f.name) is None
+                                         else getattr(batch, f.name)[part] for f in dataclasses.fields(batch)})
+
+
+def my_rows(n: int) -> slice:
+    from pluribus import dist
+
+    world = dist.world()
+    per = n // world.size
+    return slice(world.rank * per, (world.rank + 1) * per)
+
+
+def sft_run(model: str, out: str, mode: str) -> None:
+    """The SFT stage itself: 3 steps of 2 micro-batches of 4 (a checkpoint after step 2), saved to `<out>/model`."""
+    from pluribus.config import DataConfig, OptimConfig, SFTConfig
+    from pluribus.stages import sft
+    from pluribus.world import generate
+
+    cfg = SFTConfig(model=model, out=f"{out}/model", data=DataConfig(domains=["add"]), steps=3, batch_size=4,
+                    grad_accum=2, optim=OptimConfig(lr=1e-3, warmup_steps=0), checkpoint_every=2, distributed=mode)
+    sft.run(cfg, records=generate("add", "train", 16))
+
+
+def grpo_update(model: str, rollout: str, out: str, mode: str, steps: int = 2) -> None:
+    """`grpo.policy_step` on the same rollouts, each rank its half: μ=2 passes of 2 minibatches, KL to a reference."""
+    from pluribus import dist
+    from pluribus.config import DataConfig, GRPOConfig, OptimConfig, SamplingConfig
+    from pluribus.models import load
+    from pluribus.stages import grpo
+    from pluribus.stages.common import make_optimizer
+
+    dist.init()
+    torch.manual_seed(0)
+    data = torch.load(rollout, weights_only=False)
+    part = my_rows(len(data["raw"]))
+    cfg = GRPOConfig(model=model, out=out, data=DataConfig(domains=["add"]), group_size=4, prompts_per_step=4,
+                     minibatches=2, inner_updates=2, kl_coef=0.05, off_policy_delta=0.05, lora=None,
+                     sampling=SamplingConfig(max_new_tokens=6, top_p=0.9),
+                     optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), distributed=mode)
+    policy, tokenizer = load(model)
+    reference = grpo.reference_policy(policy, False, mode)
+    trainer = dist.wrap(policy, mode)
+    optimizer, scheduler = make_optimizer(policy, cfg.optim, 100)
+    losses = []
+    for _ in range(steps):
+        _, _, stats = grpo.policy_step(trainer, cfg, rows(data["rollout"], part), data["raw"][part], reference,
+                                       optimizer, scheduler, tokenizer.pad_token_id)
+        losses.append(stats["loss"])
+    _finish(policy, tokenizer, out, losses, stats=stats)
+
+
+def opd_update(model: str, teachers: list[str], rollout: str, out: str, mode: str, steps: int = 2) -> None:
+    """`opd.distill_step` on the same rollouts (ordered by teacher), each rank its half, two weighted teachers."""
+    from pluribus import dist
+    from pluribus.config import DataConfig, OPDConfig, OptimConfig, TeacherConfig
+    from pluribus.models import load
+    from pluribus.stages import opd
+    from pluribus.stages.common import make_optimizer
+    from pluribus.teachers import TeacherPool, TeacherSpec
+
+    dist.init()
+    data = torch.load(rollout, weights_only=False)
+    part = my_rows(len(data["teacher_index"]))
+    cfg = OPDConfig(model=model, out=out, data=DataConfig(domains=["add"]), chunk_size=16,
+                    teachers=[TeacherConfig(path=teachers[0], domains=["add"]),
+                              TeacherConfig(path=teachers[1], domains=["reverse"], weight=0.5)],
+                    optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), distributed=mode)
+    student, tokenizer = load(model)
+    trainer = dist.wrap(student, mode, trunk=True)
+    pool = TeacherPool([TeacherSpec(f"t{i}", Path(t.path), tuple(t.domains), t.weight)
+                        for i, t in enumerate(cfg.teachers)], tokenizer, vocab_size=len(tokenizer))
+    optimizer, scheduler = make_optimizer(student, cfg.optim, 100)
+    batch, index = rows(data["rollout"], part), data["teacher_index"][part]
+    losses, kls = [], []
+    for _ in range(steps):
+        states = pool.teacher_states(batch.prompt_ids, batch.response_ids_B_T, batch.response_mask_B_T, index,
+                                     tokenizer.pad_token_id)
+        loss, kl_E, tokens_E, _, stepped = opd.distill_step(student, trainer, batch, states, pool.weights_E,
+                                                            optimizer, scheduler, cfg, tokenizer.pad_token_id)
+        assert stepped
+        losses.append(float(loss))
+        kls.append(kl_E.tolist())
+    pool.release()
+    _finish(student, tokenizer, out, losses, kl_E=kls, tokens_E=tokens_E.tolist())
+
+
+def backend(out: str) -> None:
+    """The backend `dist.init` chose, and the world size, in `<out>/backend.txt`."""
+    import torch.distributed as tdist
+
+    from pluribus import dist
+
+    world = dist.init()
+    if world.is_main:
+        (Path(out) / "backend.txt").write_text(f"{tdist.get_backend()} {world.size}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name, kwargs in json.loads(Path(sys.argv[1]).read_text()):
+        globals()[name](**kwargs)

@@ -1,0 +1,194 @@
+"""torchrun data parallelism (pluribus.dist) on CPU: 2 gloo processes × half the batch against 1 × the whole.
+
+One torchrun launch (tests/dist_worker.py) runs every 2-process scenario, DDP and FSDP2, and the same
+scenario functions run here in one process for the reference. Checked: SFT (the stage itself), the
+GRPO update and the OPD update on the same rollouts give the same losses and weights (1e-5); what a
+2-process run saved loads in one process with the live model's logits exactly; FSDP2's losses are
+DDP's. Tests that need NCCL are marked gpu and skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker  # noqa: E402
+
+TOL = 1e-5
+WORKER = Path(__file__).parent / "dist_worker.py"
+
+
+def _torchrun(jobs: list, tmp: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    spec = tmp / f"jobs-{len(list(tmp.glob('jobs-*.json')))}.json"
+    spec.write_text(json.dumps(jobs))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--standalone", str(WORKER), str(spec)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_llama):
+    """The student (tiny_llama) and two teachers of other seeds, one saved with a different init."""
+    from pluribus.models import build_tiny
+
+    root = tmp_path_factory.mktemp("dist-models")
+    return {"student": str(tiny_llama),
+            "teachers": [str(build_tiny(root / f"teacher{s}", size=1, seed=s)) for s in (1, 2)]}
+
+
+def _rollout(model_path: str, domains: list[str], group: int, top_p: float):
+    from pluribus.models import load, render_prompt
+    from pluribus.rollout import SamplingParams, sample
+    from pluribus.world import generate
+
+    model, tokenizer = load(model_path)
+    records = [r for d in domains for r in generate(d, "train", 2, seed=3)]
+    prompts = [render_prompt(tokenizer, r.messages()) for r in records for _ in range(group)]
+    with torch.no_grad():
+        return sample(model, prompts, SamplingParams(6, 1.0, top_p), eos_id=tokenizer.eos_token_id,
+                      pad_id=tokenizer.pad_token_id, request_seeds=list(range(len(prompts))), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, models, one_thread):
+    """Every scenario: 2 processes under DDP and under FSDP2 (one torchrun), and 1 process here."""
+    tmp = tmp_path_factory.mktemp("dist")
+    grpo_batch = _rollout(models["student"], ["add", "add"], group=4, top_p=0.9)  # 2 domains' records × G
+    raw = [(len(t) * 7 % 5) / 4 for t in grpo_batch.texts]  # varied within groups
+    raw[3] = None  # an invalid reward: masked out of its group
+    torch.save({"rollout": grpo_batch, "raw": raw}, tmp / "grpo.pt")
+    opd_batch = _rollout(models["student"], ["add", "reverse"], group=3, top_p=1.0)  # ordered by teacher
+    torch.save({"rollout": opd_batch, "teacher_index": [0] * 6 + [1] * 6}, tmp / "opd.pt")
+
+    def jobs(mode: str, where: str) -> list:
+        return [["sft_run", {"model": models["student"], "out": f"{tmp}/{where}/sft", "mode": mode}],
+                ["grpo_update", {"model": models["student"], "rollout": f"{tmp}/grpo.pt",
+                                 "out": f"{tmp}/{where}/grpo", "mode": mode}],
+                ["opd_update", {"model": models["student"], "teachers": models["teachers"],
+                                "rollout": f"{tmp}/opd.pt", "out": f"{tmp}/{where}/opd", "mode": mode}]]
+
+    done = _torchrun([["backend", {"out": str(tmp)}]] + jobs("ddp", "ddp") + jobs("fsdp2", "fsdp2"), tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name, kwargs in jobs("ddp", "one"):
+        getattr(dist_worker, name)(**kwargs)
+    return tmp
+
+
+def _result(root: Path, where: str, scenario: str) -> dict:
+    return torch.load(root / where / scenario / "result.pt", weights_only=False)
+
+
+def _max_param_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _sft_losses(root: Path, where: str) -> list[float]:
+    lines = (root / where / "sft" / "model.metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_sft_two_processes_half_batch_each_equal_one_process(runs, models):
+    from pluribus.models import saved_weights
+
+    one, two = _sft_losses(runs, "one"), _sft_losses(runs, "ddp")
+    assert len(one) == 2 and one[1] < one[0]  # steps 0 and 2 are logged, and it learns
+    assert max(abs(a - b) for a, b in zip(one, two)) < TOL
+    trained = saved_weights(runs / "one/sft/model")
+    assert _max_param_diff(trained, saved_weights(models["student"])) > 1e-3  # the steps moved the weights
+    assert _max_param_diff(trained, saved_weights(runs / "ddp/sft/model")) < TOL
+
+
+@pytest.mark.parametrize("scenario", ["grpo", "opd"])
+def test_rl_updates_on_the_same_rollouts_equal_one_process(runs, models, scenario):
+    from pluribus.models import saved_weights
+
+    one, two = _result(runs, "one", scenario), _result(runs, "ddp", scenario)
+    assert len(one["losses"]) == 2 and all(torch.isfinite(torch.tensor(one["losses"])))
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < TOL
+    start = saved_weights(models["student"])
+    assert max(float((one["params"][k] - v).abs().max()) for k, v in start.items()) > 1e-4  # the steps moved it
+    assert _max_param_diff(one["params"], two["params"]) < TOL
+    if scenario == "grpo":
+        for k in ("clip_frac", "kl", "masked_seq_frac", "entropy"):
+            assert abs(one["stats"][k] - two["stats"][k]) < TOL, k
+        assert one["stats"]["kl"] > 0  # the reference and the KL term are exercised
+    else:
+        assert one["tokens_E"] == two["tokens_E"] and min(one["tokens_E"]) > 0  # both teachers scored
+        assert max(abs(a - b) for x, y in zip(one["kl_E"], two["kl_E"]) for a, b in zip(x, y)) < TOL
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("scenario", ["grpo", "opd"])
+def test_a_two_process_save_loads_in_one_process_with_identical_logits(runs, mode, scenario):
+    from pluribus.models import load
+
+    live = _result(runs, mode, scenario)["logits"]
+    model, _ = load(runs / mode / scenario / "model")
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([dist_worker.PROBE])).logits
+    assert torch.equal(logits, live)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, models):
+    from pluribus.models import load, load_weights, saved_weights
+
+    ckpt = runs / "ddp/sft/model.ckpt"
+    assert not list(ckpt.glob("rollout-*")) and (ckpt / "step-00000003/state.pt").is_file()
+    state = torch.load(ckpt / "step-00000003/state.pt", weights_only=False)
+    assert len(state["rank_rngs"]) == 2 and state["step"] == 3
+    model, _ = load(models["student"])
+    load_weights(model, ckpt / "step-00000003/model")
+    final = saved_weights(runs / "ddp/sft/model")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in final.items())
+
+
+def test_fsdp2_gives_the_losses_and_weights_of_ddp(runs):
+    from pluribus.models import saved_weights
+
+    assert max(abs(a - b) for a, b in zip(_sft_losses(runs, "ddp"), _sft_losses(runs, "fsdp2"))) < TOL
+    assert _max_param_diff(saved_weights(runs / "ddp/sft/model"), saved_weights(runs / "fsdp2/sft/model")) < TOL
+    for scenario in ("grpo", "opd"):
+        ddp, fsdp = _result(runs, "ddp", scenario), _result(runs, "fsdp2", scenario)
+        assert max(abs(a - b) for a, b in zip(ddp["losses"], fsdp["losses"])) < TOL
+        assert _max_param_diff(ddp["params"], fsdp["params"]) < TOL
+
+
+def test_one_process_needs_no_process_group_and_shards_nothing():
+    from pluribus import dist
+
+    world = dist.init()
+    assert (world.size, world.rank, world.is_main) == (1, 0, True)
+    assert world.shard([1, 2, 3]) == [1, 2, 3] and dist.all_true(True) and not dist.all_true(False)
+    assert dist.weighted_means({"x": (0.25, 3.0)}) == {"x": 0.25}
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_line():
+    from pluribus import dist
+    from pluribus.errors import PluribusError
+
+    with pytest.raises(PluribusError, match="sft batch_size 5 does not split evenly over 2 processes"):
+        dist.World(rank=1, size=2).per_rank(5, "sft batch_size")
+    assert dist.World(rank=1, size=2).shard([1, 2, 3, 4]) == [3, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL); CPU runs use gloo")
+def test_two_gpus_join_with_nccl(tmp_path):
+    done = _torchrun([["backend", {"out": str(tmp_path)}]], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "backend.txt").read_text() == "nccl 2"
+
+
+def test_cpu_processes_join_with_gloo(runs):
+    assert (runs / "backend.txt").read_text() == "gloo 2"
