@@ -168,6 +168,40 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/qui
     console.print(f"report written to {write_report(run_dir)}")
 
 
+@app.command()
+def bench(json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here as JSON"),
+          smoke: bool = typer.Option(False, "--smoke", help="a toy model, 1-2 steps, in this process: seconds"),
+          no_trl: bool = typer.Option(False, "--no-trl", help="leave TRL out even when it is installed"),
+          rounds: Optional[int] = typer.Option(None, min=1, help="processes per side (default 2)"),
+          steps: Optional[int] = typer.Option(None, min=1, help="timed steps per process (default 5)")) -> None:
+    """pluribus side by side with TRL on one tiny model: GRPO and OPD steps, rollout tokens/s, OPD with 1/4/12
+    teachers, chunked KL memory (docs/performance.md)."""
+    import dataclasses
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pluribus.bench import SMOKE, BenchSettings, run as run_bench, table_rows
+
+    settings = SMOKE if smoke else BenchSettings()
+    settings = dataclasses.replace(settings, **{k: v for k, v in (("rounds", rounds), ("steps", steps)) if v})
+    results = run_bench(settings, with_trl=False if no_trl else None, in_process=smoke,
+                        echo=lambda line: console.print(f"[dim]{line}[/dim]"))
+    m = results["machine"]
+    table = Table(title=f"medians; {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s)")
+    for col in ("measure", "pluribus", "reference", "ratio", "target"):
+        table.add_column(col)
+    for row in table_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    for note in results["notes"]:
+        console.print(f"note: {escape(note)}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results written to {json_path}")
+
+
 def main() -> None:
     try:
         app()

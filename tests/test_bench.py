@@ -1,0 +1,86 @@
+"""`pluribus bench`: the harness end to end on a toy model (the figures mean nothing, their shape does)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pluribus.bench import SMOKE, TARGETS, run
+from pluribus.cli import app
+from pluribus.errors import PluribusError
+
+
+def _ratios(tree, path=""):
+    """(path, value) of every field whose name holds 'ratio'."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if "ratio" in key and not isinstance(value, (dict, list, str)):
+                yield f"{path}{key}", value
+            yield from _ratios(value, f"{path}{key}.")
+
+
+def _check_pluribus_side(results):
+    for task in ("grpo", "opd"):
+        side = results[task]["pluribus"]
+        assert side["timed_steps"] == SMOKE.steps * SMOKE.rounds
+        assert all(t > 0 and math.isfinite(t) for t in side["steps_s"] + side["cpu_steps_s"])
+        assert side["step_s"] > 0 and side["threads"] == SMOKE.threads
+    assert results["opd"]["pluribus"]["sample_s"] > 0  # the stage's own breakdown came through
+    for batch in ("grpo_batch", "opd_batch"):
+        r = results["rollout"][batch]
+        assert r["pluribus_tokens_per_s"] > 0 and r["generate_tokens_per_s"] > 0
+        assert 0 < r["pluribus_tokens_per_call"] <= r["rows"] * SMOKE.max_new_tokens
+    assert results["rollout"]["grpo_batch"]["rows"] == SMOKE.prompts * SMOKE.group
+    teachers = results["opd_teachers"]
+    assert sorted(int(k) for k in teachers["by_count"]) == sorted(SMOKE.teacher_counts)
+    assert all(t["peak_mib"] > 0 and t["tokens"] > 0 for t in teachers["by_count"].values())
+    assert teachers["by_count"][str(max(SMOKE.teacher_counts))]["loads"] == 1  # LoRA teachers share one base
+    kl = results["chunked_kl"]
+    assert kl["vocab"] == SMOKE.kl_vocab and kl["mean_kl"] > 0
+    assert results["model"]["arch"] == "qwen2" and results["model"]["parameters"] > 0
+    assert [t["ratio"] for t in results["targets"]] == [path for path, _, _ in TARGETS]
+
+
+def test_bench_smoke_without_trl_writes_ratios(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    done = CliRunner().invoke(app, ["bench", "--smoke", "--no-trl", "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "GRPO step" in done.output and "rollout tokens/s" in done.output
+    results = json.loads(out.read_text())
+    _check_pluribus_side(results)
+    assert results["grpo"]["trl"] is None and results["grpo"]["step_time_ratio"] is None
+    assert results["notes"]  # says why the TRL columns are empty
+    ratios = dict(_ratios(results))
+    for name in ("rollout.grpo_batch.tokens_per_s_ratio", "rollout.opd_batch.tokens_per_s_ratio",
+                 "opd_teachers.step_time_ratio", "opd_teachers.peak_rss_ratio", "chunked_kl.peak_to_full_logits_ratio"):
+        assert ratios[name] > 0 and math.isfinite(ratios[name]), name
+    assert "grpo.step_time_ratio" in ratios and "opd.step_time_ratio" in ratios
+    met = {t["ratio"]: t["met"] for t in results["targets"]}
+    assert met["grpo.step_time_ratio"] is None  # no TRL, no verdict
+    assert met["opd_teachers.peak_rss_ratio"] in (True, False)
+
+
+def test_bench_with_trl_fills_the_trl_side(one_thread, monkeypatch):
+    pytest.importorskip("trl")
+    # pytest puts tests/ on sys.path, where the folder tests/vllm would pass for a vllm install in TRL's checks
+    here = str(Path(__file__).parent.resolve())
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if str(Path(p or ".").resolve()) != here])
+    results = run(SMOKE, with_trl=True, in_process=True)
+    _check_pluribus_side(results)
+    for task in ("grpo", "opd"):
+        assert results[task]["trl"]["timed_steps"] == SMOKE.steps * SMOKE.rounds
+        assert results[task]["step_time_ratio"] > 0 and math.isfinite(results[task]["step_time_ratio"])
+    assert results["machine"]["trl"] and not results["notes"]
+
+
+def test_a_worker_process_returns_its_measurement(tmp_path):
+    from pluribus.bench import _subprocess
+
+    call = _subprocess(tmp_path, SMOKE)
+    kl = call("chunked_kl")
+    assert kl["positions"] == SMOKE.kl_positions and kl["peak_above_inputs_gib"] >= 0
+    with pytest.raises(PluribusError, match="no_such_task measurement failed"):
+        call("no_such_task")
