@@ -16,6 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="DeepSeek-V4 post-training: specialists, generative reward, multi-teacher OPD.")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded world's domains.")
 app.add_typer(world_app, name="world")
+data_app = typer.Typer(no_args_is_help=True, help="Users' data: public formats to the data contract.")
+app.add_typer(data_app, name="data")
 console = Console()
 
 
@@ -48,6 +50,19 @@ def world_export(domain: str = typer.Option(..., help="domain name (see `pluribu
 
     write_jsonl(generate(domain, split, n, seed), out)
     console.print(f"wrote {n} {domain}/{split} records to {out}")
+
+
+@data_app.command("convert")
+def data_convert(in_path: Path = typer.Argument(..., help="a JSONL file in FORMAT"),
+                 out_path: Path = typer.Argument(..., help="where to write the records in the data contract"),
+                 fmt: str = typer.Option(..., "--format", help="gsm8k, mbpp, humaneval, ifeval or pluribus"),
+                 domain: Optional[str] = typer.Option(None, help="the records' domain (default: the format's name)")
+                 ) -> None:
+    """Convert GSM8K, MBPP, HumanEval or IFEval JSONL to the data contract (id, domain, prompt, answer, tests, meta)."""
+    from pluribus.formats import convert
+
+    n = convert(fmt, in_path, out_path, domain)
+    console.print(f"wrote {n} records to {out_path}")
 
 
 @app.command()
@@ -154,7 +169,13 @@ def eval_(model: Path = typer.Option(..., help="HF model folder"),
 @app.command()
 def run(config: Path = typer.Argument(..., help="pipeline YAML, e.g. examples/quickstart.yaml"),
         smoke: bool = typer.Option(False, "--smoke", help="few steps on 3 domains: seconds, not minutes")) -> None:
-    """Run the whole recipe, stage by stage, resuming where a previous run stopped."""
+    """Run the whole recipe, stage by stage, resuming where a previous run stopped (a config with `datasets`:
+    the recipe on a real model and your data, pluribus.real)."""
+    from pluribus.real import is_real_recipe, run_real
+
+    if is_real_recipe(config):
+        console.print(f"run written to {run_real(config, smoke=smoke)}")
+        return
     from pluribus.pipeline import run_pipeline
 
     run_pipeline(config, smoke=smoke)

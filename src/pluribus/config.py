@@ -339,6 +339,8 @@ class GRMConfig(PolicyUpdateConfig):
                                                  "judged in judging episodes")
     template: Literal["world", "grm"] = Field("world", description="judge template: world (character models) or "
                                                                   "grm (DeepSeek-GRM form, for real models)")
+    judge_max_new_tokens: int | None = Field(None, gt=0, exclude_if=lambda n: n is None,
+                                             description="room for one judgement; None: the template's")
     n_train: int = Field(2000, gt=0, description="train prompts per domain")
     steps: int = Field(100, gt=0)
     gen_prompts: int = Field(8, gt=0, description="rubric prompts per step: generation episodes, G rollouts each")

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pluribus.errors import PluribusError
 
@@ -92,8 +92,10 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
-    """Read records; a missing file or a malformed line is one clear error naming file and line."""
+def read_jsonl(path: str | Path, parse: Callable[[dict[str, Any], str], Record] | None = None) -> list[Record]:
+    """Read records; a missing file or a malformed line is one clear error naming file and line.
+
+    parse: `(object, where) -> Record` for a line in another format (`pluribus.formats`); default the contract's."""
     path = Path(path)
     if not path.is_file():
         raise PluribusError(f"{path}: data file not found")
@@ -108,5 +110,5 @@ def read_jsonl(path: str | Path) -> list[Record]:
                 raise PluribusError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise PluribusError(f"{path}:{n}: a record must be a JSON object")
-            records.append(Record.from_json(obj, where=f"{path}:{n}"))
+            records.append((parse or Record.from_json)(obj, f"{path}:{n}"))
     return records

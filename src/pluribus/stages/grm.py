@@ -84,9 +84,7 @@ from pluribus.stages.common import (MetricsLog, lm_loss, load_records, make_opti
                                     seed_everything)
 from pluribus.stages.evaluate import generate_texts
 from pluribus.stages.grpo import policy_step, reference_policy
-from pluribus.world import DOMAINS, check, domain as world_domain, generate, instance_of, rubric_score
-
-Checker = Callable[[Record, str], float]
+from pluribus.world import check, domain as world_domain, generate, instance_of, rubric_score
 
 TEMPLATES = {"world": WORLD_TEMPLATE, "grm": GRM_TEMPLATE}
 
@@ -116,25 +114,43 @@ def judging_rewards(texts: Sequence[str], items: Sequence[JudgeItem], template: 
 
 
 def verifiable_rubric(record: Record) -> list[Criterion]:
-    """A checkable record's rubric: one criterion, met when the checker gives the response 1: `answer X` for a
-    world record; for users' records, its tests (code), its instructions (IFEval) or its final answer (math)."""
-    if record.domain not in DOMAINS and record.tests:
-        return [Criterion("the program passes these tests:\n" + "\n".join(record.tests), 1.0, "essential")]
-    if record.domain not in DOMAINS and "instruction_id_list" in record.meta:
-        return [Criterion("the response follows every instruction of the task", 1.0, "essential")]
+    """A checkable record's rubric: one criterion, `answer X`, met when the checker gives the response 1."""
     if record.answer is None:
         raise PluribusError(f"record '{record.id}': a verifiable judging item needs an 'answer'")
-    final = record.answer if record.domain in DOMAINS else extract_answer(record.answer) or record.answer
-    return [Criterion(f"answer {final}", 1.0, "essential")]
+    return [Criterion(f"answer {record.answer}", 1.0, "essential")]
+
+
+def users_verifiable_rubric(record: Record) -> list[Criterion]:
+    """`verifiable_rubric` for users' records: the tests of a code record, the instructions of an IFEval one,
+    else the final answer of the record's answer (GSM8K's worked solution ends in `#### 42`)."""
+    if record.tests:
+        return [Criterion("the program passes these tests:\n" + "\n".join(record.tests), 1.0, "essential")]
+    if "instruction_id_list" in record.meta:
+        return [Criterion("the response follows every instruction of the task", 1.0, "essential")]
+    if record.answer is None:
+        raise PluribusError(f"record '{record.id}': a verifiable judging item needs an 'answer', 'tests' or "
+                            "IFEval instructions")
+    return [Criterion(f"answer {extract_answer(record.answer) or record.answer}", 1.0, "essential")]
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """How checkable records become labelled judging items: their checker and the rubric the judge is shown."""
+
+    check: Callable[[Record, str], float]
+    rubric: Callable[[Record], list[Criterion]]
+
+
+WORLD_VERIFIER = Verifier(check, verifiable_rubric)
 
 
 def checker_items(records: Sequence[Record], responses: Sequence[str], template: JudgeTemplate,
-                  checker: Checker = check) -> list[JudgeItem]:
-    """Judging items of checkable records, labelled by their domain's checker against `verifiable_rubric`."""
+                  verifier: Verifier = WORLD_VERIFIER) -> list[JudgeItem]:
+    """Judging items of checkable records, labelled by their domain's checker against its one-criterion rubric."""
     items = []
     for record, response in zip(records, responses, strict=True):
-        reward = checker(record, response)
-        items.append(JudgeItem(replace(record, rubric=verifiable_rubric(record)), response,
+        reward = verifier.check(record, response)
+        items.append(JudgeItem(replace(record, rubric=verifier.rubric(record)), response,
                                write_label([reward >= 1.0], reward, template)))
     return items
 
@@ -181,7 +197,8 @@ def as_pairs(items: Sequence[JudgeItem]) -> list[tuple[JudgeItem, JudgeItem]]:
 
 
 def verifiable_pairs(model, tokenizer, records: Sequence[Record], template: JudgeTemplate, params: SamplingParams,
-                     seed: int, samples: int = 4, checker: Checker = check) -> list[tuple[JudgeItem, JudgeItem]]:
+                     seed: int, samples: int = 4,
+                     verifier: Verifier = WORLD_VERIFIER) -> list[tuple[JudgeItem, JudgeItem]]:
     """Two of the actor's own rollouts per checkable record, labelled by the checker: one passing and one
     failing, in random order, where its `samples` rollouts have both; else two of them."""
     if not records:
@@ -190,12 +207,12 @@ def verifiable_pairs(model, tokenizer, records: Sequence[Record], template: Judg
     texts = generate_texts(model, tokenizer, list(records), params, seed, 256, samples=samples)
     pairs = []
     for record, rollouts in zip(records, texts):
-        rewards = [checker(record, r) for r in rollouts]
+        rewards = [verifier.check(record, r) for r in rollouts]
         passed = [r for r, reward in zip(rollouts, rewards) if reward >= 1.0]
         failed = [r for r, reward in zip(rollouts, rewards) if reward < 1.0]
         two = [rng.choice(passed), rng.choice(failed)] if passed and failed else rng.sample(rollouts, 2)
         rng.shuffle(two)
-        first, second = checker_items([record, record], two, template, checker)
+        first, second = checker_items([record, record], two, template, verifier)
         pairs.append((first, second))
     return pairs
 
@@ -370,8 +387,8 @@ class StageData:
     annotated: list[JudgeItem]
     """The annotated set: at most the cap of hidden-checker labels (of people's labels, for users' data)."""
     held_out: HeldOut
-    checker: Checker = check
-    """`(record, response) -> reward` of the verifiable domains."""
+    verifier: Verifier = WORLD_VERIFIER
+    """How the verifiable domains' rollouts are labelled."""
 
 
 def stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> StageData:
@@ -408,18 +425,19 @@ def users_stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) 
     empty = [d for d, rs in by_domain.items() if not rs]
     if empty:
         raise PluribusError(f"grm: no records of domain(s) {empty} in {cfg.data.jsonl}")
-    checker = RewardRouter(cfg.data.rewards)
-    unrouted = [d for d in cfg.judge_domains if checker.kinds.get(d) in (None, "grm")]
+    router = RewardRouter(cfg.data.rewards)
+    unrouted = [d for d in cfg.judge_domains if router.kinds.get(d) in (None, "grm")]
     if unrouted:
         raise PluribusError(f"grm: verifiable domain(s) {unrouted} need a checking reward in data.rewards "
                             "(math, code, ifeval or world:NAME)")
     gen_records = [r for d in cfg.domains for r in by_domain[d]]
     checkable = [r for d in cfg.judge_domains for r in by_domain[d]]
     annotated = labelled_items(gen_records, template, cfg.max_rubric_labels)[:cfg.rubric_labels]
+    verifier = Verifier(router, users_verifiable_rubric)
     pairs = verifiable_pairs(model, tokenizer, checkable[:cfg.eval_n], template, _rollout_params(cfg), cfg.seed + 3,
-                             checker=checker)
+                             verifier=verifier)
     return StageData(gen_records, checkable, annotated, HeldOut(annotated, [i for p in pairs for i in p], []),
-                     checker)
+                     verifier)
 
 
 def labelled_items(records: Sequence[Record], template: JudgeTemplate, cap: int) -> list[JudgeItem]:
@@ -453,7 +471,7 @@ def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg:
     rng = random.Random(f"warmup-data:{cfg.seed}")
     prompts = rng.sample(data.checkable, min(cfg.warmup_verifiable, len(data.checkable)))
     own = verifiable_pairs(model, tokenizer, prompts, template, _rollout_params(cfg), cfg.seed + 4,
-                           checker=data.checker)
+                           verifier=data.verifier)
     replay = replay_examples(model, tokenizer, data.gen_records + data.checkable[::4], cfg.sampling.max_new_tokens,
                              cfg.seed + 5)
     warm_up(model, tokenizer, judge_examples(tokenizer, template, data.annotated, as_pairs(data.annotated)),
@@ -468,6 +486,8 @@ def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg:
 def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     seed_everything(cfg.seed)
     template = TEMPLATES[cfg.template]
+    if cfg.judge_max_new_tokens:
+        template = replace(template, max_new_tokens=cfg.judge_max_new_tokens)
     model, tokenizer = load(cfg.model)
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
@@ -497,7 +517,8 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
         for step in range(cfg.steps):
             t0 = time.time()
             fresh = verifiable_pairs(model, tokenizer, rng.sample(data.checkable, n_fresh),
-                                     template, _rollout_params(cfg), cfg.seed * 7_919 + step, checker=data.checker)
+                                     template, _rollout_params(cfg), cfg.seed * 7_919 + step,
+                                     verifier=data.verifier)
             episodes = draw_episodes(rng, data.gen_records, cfg.gen_prompts, data.annotated, n_annotated,
                                      [first for first, _ in fresh])
             prompts = [render_prompt(tokenizer, c) for c in episodes.conversations(template)]
