@@ -125,6 +125,26 @@ def opd_update(model: str, teachers: list[str], rollout: str, out: str, mode: st
     _finish(student, tokenizer, out, losses, kl_E=kls, tokens_E=tokens_E.tolist())
 
 
+def stage_runs(model: str, teachers: list[str], out: str, mode: str) -> None:
+    """`grpo.run` and `opd.run` themselves, 2 steps each: per-rank sampling (whole weights under FSDP2), rewards,
+    teacher scoring, reduced metrics, checkpoints and the final save."""
+    from pluribus.config import DataConfig, GRPOConfig, OPDConfig, SamplingConfig, TeacherConfig
+    from pluribus.stages import grpo, opd
+    from pluribus.world import generate
+
+    records = generate("add", "train", 16)
+    grpo.run(GRPOConfig(model=model, out=f"{out}/grpo", data=DataConfig(domains=["add"]), steps=2, prompts_per_step=4,
+                        group_size=4, sampling=SamplingConfig(max_new_tokens=4), lora=None, kl_coef=0.1,
+                        minibatches=2, eval_every=1, checkpoint_every=1, distributed=mode),
+             records=records, reward_fn=lambda rows_, texts, lengths: [len(t) % 3 / 2 for t in texts],
+             eval_records=generate("add", "test", 4))
+    opd.run(OPDConfig(model=model, out=f"{out}/opd", data=DataConfig(domains=["add"]), steps=2, prompts_per_step=4,
+                      teachers=[TeacherConfig(path=teachers[0], domains=["add"]),
+                                TeacherConfig(path=teachers[1], domains=["reverse"])],
+                      sampling=SamplingConfig(max_new_tokens=4), distributed=mode),
+            records=records + generate("reverse", "train", 16))
+
+
 def backend(out: str) -> None:
     """The backend `dist.init` chose, and the world size, in `<out>/backend.txt`."""
     import torch.distributed as tdist

@@ -70,7 +70,8 @@ def runs(tmp_path_factory, models, one_thread):
     torch.save({"rollout": opd_batch, "teacher_index": [0] * 6 + [1] * 6}, tmp / "opd.pt")
 
     def jobs(mode: str, where: str) -> list:
-        return [["sft_run", {"model": models["student"], "out": f"{tmp}/{where}/sft", "mode": mode}],
+        return [["stage_runs", {"model": models["student"], "teachers": models["teachers"],
+                                "out": f"{tmp}/{where}/stages", "mode": mode}]] * (where != "one") + [["sft_run", {"model": models["student"], "out": f"{tmp}/{where}/sft", "mode": mode}],
                 ["grpo_update", {"model": models["student"], "rollout": f"{tmp}/grpo.pt",
                                  "out": f"{tmp}/{where}/grpo", "mode": mode}],
                 ["opd_update", {"model": models["student"], "teachers": models["teachers"],
@@ -162,6 +163,20 @@ def test_fsdp2_gives_the_losses_and_weights_of_ddp(runs):
         ddp, fsdp = _result(runs, "ddp", scenario), _result(runs, "fsdp2", scenario)
         assert max(abs(a - b) for a, b in zip(ddp["losses"], fsdp["losses"])) < TOL
         assert _max_param_diff(ddp["params"], fsdp["params"]) < TOL
+
+
+@pytest.mark.parametrize("stage", ["grpo", "opd"])
+def test_stage_loops_under_fsdp2_log_what_ddp_logs(runs, stage):
+    def rows(mode):
+        return [json.loads(line) for line in (runs / mode / "stages" / f"{stage}.metrics.jsonl").read_text().splitlines()]
+
+    ddp, fsdp = rows("ddp"), rows("fsdp2")
+    assert [r["step"] for r in ddp] == [0, 1] == [r["step"] for r in fsdp]
+    for key in ("loss", "grad_norm", "response_len", "kl") + (("reward_mean", "eval_pass1") if stage == "grpo" else ()):
+        assert all(abs(a[key] - b[key]) < TOL for a, b in zip(ddp, fsdp)), key
+    if stage == "opd":  # the global batch: 4 prompts, 2 per rank
+        assert all(r["rollouts_add"] + r.get("rollouts_reverse", 0) == 4 for r in ddp)
+    assert (runs / "fsdp2" / "stages" / stage / "config.json").is_file()
 
 
 def test_one_process_needs_no_process_group_and_shards_nothing():

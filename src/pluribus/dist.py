@@ -246,10 +246,11 @@ def unshard(model) -> None:
 
 
 def reshard(model) -> None:
-    """Undo `unshard`: back to 1/N of the parameters per rank."""
+    """Undo `unshard`: back to 1/N of the parameters per rank, and to FSDP2's defaults (the root keeps its
+    parameters from forward to backward; OPD reads the output head between them)."""
     for unit in _fsdp_units(model):
         unit.reshard()
-        unit.set_reshard_after_forward(True)
+        unit.set_reshard_after_forward(unit is not model)
 
 
 def _fsdp_units(model) -> list:
