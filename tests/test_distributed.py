@@ -207,3 +207,13 @@ def test_two_gpus_join_with_nccl(tmp_path):
 
 def test_cpu_processes_join_with_gloo(runs):
     assert (runs / "backend.txt").read_text() == "gloo 2"
+
+
+def test_commands_that_do_not_split_refuse_torchrun_in_one_line(monkeypatch):
+    from pluribus.config import GRMConfig
+    from pluribus.errors import PluribusError
+    from pluribus.stages import grm
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PluribusError, match=r"^grm .* runs in one process, not under torchrun"):
+        grm.run(GRMConfig(model="-", out="-"))

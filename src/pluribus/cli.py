@@ -104,9 +104,11 @@ def grm(config: Path = typer.Argument(..., help="YAML with the grm fields")) -> 
 @app.command()
 def experts(config: Path = typer.Argument(..., help="YAML with the experts fields")) -> None:
     """One specialist per domain: SFT on its demonstrations, then GRPO; prints the report table."""
+    from pluribus import dist
     from pluribus.config import ExpertsConfig, load_yaml
     from pluribus.stages import experts as stage
 
+    dist.one_process_only("pluribus experts")
     cfg = load_yaml(config, ExpertsConfig)
     stage.run(cfg)
     console.print(stage.report_table(stage.report(cfg)))
@@ -176,8 +178,10 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML, e.g. examples/qu
     if is_real_recipe(config):
         console.print(f"run written to {run_real(config, smoke=smoke)}")
         return
+    from pluribus import dist
     from pluribus.pipeline import run_pipeline
 
+    dist.one_process_only("pluribus run (the pipeline)")
     run_pipeline(config, smoke=smoke)
 
 

@@ -363,3 +363,10 @@ def save(model, tokenizer, out, meta: dict | None = None):
         path = save_model(model, tokenizer, out, meta, state_dict=state)
     barrier()
     return path
+
+
+def one_process_only(what: str) -> None:
+    """Refuse, in one line, a command that does not split over torchrun's processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PluribusError(f"{what} runs in one process, not under torchrun; the stages that do are pretrain, "
+                            "sft, grpo and opd, launched one at a time (docs/scaling.md)")

@@ -71,6 +71,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pluribus import dist
 from pluribus.config import GRMConfig
 from pluribus.data import Criterion, Record
 from pluribus.errors import PluribusError
@@ -484,6 +485,7 @@ def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg:
 
 
 def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
+    dist.one_process_only("grm (joint RL of generating and judging)")
     seed_everything(cfg.seed)
     template = TEMPLATES[cfg.template]
     if cfg.judge_max_new_tokens:
