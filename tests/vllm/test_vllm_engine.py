@@ -92,6 +92,25 @@ def test_same_seeds_same_tokens_and_greedy_is_the_hf_engines(trainer, engine):
     assert torch.equal(vllm_greedy.response_ids_B_T, hf_greedy.response_ids_B_T)
 
 
+def test_a_logged_batch_replays_and_an_interrupted_one_keeps_its_prefixes(trainer, engine, tmp_path):
+    from pluribus.rollout import TokenLog
+
+    model, tok = trainer
+    engine.sync_weights(model)
+    prompts, ids = _prompts(tok), dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, request_seeds=range(8))
+    params = SamplingParams(12, temperature=1.0)
+    done = engine.generate(prompts, params, log_path=tmp_path / "done.jsonl", **ids)
+    replayed = engine.generate(prompts, params, log_path=tmp_path / "done.jsonl", **ids)
+    assert torch.equal(done.response_ids_B_T, replayed.response_ids_B_T)
+    assert torch.equal(done.sampler_logprobs_B_T, replayed.sampler_logprobs_B_T)
+
+    cut = engine.generate(prompts, params, log_path=tmp_path / "cut.jsonl", stop_after_steps=3, **ids)
+    assert (cut.lengths <= 3).all() and len(TokenLog.replay(tmp_path / "cut.jsonl")) == 8
+    resumed = engine.generate(prompts, params, log_path=tmp_path / "cut.jsonl", **ids)
+    assert torch.equal(resumed.response_ids_B_T[:, :3], done.response_ids_B_T[:, :3])  # the logged prefixes stay
+    assert (resumed.lengths > 3).any() and _max_diff(model, resumed, params, tok.pad_token_id) < TOLERANCE
+
+
 def test_the_engine_samples_the_new_weights_after_a_step_and_a_sync(tiny_qwen2, engine):
     model, tok = load(tiny_qwen2)
     model = add_lora(model, rank=8, alpha=16)  # the sync must fold the adapter in

@@ -27,12 +27,17 @@ Where this departs from the HF engine, and why:
   run's (the distribution is the same).
 - Sampling noise is vLLM's own, seeded per request: the same seeds give the same tokens run to run, but
   not the tokens the HF engine draws.
+
+On CPU, vLLM fixes the process's torch thread count as it starts (`torch.set_num_threads` becomes a no-op
+afterwards): set the threads before opening the engine. Its start-up takes seconds on an idle machine and
+tens of seconds on a loaded one.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -74,6 +79,9 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         import vllm
 
+        # no tokenizer by design, so vLLM's chat-template warm-up has nothing to render: its warning is noise
+        logging.getLogger("vllm.renderers.base").addFilter(
+            lambda record: record.getMessage() != "Chat template warmup failed")
         self._vllm = vllm
         options = dict(model=str(base_model_path(model_path)), skip_tokenizer_init=True, dtype=dtype, seed=seed,
                        logprobs_mode="processed_logprobs", enforce_eager=True,
