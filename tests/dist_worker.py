@@ -161,3 +161,8 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name, kwargs in json.loads(Path(sys.argv[1]).read_text()):
         globals()[name](**kwargs)
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():  # every rank done before teardown (an exit racing gloo's threads can abort)
+        tdist.barrier()
+        tdist.destroy_process_group()
