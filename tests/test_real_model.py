@@ -1,6 +1,6 @@
 """The real-model recipe (examples/real-model.yaml) end to end, shrunk by its smoke section, on a tiny Qwen2 saved
 here and the few records of each public format under examples/data/: general SFT → experts (SFT, GRPO on the
-checkers, the GRM loop for the rubric set) → OPD. Also: the format converters, and that each domain's reward is
+checkers, the GRM loop for the rubric set) → OPD → compare on the test records. Also: the format converters, and that each domain's reward is
 routed to its checker (a right answer scores 1, a wrong one 0)."""
 
 import json
@@ -28,7 +28,7 @@ def recipe(tiny_qwen2, tmp_path_factory):
     raw["base_model"] = str(tiny_qwen2)
     raw["out_dir"] = str(tmp_path_factory.mktemp("runs"))
     for dataset in raw["datasets"].values():
-        dataset["path"] = str(ROOT / dataset["path"])
+        dataset.update({key: str(ROOT / dataset[key]) for key in ("path", "test") if key in dataset})
     path = tmp_path_factory.mktemp("config") / "real-model.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -114,6 +114,10 @@ def test_the_recipe_runs_sft_experts_and_opd(finished_run):
     opd_rows = [json.loads(line) for line in (run / "opd/model.metrics.jsonl").read_text().splitlines()]
     assert (run / "opd" / "model" / "config.json").is_file() and opd_rows[0]["tokens"] > 0
     assert not any(key == "reward_helpful" for key in opd_rows[0])  # no checker for the rubric set: never logged
+    scores = json.loads((run / "compare" / "scores.json").read_text())
+    assert list(scores) == ["base", "sft", "expert", "opd"]
+    assert all(set(by_domain) == set(DOMAINS[:4]) and all(0.0 <= s["reward"] <= 1.0 for s in by_domain.values())
+               for by_domain in scores.values())  # the rubric set has no checker: not scored
     summary = json.loads((run / "summary.json").read_text())
     assert summary["student"] == str(run / "opd" / "model")
 
@@ -124,4 +128,4 @@ def test_a_finished_run_is_skipped_stage_by_stage(recipe, finished_run, capsys):
     before = model.stat().st_mtime_ns
     run_real(recipe, smoke=True)
     assert model.stat().st_mtime_ns == before
-    assert capsys.readouterr().out.count("done earlier, skipped") == 2 + len(DOMAINS)
+    assert capsys.readouterr().out.count("done earlier, skipped") == 3 + len(DOMAINS)  # sft, experts, opd, compare

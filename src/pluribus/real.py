@@ -13,6 +13,9 @@ domain, in a public format or the data contract (`pluribus.formats`), from a Hug
    `pluribus.stages.grm`, whose annotated set is the rubric records' labelled judgements and whose
    verifiable judging items come from the checkable domains.
 4. opd: the experts merged into the general SFT model by multi-teacher on-policy distillation.
+5. compare: where data sets name `test` records, greedy pass@1 and mean reward of the base, the general
+   SFT model, each domain's expert and the student on them (`compare/scores.json`, `compare/scores.md`).
+   Rubric domains have no checker and are not scored.
 
 Each stage is skipped when its DONE marker matches its config and inputs (`pluribus.pipeline`), and
 resumes from its checkpoints when interrupted. Stage sections hold the stage configs' own fields; the
@@ -38,6 +41,7 @@ class DatasetConfig(Strict):
     """One domain's data: a JSONL file, its format and the reward that checks it."""
 
     path: str
+    test: str | None = Field(None, description="held-out records in the same format, scored by the compare stage")
     format: Literal["gsm8k", "mbpp", "humaneval", "ifeval", "pluribus"] = "pluribus"
     reward: Literal["math", "code", "ifeval", "grm"] = Field(
         description="math, code, ifeval, or grm (a rubric set for the generative judge); default: the format's")
@@ -51,10 +55,10 @@ class DatasetConfig(Strict):
             data = {**data, "reward": REWARDS[data["format"]]}
         return data
 
-    @field_validator("path")
+    @field_validator("path", "test")
     @classmethod
     def _exists(cls, path, info: ValidationInfo):
-        if (info.context or {}).get("check_files") and not Path(path).is_file():
+        if path is not None and (info.context or {}).get("check_files") and not Path(path).is_file():
             raise ValueError(f"data file not found: {path}")
         return path
 
@@ -69,7 +73,18 @@ class RealExpertsConfig(Strict):
                                                                   "judge_domains/lora filled in)")
 
 
+class CompareConfig(Strict):
+    """The last stage: greedy pass@1 and mean reward on each checked domain's `test` records, for the base, the
+    general SFT model, the domain's expert and the OPD student."""
+
+    n: int = Field(200, gt=0, description="test records per domain, at most")
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
 class RealRecipeConfig(Strict):
+    """The recipe on a real model and users' data; see the module docstring."""
+
     name: str = Field(..., min_length=1, pattern=r"^[\w.-]+$")
     out_dir: str = "runs"
     base_model: str = Field(description="a local Hugging Face model folder (an instruct model)")
@@ -78,6 +93,7 @@ class RealRecipeConfig(Strict):
     sft: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields (model/out/data filled in)")
     experts: RealExpertsConfig = Field(default_factory=RealExpertsConfig)
     opd: dict[str, Any] = Field(default_factory=dict, description="OPDConfig fields (model/out/data/teachers filled in)")
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     smoke: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --smoke")
 
     @field_validator("base_model")
@@ -164,10 +180,52 @@ def run_real(path: str | Path, smoke: bool = False) -> Path:
     experts_key = durable.fingerprint([(run_dir / "experts" / d / "DONE").read_text().strip() for d in cfg.datasets])
     _stage(run_dir, "opd", stages["opd"].model_dump() | {"input": experts_key, "data": data_key},
            lambda _: opd.run(stages["opd"]))
+    tests = {d: read_dataset(ds.test, ds.format, domain=d)[:cfg.compare.n] for d, ds in cfg.datasets.items()
+             if ds.test and ds.reward in CHECKED}
+    if tests:
+        models = {"base": cfg.base_model, "sft": general.out, "opd": stages["opd"].out}
+        _stage(run_dir, "compare", cfg.compare.model_dump() | {
+            "tests": durable.fingerprint({d: [r.to_json() for r in rs] for d, rs in tests.items()}),
+            "input": (run_dir / "opd" / "DONE").read_text().strip()},
+            lambda stage_dir: compare(stage_dir, models, run_dir / "experts", tests, cfg))
     summary = {"run_dir": str(run_dir), "experts": {d: str(run_dir / "experts" / d / "expert") for d in cfg.datasets},
                "student": stages["opd"].out}
     durable.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return run_dir
+
+
+def compare(stage_dir: Path, models: dict[str, str], experts_dir: Path, tests: dict[str, list],
+            cfg: RealRecipeConfig) -> dict:
+    """Greedy pass@1 and mean reward per domain of the base, sft and opd `models` and of each domain's expert
+    (on its own domain); written to scores.json and, as a table, scores.md."""
+    from pluribus.models import load
+    from pluribus.rewards.router import RewardRouter
+    from pluribus.rollout import SamplingParams
+    from pluribus.stages.evaluate import generate_texts
+
+    router = RewardRouter({d: cfg.datasets[d].reward for d in tests})
+    params = SamplingParams(cfg.compare.max_new_tokens, temperature=0)
+
+    def score(model, tokenizer, domain: str) -> dict[str, float]:
+        texts = generate_texts(model, tokenizer, tests[domain], params, cfg.seed, cfg.compare.batch_size)
+        rewards = router.score(tests[domain], [t[0] for t in texts])
+        return {"pass1": sum(r >= 1.0 for r in rewards) / len(rewards), "reward": sum(rewards) / len(rewards)}
+
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for label, path in [("base", models["base"]), ("sft", models["sft"]), ("expert", None), ("opd", models["opd"])]:
+        if path is None:  # each domain's own expert
+            scores[label] = {d: score(*load(experts_dir / d / "expert", trainable=False), d) for d in tests}
+        else:
+            model, tokenizer = load(path, trainable=False)
+            scores[label] = {d: score(model, tokenizer, d) for d in tests}
+    rows = ["| domain | n | " + " | ".join(scores) + " |", "| --- | --- |" + " --- |" * len(scores)]
+    rows += [f"| {d} | {len(tests[d])} | " + " | ".join(f"{100 * scores[m][d]['pass1']:.1f}" for m in scores) + " |"
+             for d in tests]
+    table = "greedy pass@1 (%) on each domain's test records\n\n" + "\n".join(rows) + "\n"
+    durable.write_text(stage_dir / "scores.json", json.dumps(scores, indent=2))
+    durable.write_text(stage_dir / "scores.md", table)
+    print(table)
+    return scores
 
 
 def _train_expert(domain: str, expert: dict[str, Any]) -> Path:
