@@ -61,3 +61,30 @@ def test_parallel_workers_train_the_same_experts(trained, tmp_path):
             assert (parallel_dir / "adapter_model.safetensors").read_bytes() == \
                 (serial_dir / "adapter_model.safetensors").read_bytes()
         assert (tmp_path / d / "DONE").is_file()
+
+
+def test_per_domain_changes_apply_to_their_domain_only(tmp_path):
+    base = dict(model="m", out_dir="o", grpo={"steps": 5, "optim": {"lr": 3e-4, "warmup_steps": 2}})
+    cfg = ExpertsConfig(**base, per_domain={"arith": {"grpo": {"optim": {"lr": 1e-4}}}})
+    assert cfg.section("grpo", "arith") == {"steps": 5, "optim": {"lr": 1e-4, "warmup_steps": 2}}
+    assert cfg.section("grpo", "add") == base["grpo"] and cfg.section("sft", "arith") == {}
+    plain = ExpertsConfig(**base)
+    assert "per_domain" not in plain.model_dump()  # configs written before it keep their stage keys
+    assert experts.domain_key(cfg, "add") == experts.domain_key(plain, "add")  # add's finished expert is kept
+    assert experts.domain_key(cfg, "arith") != experts.domain_key(plain, "arith")
+
+
+@pytest.mark.parametrize("per_domain, message", [
+    ({"nope": {"grpo": {}}}, "unknown domain(s) ['nope']"),
+    ({"arith": {"ppo": {}}}, "Input should be 'sft', 'grpo' or 'grm'"),
+    ({"arith": {"grpo": {"optim": {"lr": -1}}}}, "per_domain: arith.grpo.optim.lr: Input should be greater than 0"),
+])
+def test_per_domain_changes_are_validated(tmp_path, per_domain, message):
+    from pluribus.config import load_yaml
+    from pluribus.errors import ConfigError
+
+    path = tmp_path / "experts.yaml"
+    path.write_text(json.dumps({"model": "m", "out_dir": "o", "per_domain": per_domain}))
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path, ExpertsConfig)
+    assert str(info.value).startswith(f"{path}: per_domain") and message in str(info.value)

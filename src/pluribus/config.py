@@ -487,6 +487,9 @@ class ExpertsConfig(Strict):
                             "for evaluation only)")
     grm: dict = Field(default_factory=dict, description="GRMConfig fields for rubric_rl grm "
                                                         "(model/out/domains/lora are filled in)")
+    per_domain: dict[str, dict[Literal["sft", "grpo", "grm"], dict]] = Field(
+        default_factory=dict, description="one domain's changes to the sft/grpo/grm sections, merged over them: "
+                                          "{arith: {grpo: {optim: {lr: 1.0e-4}}}}")
     report_n: int = Field(200, gt=0, description="test prompts per domain in the report")
     workers: int = Field(1, ge=1, description="experts trained at once, each in its own process with cores/workers "
                                               "threads (tiny models use one core poorly)")
@@ -494,12 +497,32 @@ class ExpertsConfig(Strict):
 
     _known_domains = field_validator("domains")(known_domains)
 
+    @field_validator("per_domain")
+    @classmethod
+    def _per_domain_changes_validate(cls, v: dict, info: ValidationInfo) -> dict:
+        known_domains(list(v))
+        for domain, changes in v.items():
+            for name, fields in changes.items():
+                section_cls, filled = cls.sections[name]
+                merged = deep_merge(info.data.get(name) or {}, fields)
+                try:
+                    validate_section(section_cls, merged, "", name, check_files=False,
+                                     filled={k: _placeholder(k) for k in filled})
+                except ConfigError as e:
+                    raise ValueError(f"{domain}.{e.field}: {e.problem}") from None
+        return v
+
+    def section(self, name: str, domain: str) -> dict:
+        """The `name` section (sft, grpo or grm) as `domain`'s expert runs it: per_domain merged over it."""
+        return deep_merge(getattr(self, name), self.per_domain.get(domain, {}).get(name, {}))
+
     @model_serializer(mode="wrap")
-    def _without_unused_grm(self, handler):
-        # an empty grm section is left out, so configs written before it existed keep their stage keys
+    def _without_unused_sections(self, handler):
+        # empty grm and per_domain are left out, so configs written before they existed keep their stage keys
         data = handler(self)
-        if isinstance(data, dict) and not data.get("grm"):
-            data.pop("grm", None)
+        for name in ("grm", "per_domain"):
+            if isinstance(data, dict) and not data.get(name):
+                data.pop(name, None)
         return data
 
 

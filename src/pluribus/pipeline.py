@@ -152,7 +152,7 @@ def _plan(cfg: PipelineConfig, where: str) -> Plan:
     return Plan(cfg, run_dir, domains, base, pre, sft_cfg, eval_cfg, experts_cfg, students)
 
 
-HOW_NOT_WHAT = ("checkpoint_every", "workers")  # fields that change how a stage runs, never what it computes
+HOW_NOT_WHAT = ("checkpoint_every", "workers", "distributed")  # how a stage runs, never what it computes
 
 
 def _identity(snapshot: Any) -> Any:

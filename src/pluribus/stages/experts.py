@@ -38,13 +38,20 @@ def expert_paths(out_dir: str | Path, domain: str) -> tuple[Path, Path]:
     return Path(out_dir) / domain / "sft", Path(out_dir) / domain / "expert"
 
 
+def domain_key(cfg: ExpertsConfig, domain: str) -> str:
+    """What one domain's expert is trained from: the config as that domain sees it (another domain's
+    per_domain changes, the domain list, the report and the workers do not count)."""
+    own = {"changes": cfg.per_domain[domain]} if domain in cfg.per_domain else {}
+    return fingerprint(cfg.model_dump(exclude={"domains", "report_n", "workers", "per_domain"}) | {"domain": domain} | own)
+
+
 def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
     """Train one domain's expert, unless its DONE marker says this config finished it already.
 
     An interrupted domain resumes: its SFT and GRPO loops restart from their checkpoints."""
     sft_out, expert_out = expert_paths(cfg.out_dir, domain)
     done = sft_out.parent / "DONE"
-    key = fingerprint(cfg.model_dump(exclude={"domains", "report_n", "workers"}) | {"domain": domain})
+    key = domain_key(cfg, domain)
     if done.is_file() and done.read_text().strip() == key:
         print(f"[experts] {domain} done earlier, skipped")
         return expert_out
@@ -57,8 +64,8 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
 def _train(cfg: ExpertsConfig, domain: str, sft_out: Path, expert_out: Path, reward_fn) -> Path:
     lora = None if cfg.lora is None else cfg.lora.model_dump()
     data = {"domains": [domain], "n_per_domain": cfg.n_demos, "seed": cfg.seed}
-    sft_cfg = validate(SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model, "out": str(sft_out),
-                                   "data": data, "lora": lora}, f"experts.sft ({domain})")
+    sft_cfg = validate(SFTConfig, {"seed": cfg.seed, **cfg.section("sft", domain), "model": cfg.model,
+                                   "out": str(sft_out), "data": data, "lora": lora}, f"experts.sft ({domain})")
     rl = not (DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "none")
     mistakes = cfg.demo_mistakes if rl else 0.0  # imperfect demonstrations only where RL follows to fix them
     demos = with_mistakes(generate(domain, "train", cfg.n_demos, seed=cfg.seed), mistakes, cfg.seed)
@@ -69,11 +76,13 @@ def _train(cfg: ExpertsConfig, domain: str, sft_out: Path, expert_out: Path, rew
         shutil.copytree(sft_out, tmp)
         return publish_dir(tmp, expert_out)
     if DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "grm":
-        grm_cfg = validate(GRMConfig, {"seed": cfg.seed, **cfg.grm, "model": str(sft_out), "out": str(expert_out),
-                                       "domains": [domain], "lora": lora}, f"experts.grm ({domain})")
+        grm_cfg = validate(GRMConfig, {"seed": cfg.seed, **cfg.section("grm", domain), "model": str(sft_out),
+                                       "out": str(expert_out), "domains": [domain], "lora": lora},
+                           f"experts.grm ({domain})")
         return grm.run(grm_cfg, meta={"domain": domain, "expert_stage": "grm"})
-    grpo_cfg = validate(GRPOConfig, {"seed": cfg.seed, **cfg.grpo, "model": str(sft_out), "out": str(expert_out),
-                                     "data": {**data, "n_per_domain": cfg.n_train}, "lora": lora},
+    grpo_cfg = validate(GRPOConfig, {"seed": cfg.seed, **cfg.section("grpo", domain), "model": str(sft_out),
+                                     "out": str(expert_out), "data": {**data, "n_per_domain": cfg.n_train},
+                                     "lora": lora},
                         f"experts.grpo ({domain})")
     records = generate(domain, "train", cfg.n_train, seed=cfg.seed + 1)
     return grpo.run(grpo_cfg, records=records, reward_fn=reward_fn, meta={"domain": domain, "expert_stage": "grpo"})
