@@ -1,4 +1,4 @@
-"""The lean decode path (pluribus.rollout.lean): the HF forward's logits, the HF path's tokens, and a clean
+"""The lean decode path (pluribus.models.lean): the HF forward's logits, the HF path's tokens, and a clean
 refusal of what it does not reproduce."""
 
 import pytest
@@ -6,13 +6,13 @@ import torch
 
 from pluribus.models import add_lora, load, pad_batch, position_ids_from_mask, render_prompt
 from pluribus.rollout import SamplingParams, sample
-from pluribus.rollout import lean as lean_module
-from pluribus.rollout.lean import LeanDecoder
+from pluribus.models import lean as lean_module
+from pluribus.models.lean import LeanDecoder
 
 
 def _prompts(tok, n):
-    return [render_prompt(tok, [{"role": "user", "content": f"sort {' '.join(str(7 * i + j) for j in range(i % 4 + 1))}"}])
-            for i in range(n)]
+    texts = [f"sort {' '.join(str(7 * i + j) for j in range(i % 4 + 1))}" for i in range(n)]
+    return [render_prompt(tok, [{"role": "user", "content": text}]) for text in texts]
 
 
 def _hf_only(monkeypatch):
@@ -61,11 +61,13 @@ def test_lean_and_hf_paths_sample_the_same_tokens(tiny_qwen2, monkeypatch, one_t
     model, tok = load(tiny_qwen2, trainable=False)
     distinct = _prompts(tok, 8)
     grouped = [p for p in distinct[:3] for _ in range(4)]
-    cases = [(distinct, SamplingParams(10), tok.eos_token_id), (grouped, SamplingParams(10, 0.8, 0.9, 20), tok.eos_token_id),
+    cases = [(distinct, SamplingParams(10), tok.eos_token_id),
+             (grouped, SamplingParams(10, 0.8, 0.9, 20), tok.eos_token_id),
              (distinct * 2, SamplingParams(48), 78)]
     compactions = []
     keep_rows = LeanDecoder.keep_rows
-    monkeypatch.setattr(LeanDecoder, "keep_rows", lambda self, rows: (compactions.append(len(rows)), keep_rows(self, rows)))
+    monkeypatch.setattr(LeanDecoder, "keep_rows",
+                        lambda self, rows: (compactions.append(len(rows)), keep_rows(self, rows)))
     lean = [sample(model, p, params, eos_id=eos, pad_id=tok.pad_token_id, seed=5) for p, params, eos in cases]
     assert compactions  # finished rows did leave the cache
     _hf_only(monkeypatch)

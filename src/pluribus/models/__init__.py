@@ -17,6 +17,7 @@ import torch
 
 from pluribus.durable import publish_dir
 from pluribus.errors import PluribusError
+from pluribus.models.lean import _causal_lm, predicting_hidden_states
 
 # peft still calls a transformers method that transformers 5 deprecates; the warning is not the user's to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -265,7 +266,13 @@ def prompt_response_batch(prompt_ids: list[list[int]], response_ids_B_T: torch.T
 
 def response_logits(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,
                     response_mask_B_T: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Logits `[B, T, V]` predicting each response token (position t sees prompt + response[:t])."""
+    """Logits `[B, T, V]` predicting each response token (position t sees prompt + response[:t]); 0 where the
+    mask is False when the lean forward runs (`pluribus.models.lean`: no padding, shared prompts once)."""
+    hidden_M_D = predicting_hidden_states(model, prompt_ids, response_ids_B_T, response_mask_B_T)
+    if hidden_M_D is not None:
+        logits_M_V = _causal_lm(model).get_output_embeddings()(hidden_M_D)
+        logits = logits_M_V.new_zeros(*response_ids_B_T.shape, logits_M_V.shape[-1])
+        return logits.masked_scatter(response_mask_B_T.bool().to(logits.device)[..., None], logits_M_V)
     ids, attn, pos, P = prompt_response_batch(prompt_ids, response_ids_B_T, response_mask_B_T, pad_id)
     T = response_ids_B_T.shape[1]
     return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :T]

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from pluribus.models import pad_batch, position_ids_from_mask, response_logits
-from pluribus.rollout.lean import LeanDecoder
+from pluribus.models.lean import LeanDecoder
 
 
 @dataclass(frozen=True)

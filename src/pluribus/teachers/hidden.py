@@ -18,6 +18,7 @@ from torch import Tensor
 
 from pluribus.errors import PluribusError
 from pluribus.models import prompt_response_batch
+from pluribus.models.lean import predicting_hidden_states
 
 
 def _causal_lm(model):
@@ -43,6 +44,10 @@ def response_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T:
     trunk: what runs the decoder, `(input_ids, attention_mask, position_ids) -> [B, L, D]`, when it is not
     the model's own (a data-parallel wrapper's forward, `pluribus.dist.trunk_forward`).
     """
+    if trunk is None:  # the lean forward: each distinct token once, no padding (None where it does not apply)
+        hidden_N_D = predicting_hidden_states(model, prompt_ids, response_ids_B_T, response_mask_B_T)
+        if hidden_N_D is not None:
+            return hidden_N_D
     mask_B_T = response_mask_B_T.bool()
     T = int(mask_B_T.sum(-1).max()) if mask_B_T.numel() else 0
     response_ids_B_T, mask_B_T = response_ids_B_T[:, :T], mask_B_T[:, :T]

@@ -1,20 +1,22 @@
-"""A lean forward for decoding Llama/Qwen2-family models: the rollout engine's fast path.
+"""Lean forwards for Llama/Qwen2-family models: the rollout's decode steps and the trainers' packed batches.
 
-On a small model, transformers' forward spends most of a decode step in Python: per layer a dozen
-module calls, cache bookkeeping and a freshly built attention mask, each a few microseconds, around
-matmuls that take less than that. `LeanDecoder` runs the same maths from the model's own weights
-with a KV cache allocated once per batch, one boolean mask per batch, fused q/k/v and gate/up
-matmuls, and no module calls.
+On a small model, transformers' forward spends much of its time in Python (per layer a dozen module calls,
+cache bookkeeping, a freshly built mask) and a training batch spends much of its compute on padding. Two
+forwards here compute the same maths (RMSNorm with float32 statistics, default RoPE, scaled-dot-product
+attention, the SiLU-gated MLP) without either:
 
-The maths is transformers' Llama/Qwen2 forward (RMSNorm in float32, rotary embeddings with the
-default RoPE, scaled-dot-product attention, SiLU-gated MLP), so its logits equal the HF forward's
-up to float rounding (checked in tests/test_rollout.py). Where the rounding differs, a sampled
-token can differ from the HF path's only where two Gumbel-perturbed logits tie to ~1e-6.
+- `LeanDecoder` (sampling, no grad): the model's weights read once per batch (a LoRA adapter folded in,
+  `W + s·B·A`), fused q/k/v and gate/up matmuls, a KV cache allocated once, identical contexts prefilled once
+  and distinct ones packed without padding, finished rows dropped from the cache.
+- `predicting_hidden_states` (training and teachers, grad flows): the model's own modules on each distinct
+  token once, no padding: a prompt shared by a GRPO group's G rows runs once (its keys and values serve all
+  G; their gradients add up, as if it ran G times), and only attention sees the rows laid out side by side.
 
-A LoRA adapter (peft) is folded into its base weight once per batch, `W + s·B·A`, instead of running
-`x·Aᵀ·Bᵀ` beside every projection: the same function, cheaper per step. Anything the lean path does
-not reproduce exactly (another architecture, RoPE scaling, sliding windows, other activations, other
-adapter kinds) makes `LeanDecoder.build` return None, and the rollout uses the HF forward.
+Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, tests/test_models_lean.py: logits
+within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
+~1e-6 tie of two Gumbel-perturbed logits. What they do not reproduce (another architecture, RoPE scaling,
+sliding windows, other activations, adapters other than plain LoRA for decoding, sharded or wrapped models)
+makes them answer None, and the callers use the HF forward.
 """
 
 from __future__ import annotations
@@ -48,6 +50,57 @@ class _Layer:
 
 def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _supported(lm) -> float | None:
+    """The RoPE base when the lean forwards reproduce `lm` (a plain, unsharded Llama/Qwen2), else None."""
+    config = getattr(lm, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return None
+    layer_types = getattr(config, "layer_types", None) or []
+    if (getattr(config, "hidden_act", None) != "silu" or getattr(config, "use_sliding_window", False)
+            or any(t != "full_attention" for t in layer_types) or getattr(config, "pretraining_tp", 1) != 1):
+        return None
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in lm.parameters()):  # FSDP2 shards: its hooks must run the forward
+        return None
+    return _rope_theta(config)
+
+
+def _dims(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _rms(x: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+    if x.dtype == torch.float32:  # one fused op, bit-identical to transformers' op-by-op form in float32
+        return F.rms_norm(x, weight_D.shape, weight_D, eps)
+    x32 = x.float()  # transformers' RMSNorm: float32 statistics, the weight applied in the input dtype
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight_D * x32.to(x.dtype)
+
+
+def _inv_freq(theta: float, head_dim: int, device) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
+def _rope_table(inv_freq: Tensor, positions: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin `[positions, d]`, computed as transformers computes them for each position."""
+    freqs = torch.arange(positions, device=inv_freq.device)[:, None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean attention mask as the additive one SDPA would build from it (once, not once per layer)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _linear(module) -> tuple[Tensor, Tensor | None] | None:
@@ -94,29 +147,19 @@ class LeanDecoder:
 
     def __init__(self, config, embed_V_D: Tensor, layers: list[_Layer], norm_D: Tensor, head_V_D: Tensor,
                  head_bias_V: Tensor | None, theta: float):
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = _dims(config)
         self.eps = config.rms_norm_eps
         self.embed_V_D, self.layers, self.norm_D = embed_V_D, layers, norm_D
         self.head_V_D, self.head_bias_V = head_V_D, head_bias_V
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float,
-                                                      device=embed_V_D.device) / self.head_dim))
+        self.inv_freq = _inv_freq(theta, self.head_dim, embed_V_D.device)
         self.dtype = embed_V_D.dtype
 
     @classmethod
     def build(cls, model) -> "LeanDecoder | None":
         """The lean forward of `model` (its current weights, adapters folded in), or None if unsupported."""
         lm = _causal_lm(model)
-        config = getattr(lm, "config", None)
-        if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            return None
-        theta = _rope_theta(config)
-        layer_types = getattr(config, "layer_types", None) or []
-        if (theta is None or getattr(config, "hidden_act", None) != "silu" or getattr(config, "use_sliding_window", False)
-                or any(t != "full_attention" for t in layer_types) or getattr(config, "pretraining_tp", 1) != 1):
-            return None
-        if sum(p.numel() for p in lm.parameters()) > MAX_FUSED_PARAMETERS:
+        theta = _supported(lm)
+        if theta is None or sum(p.numel() for p in lm.parameters()) > MAX_FUSED_PARAMETERS:
             return None
         decoder = lm.get_decoder()
         embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
@@ -134,17 +177,9 @@ class LeanDecoder:
             layers.append(_Layer(block.input_layernorm.weight, torch.cat([q, k, v]), _cat([qb, kb, vb], [q, k, v]),
                                  o, ob, block.post_attention_layernorm.weight, torch.cat([g, u]),
                                  _cat([gb, ub], [g, u]), d, db))
-        return cls(config, embed.weight, layers, decoder.norm.weight, *head_affine, theta)
+        return cls(lm.config, embed.weight, layers, decoder.norm.weight, *head_affine, theta)
 
     # --- the forward --------------------------------------------------------------------------------
-
-    def _rms(self, x: Tensor, weight_D: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused op, bit-identical to the op-by-op form in float32
-            return F.rms_norm(x, weight_D.shape, weight_D, self.eps)
-        # transformers' RMSNorm op for op: float32 statistics, weight applied in the input dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight_D * x32.to(x.dtype)
 
     def _forward(self, ids_B_S: Tensor, position_B_S: Tensor, mask_B_1_S_K: Tensor, keys_values) -> Tensor:
         """Hidden states `[B, S, D]` of S new tokens per row.
@@ -161,7 +196,7 @@ class LeanDecoder:
         sin = self.sin_table[position_B_S][:, :, None]
         x = F.embedding(ids_B_S, self.embed_V_D)
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, layer.norm_attn_D), layer.qkv_weight, layer.qkv_bias)
+            qkv = F.linear(_rms(x, layer.norm_attn_D, self.eps), layer.qkv_weight, layer.qkv_bias)
             qk = qkv[..., :(H + Hkv) * d].view(B, S, H + Hkv, d)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
             q = qk[:, :, :H].transpose(1, 2)
@@ -174,13 +209,13 @@ class LeanDecoder:
                 attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_B_1_S_K,
                                                           enable_gqa=H != Hkv)
             x = x + F.linear(attended.transpose(1, 2).reshape(B, S, H * d), layer.o_weight, layer.o_bias)
-            gate, up = F.linear(self._rms(x, layer.norm_mlp_D), layer.gate_up_weight,
+            gate, up = F.linear(_rms(x, layer.norm_mlp_D, self.eps), layer.gate_up_weight,
                                 layer.gate_up_bias).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
         return x
 
     def _logits(self, hidden_B_D: Tensor) -> Tensor:
-        return F.linear(self._rms(hidden_B_D, self.norm_D), self.head_V_D, self.head_bias_V).float()
+        return F.linear(_rms(hidden_B_D, self.norm_D, self.eps), self.head_V_D, self.head_bias_V).float()
 
     def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> Tensor:
         """Run each row's context (prompt, plus a resumed prefix) and allocate the cache for `max_new_tokens` more.
@@ -210,7 +245,7 @@ class LeanDecoder:
                 where[c] = (p, column)
                 column += n
         B, longest = len(sequences), max(len(c) for c in contexts)
-        self.cos_table, self.sin_table = self._rope_table(longest + max_new_tokens)
+        self.cos_table, self.sin_table = _rope_table(self.inv_freq, longest + max_new_tokens, self.dtype)
         # Where each row's context comes from in the packs (flattened) and goes to in the cache.
         lengths = [len(contexts[c]) for c in row_context]
         source = torch.tensor([where[c][0] * width + where[c][1] + j for c in row_context
@@ -233,26 +268,16 @@ class LeanDecoder:
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
         # A padding query sees itself, so its (unused) row stays finite instead of a softmax over nothing.
         mask = (same & causal) | torch.eye(width, dtype=torch.bool, device=device)
-        hidden = self._forward(ids.to(device), position.to(device), self._additive(mask[:, None]), keys_values)
+        hidden = self._forward(ids.to(device), position.to(device), _additive(mask[:, None], self.dtype), keys_values)
         last = torch.tensor([where[c][0] * width + where[c][1] + len(contexts[c]) - 1 for c in row_context],
                             device=device)
         # Keys a position may see: the row's context, then everything generated.
         seen = torch.arange(longest, device=device)[None] >= longest - torch.tensor(lengths, device=device)[:, None]
-        self.mask_B_K = self._additive(torch.cat([seen, torch.ones(B, max_new_tokens, dtype=torch.bool,
-                                                                   device=device)], dim=1))
+        self.mask_B_K = _additive(torch.cat([seen, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)],
+                                            dim=1), self.dtype)
         self.next_position_B = torch.tensor(lengths, device=device)
         self.length = longest
         return self._logits(hidden.reshape(-1, hidden.shape[-1])[last])
-
-    def _additive(self, mask: Tensor) -> Tensor:
-        """A boolean attention mask as the additive one SDPA would build from it (once, not once per layer)."""
-        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-    def _rope_table(self, positions: int) -> tuple[Tensor, Tensor]:
-        """cos and sin `[positions, d]`, computed as transformers computes them for each position."""
-        freqs = torch.arange(positions, device=self.inv_freq.device)[:, None].float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed one token per cached row; logits `[B, V]` for the next."""
@@ -280,7 +305,7 @@ class LeanDecoder:
 
 
 def _packs(lengths: list[int]) -> list[list[int]]:
-    """Contexts (by index) grouped into packs of at most PACK_TOKENS positions (a longer context alone), longest first."""
+    """Contexts (by index) in packs of at most PACK_TOKENS positions (a longer one alone), longest first."""
     capacity = max(PACK_TOKENS, max(lengths))
     packs: list[list[int]] = []
     room: list[int] = []
@@ -294,3 +319,121 @@ def _packs(lengths: list[int]) -> list[list[int]]:
             packs.append([c])
             room.append(capacity - lengths[c])
     return packs
+
+
+# --- training: packed batches ----------------------------------------------------------------------------
+
+@dataclass
+class _Layout:
+    """Where each distinct token of a batch sits: once in the packed `[N]` list, and in every row that sees it.
+
+    ids_N, position_N: the distinct tokens (each distinct prompt once, then each row's response tokens but the
+        last) and their positions in their rows.
+    row_token_B_R: the packed index of each column of each row (prompt, then the row's response); 0 on padding.
+    owner_N: the flat row column (b·R + j) whose attention output a distinct token takes.
+    mask_B_1_R_R: additive causal mask over the real columns of each row.
+    predict_M: the packed index of the token that predicts each masked response token, row-major.
+    """
+
+    ids_N: Tensor
+    position_N: Tensor
+    row_token_B_R: Tensor
+    owner_N: Tensor
+    mask_B_1_R_R: Tensor
+    predict_M: Tensor
+
+
+def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask_B_T: Tensor,
+            dtype: torch.dtype) -> _Layout | None:
+    mask_B_T = response_mask_B_T.bool()
+    lengths_B = mask_B_T.sum(-1)
+    if any(not p for p in prompt_ids) or not torch.equal(
+            mask_B_T, torch.arange(mask_B_T.shape[1])[None] < lengths_B[:, None]):
+        return None  # an empty prompt, or a mask that is not a prefix of its row: not a rollout's
+    lengths = lengths_B.tolist()
+    responses = response_ids_B_T.tolist()
+    first_of: dict[tuple[int, ...], int] = {}  # distinct prompt → its first row
+    start: dict[tuple[int, ...], int] = {}  # distinct prompt → its first packed index
+    ids: list[int] = []
+    position: list[int] = []
+    for b, prompt in enumerate(prompt_ids):
+        key = tuple(prompt)
+        if key not in start:
+            first_of[key], start[key] = b, len(ids)
+            ids += prompt
+            position += range(len(prompt))
+    B = len(prompt_ids)
+    R = max(len(p) + max(n - 1, 0) for p, n in zip(prompt_ids, lengths))
+    row_token = torch.zeros(B, R, dtype=torch.long)
+    owner = [0] * len(ids)
+    predict: list[int] = []
+    valid = torch.zeros(B, R, dtype=torch.bool)
+    for b, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
+        key, P = tuple(prompt), len(prompt)
+        own = list(range(len(ids), len(ids) + max(n - 1, 0)))
+        ids += responses[b][: max(n - 1, 0)]
+        position += range(P, P + max(n - 1, 0))
+        owner += [b * R + P + t for t in range(len(own))]
+        columns = list(range(start[key], start[key] + P)) + own
+        row_token[b, : len(columns)] = torch.tensor(columns)
+        valid[b, : len(columns)] = True
+        if first_of[key] == b:
+            for i in range(P):
+                owner[start[key] + i] = b * R + i
+        predict += [columns[P - 1 + t] for t in range(n)]
+    causal = torch.ones(R, R, dtype=torch.bool).tril()
+    # A padding query sees itself, so its (unused) row stays finite instead of a softmax over nothing.
+    mask = (causal & valid[:, None, :]) | torch.eye(R, dtype=torch.bool)
+    return _Layout(torch.tensor(ids), torch.tensor(position), row_token, torch.tensor(owner),
+                   _additive(mask[:, None], dtype), torch.tensor(predict, dtype=torch.long))
+
+
+def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
+                             response_mask_B_T: Tensor) -> Tensor | None:
+    """Final-norm hidden states `[M, D]` at the positions predicting the M masked response tokens (row by row,
+    each row's tokens in order), or None when the lean forward does not reproduce `model`.
+
+    Runs the model's own modules (embedding, projections, LoRA layers, MLPs), so gradients reach its parameters
+    when called with grad. Each distinct prompt and each response token runs through the linear layers once;
+    attention gathers each row (its prompt, then its response) and masks causally. The masks must be a prefix
+    of each row (as `Rollout` holds them).
+    """
+    lm = _causal_lm(model)
+    theta = _supported(lm)
+    if theta is None:
+        return None
+    decoder = lm.get_decoder()
+    embed = lm.get_input_embeddings()
+    weight = getattr(embed, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    device, dtype = weight.device, weight.dtype
+    layout = _layout(prompt_ids, response_ids_B_T.cpu(), response_mask_B_T.cpu(), dtype)
+    if layout is None:
+        return None
+    H, Hkv, d = _dims(lm.config)
+    dropout = float(getattr(lm.config, "attention_dropout", 0.0) or 0.0) if lm.training else 0.0
+    ids, position, row_token, owner, mask, predict = (
+        t.to(device) for t in (layout.ids_N, layout.position_N, layout.row_token_B_R, layout.owner_N,
+                               layout.mask_B_1_R_R, layout.predict_M))
+    cos, sin = _rope_table(_inv_freq(theta, d, device), int(position.max()) + 1, dtype)
+    cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
+    B, R = row_token.shape
+    N = ids.shape[0]
+    x = embed(ids)  # [N, D]
+    for block in decoder.layers:
+        attn = block.self_attn
+        h = _norm(block.input_layernorm, x)
+        q = _rotate(attn.q_proj(h).view(N, H, d), cos, sin)
+        k = _rotate(attn.k_proj(h).view(N, Hkv, d), cos, sin)
+        v = attn.v_proj(h).view(N, Hkv, d)
+        rows = [t[row_token].transpose(1, 2) for t in (q, k, v)]  # [B, heads, R, d]
+        attended = F.scaled_dot_product_attention(*rows, attn_mask=mask, dropout_p=dropout, enable_gqa=H != Hkv)
+        attended = attended.transpose(1, 2).reshape(B * R, H * d)[owner]
+        x = x + attn.o_proj(attended)
+        x = x + block.mlp(_norm(block.post_attention_layernorm, x))
+    return _norm(decoder.norm, x[predict])
+
+
+def _norm(module, x: Tensor) -> Tensor:
+    return _rms(x, module.weight, getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))

@@ -1,0 +1,86 @@
+"""The packed training forward (pluribus.models.lean.predicting_hidden_states) against the HF forward: the same
+logits and the same gradients, with shared prompts run once, LoRA and grouped-query attention."""
+
+import pytest
+import torch
+
+from pluribus.models import add_lora, load, response_logits
+from pluribus.models.lean import predicting_hidden_states
+from pluribus.teachers import output_head
+
+
+def _batch(G: int, seed: int = 0):
+    """Prompts of several lengths, each G times (a GRPO batch), responses of several lengths (right-padded)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(7, 100, (n,), generator=gen).tolist() for n in (5, 9, 3, 12)]
+    prompt_ids = [p for p in prompts for _ in range(G)]
+    B, T = len(prompt_ids), 9
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    return prompt_ids, torch.randint(7, 100, (B, T), generator=gen).masked_fill(~mask, 0), mask
+
+
+def _hf_only(model, prompt_ids, response, mask):
+    import pluribus.models.lean as lean
+
+    original = lean.predicting_hidden_states
+    lean.predicting_hidden_states = lambda *args: None
+    try:
+        return response_logits(model, prompt_ids, response, mask, 0)
+    finally:
+        lean.predicting_hidden_states = original
+
+
+def _grads(model, logits_M_V):
+    model.zero_grad()
+    (logits_M_V.log_softmax(-1)[:, 11].sum() + logits_M_V.pow(2).mean()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("variant", ["full", "lora", "gqa"])
+def test_packed_forward_equals_the_hf_forward(request, fixture, variant, one_thread):
+    model, _ = load(request.getfixturevalue(fixture))
+    if variant == "gqa":  # two query heads share one key head: rebuild the model with one KV head
+        from transformers import AutoModelForCausalLM
+
+        config = model.config
+        config.num_key_value_heads = 1
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    if variant == "lora":
+        model = add_lora(model, rank=4, alpha=8)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    model.train()
+    prompt_ids, response, mask = _batch(G=3)
+    reference = _hf_only(model, prompt_ids, response, mask)[mask]
+    expected = _grads(model, reference)
+    head, bias = output_head(model)
+    hidden = predicting_hidden_states(model, prompt_ids, response, mask)
+    assert hidden is not None and hidden.shape == (int(mask.sum()), head.shape[1])
+    logits = torch.nn.functional.linear(hidden, head, bias)
+    assert (logits - reference).abs().max() < 1e-5
+    got = _grads(model, logits)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        scale = expected[name].norm().clamp_min(1e-8)
+        assert (got[name] - expected[name]).norm() / scale < 1e-5, name
+    # through response_logits (what GRPO calls): the same values at the masked positions, 0 elsewhere
+    full = response_logits(model, prompt_ids, response, mask, 0)
+    assert torch.equal(full[mask], logits.detach()) or (full[mask] - reference).abs().max() < 1e-5
+    assert not full[~mask].any()
+
+
+def test_what_the_packed_forward_does_not_reproduce_gets_none(tiny_llama):
+    model, _ = load(tiny_llama)
+    prompt_ids, response, mask = _batch(G=1)
+    holes = mask.clone()
+    row = int(mask.sum(-1).argmax())
+    holes[row, 0] = False  # not a prefix: not a rollout's mask
+    assert predicting_hidden_states(model, prompt_ids, response, holes) is None
+    assert predicting_hidden_states(model, [[]] + prompt_ids[1:], response, mask) is None
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert predicting_hidden_states(model, prompt_ids, response, mask) is None
