@@ -115,7 +115,8 @@ def test_samples_ordered_by_teacher_and_each_adapter_switched_once(tiny_llama, t
     loads = []
     load_model = pool_module._load_model
     monkeypatch.setattr(pool_module, "_load_model", lambda path, dtype: (loads.append(path), load_model(path, dtype))[1])
-    pool = TeacherPool([spec(d, a, [d]) for d, a in zip(DOMAINS, adapters)], tok)
+    # One forward per teacher (the path models the lean forward does not cover take); batched: see below.
+    pool = TeacherPool([spec(d, a, [d]) for d, a in zip(DOMAINS, adapters)], tok, batch_adapters=False)
     domains = ["sort", "add", "reverse", "sort", "max", "add", "reverse", "max"]
     index = pool.route(domains)
     order = pool.order(index)
@@ -254,3 +255,28 @@ def test_response_hidden_states_rows_follow_the_mask(tiny_llama):
     one = response_hidden_states(model, prompts[1:2], ids[1:2], mask[1:2], tok.pad_token_id)
     start = int(mask[0].sum())
     torch.testing.assert_close(hidden[start:start + one.shape[0]], one, rtol=0, atol=1e-5)
+
+
+def test_adapter_teachers_of_one_base_run_in_one_forward(tiny_llama, teacher_dirs):
+    """Batched (the default): the states of one-teacher-at-a-time, without switching adapters once each has been
+    checked on first use."""
+    adapters, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+    specs = [spec("add", adapters[0], ["add"]), spec("max", adapters[1], ["max"]),
+             spec("sort", fulls[2], ["sort"]), spec("reverse", adapters[3], ["reverse"])]
+    batched, alone = TeacherPool(specs, tok), TeacherPool(specs, tok, batch_adapters=False)
+    domains = ["reverse", "add", "sort", "max", "add", "sort", "reverse"]
+    index = batched.route(domains)
+    order = batched.order(index)
+    prompts, ids, mask = batch(tok, [domains[i] for i in order])
+    teacher_index = [index[i] for i in order]
+    for _ in range(2):
+        together = batched.teacher_states(prompts, ids, mask, teacher_index, tok.pad_token_id)
+        one_by_one = alone.teacher_states(prompts, ids, mask, teacher_index, tok.pad_token_id)
+        assert [g.teacher for g in together.groups] == [g.teacher for g in one_by_one.groups] == [0, 1, 2, 3]
+        for a, b in zip(together.groups, one_by_one.groups):
+            assert a.rows == b.rows
+            torch.testing.assert_close(a.hidden_N_D, b.hidden_N_D, rtol=0, atol=1e-5)
+    assert batched.adapter_switches == 2  # t1 and t3 checked once each (t0 is active when the base loads)
+    assert alone.adapter_switches > batched.adapter_switches
+    assert batched.loads == alone.loads  # the same schedule of units

@@ -81,7 +81,8 @@ def run(settings: BenchSettings = BenchSettings(), *, with_trl: bool | None = No
         kl = call("chunked_kl")
     results = {"machine": machine(settings.threads), "settings": asdict(settings), "model": model,
                "grpo": _compare(runs["grpo"]), "opd": _compare(runs["opd"]), "rollout": _rollout(rollout),
-               "opd_teachers": _teachers(teachers), "chunked_kl": kl, "notes": [] if with_trl else [TRL_LEFT_OUT if trl_installed() else TRL_MISSING]}
+               "opd_teachers": _teachers(teachers), "chunked_kl": kl,
+               "notes": [] if with_trl else [TRL_LEFT_OUT if trl_installed() else TRL_MISSING]}
     results["targets"] = [_target(results, path, op, bound) for path, op, bound in TARGETS]
     return results
 

@@ -22,6 +22,7 @@ makes them answer None, and the callers use the HF forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,8 @@ def _supported(lm) -> float | None:
         return None
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(p, DTensor) for p in lm.parameters()):  # FSDP2 shards: its hooks must run the forward
+    embed = lm.get_input_embeddings()
+    if embed is None or isinstance(getattr(embed, "weight", None), DTensor):  # FSDP2 shards: its hooks must run
         return None
     return _rope_theta(config)
 
@@ -327,12 +329,13 @@ def _packs(lengths: list[int]) -> list[list[int]]:
 class _Layout:
     """Where each distinct token of a batch sits: once in the packed `[N]` list, and in every row that sees it.
 
-    ids_N, position_N: the distinct tokens (each distinct prompt once, then each row's response tokens but the
-        last) and their positions in their rows.
+    ids_N, position_N: the distinct tokens, row by row: a row's prompt where it first appears (for its adapter),
+        then the row's response tokens but the last; their positions in their rows.
     row_token_B_R: the packed index of each column of each row (prompt, then the row's response); 0 on padding.
     owner_N: the flat row column (b·R + j) whose attention output a distinct token takes.
     mask_B_1_R_R: additive causal mask over the real columns of each row.
     predict_M: the packed index of the token that predicts each masked response token, row-major.
+    adapter_tokens: (adapter, its slice of the N tokens), when the rows have adapters.
     """
 
     ids_N: Tensor
@@ -341,55 +344,80 @@ class _Layout:
     owner_N: Tensor
     mask_B_1_R_R: Tensor
     predict_M: Tensor
+    adapter_tokens: list[tuple[str, slice]] | None
 
 
 def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask_B_T: Tensor,
-            dtype: torch.dtype) -> _Layout | None:
+            dtype: torch.dtype, adapters: Sequence[str] | None) -> _Layout | None:
     mask_B_T = response_mask_B_T.bool()
     lengths_B = mask_B_T.sum(-1)
     if any(not p for p in prompt_ids) or not torch.equal(
             mask_B_T, torch.arange(mask_B_T.shape[1])[None] < lengths_B[:, None]):
         return None  # an empty prompt, or a mask that is not a prefix of its row: not a rollout's
+    if adapters is not None and [a for i, a in enumerate(adapters) if i == 0 or a != adapters[i - 1]] != \
+            list(dict.fromkeys(adapters)):
+        return None  # each adapter's rows must be contiguous, so its tokens are one slice
     lengths = lengths_B.tolist()
     responses = response_ids_B_T.tolist()
-    first_of: dict[tuple[int, ...], int] = {}  # distinct prompt → its first row
-    start: dict[tuple[int, ...], int] = {}  # distinct prompt → its first packed index
-    ids: list[int] = []
-    position: list[int] = []
-    for b, prompt in enumerate(prompt_ids):
-        key = tuple(prompt)
-        if key not in start:
-            first_of[key], start[key] = b, len(ids)
-            ids += prompt
-            position += range(len(prompt))
     B = len(prompt_ids)
     R = max(len(p) + max(n - 1, 0) for p, n in zip(prompt_ids, lengths))
-    row_token = torch.zeros(B, R, dtype=torch.long)
-    owner = [0] * len(ids)
+    start: dict[tuple, int] = {}  # (adapter, distinct prompt) → its first packed index
+    ids: list[int] = []
+    position: list[int] = []
+    owner: list[int] = []
     predict: list[int] = []
+    row_token = torch.zeros(B, R, dtype=torch.long)
     valid = torch.zeros(B, R, dtype=torch.bool)
+    bounds: dict[str, list[int]] = {}
     for b, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
-        key, P = tuple(prompt), len(prompt)
-        own = list(range(len(ids), len(ids) + max(n - 1, 0)))
-        ids += responses[b][: max(n - 1, 0)]
-        position += range(P, P + max(n - 1, 0))
-        owner += [b * R + P + t for t in range(len(own))]
-        columns = list(range(start[key], start[key] + P)) + own
+        P, key = len(prompt), (None if adapters is None else adapters[b], tuple(prompt))
+        if key not in start:  # the first row with this prompt runs it, and owns its outputs
+            start[key] = len(ids)
+            ids += prompt
+            position += range(P)
+            owner += range(b * R, b * R + P)
+        own = range(len(ids), len(ids) + max(n - 1, 0))
+        ids += responses[b][: len(own)]
+        position += range(P, P + len(own))
+        owner += range(b * R + P, b * R + P + len(own))
+        columns = list(range(start[key], start[key] + P)) + list(own)
         row_token[b, : len(columns)] = torch.tensor(columns)
         valid[b, : len(columns)] = True
-        if first_of[key] == b:
-            for i in range(P):
-                owner[start[key] + i] = b * R + i
-        predict += [columns[P - 1 + t] for t in range(n)]
+        predict += columns[P - 1: P - 1 + n]
+        if adapters is not None:
+            bounds.setdefault(adapters[b], [start[key], len(ids)])[1] = len(ids)
     causal = torch.ones(R, R, dtype=torch.bool).tril()
     # A padding query sees itself, so its (unused) row stays finite instead of a softmax over nothing.
     mask = (causal & valid[:, None, :]) | torch.eye(R, dtype=torch.bool)
     return _Layout(torch.tensor(ids), torch.tensor(position), row_token, torch.tensor(owner),
-                   _additive(mask[:, None], dtype), torch.tensor(predict, dtype=torch.long))
+                   _additive(mask[:, None], dtype), torch.tensor(predict, dtype=torch.long),
+                   None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in bounds.items()])
+
+
+def _lora_layers(model) -> list | None:
+    """The LoRA layers of a peft model when every one is plain LoRA (`W x + s·B A x`), else None."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    for m in layers:
+        if getattr(m, "lora_variant", None) or getattr(m, "merged", False) or getattr(m, "disable_adapters", False) \
+                or getattr(m, "fan_in_fan_out", False) or type(m.base_layer) is not torch.nn.Linear:
+            return None
+    return layers
+
+
+def _project(module, x: Tensor, adapter_tokens: list[tuple[str, slice]] | None) -> Tensor:
+    """`module(x)`; with `adapter_tokens`, a LoRA layer's base on every token and each adapter on its slice."""
+    if adapter_tokens is None or not hasattr(module, "lora_A"):
+        return module(x)
+    out = module.base_layer(x)
+    for adapter, tokens in adapter_tokens:
+        if adapter in module.lora_A:
+            low_rank = module.lora_A[adapter](module.lora_dropout[adapter](x[tokens]))
+            out[tokens] += module.lora_B[adapter](low_rank) * module.scaling[adapter]
+    return out
 
 
 def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
-                             response_mask_B_T: Tensor) -> Tensor | None:
+                             response_mask_B_T: Tensor, adapters: Sequence[str] | None = None) -> Tensor | None:
     """Final-norm hidden states `[M, D]` at the positions predicting the M masked response tokens (row by row,
     each row's tokens in order), or None when the lean forward does not reproduce `model`.
 
@@ -397,10 +425,13 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     when called with grad. Each distinct prompt and each response token runs through the linear layers once;
     attention gathers each row (its prompt, then its response) and masks causally. The masks must be a prefix
     of each row (as `Rollout` holds them).
+    adapters: for a peft model holding several LoRA adapters, each row's adapter (rows of one adapter
+        contiguous). The base layers run once over every row and each adapter over its own rows: one forward
+        for several teachers that share a base, none of them activated. Under no_grad only.
     """
     lm = _causal_lm(model)
     theta = _supported(lm)
-    if theta is None:
+    if theta is None or (adapters is not None and (torch.is_grad_enabled() or _lora_layers(lm) is None)):
         return None
     decoder = lm.get_decoder()
     embed = lm.get_input_embeddings()
@@ -408,7 +439,7 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     if not isinstance(weight, Tensor):
         return None
     device, dtype = weight.device, weight.dtype
-    layout = _layout(prompt_ids, response_ids_B_T.cpu(), response_mask_B_T.cpu(), dtype)
+    layout = _layout(prompt_ids, response_ids_B_T.cpu(), response_mask_B_T.cpu(), dtype, adapters)
     if layout is None:
         return None
     H, Hkv, d = _dims(lm.config)
@@ -420,18 +451,27 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
     B, R = row_token.shape
     N = ids.shape[0]
+    slices = layout.adapter_tokens
+
+    def project(module, x):
+        return _project(module, x, slices)
+
     x = embed(ids)  # [N, D]
     for block in decoder.layers:
-        attn = block.self_attn
+        attn, mlp = block.self_attn, block.mlp
         h = _norm(block.input_layernorm, x)
-        q = _rotate(attn.q_proj(h).view(N, H, d), cos, sin)
-        k = _rotate(attn.k_proj(h).view(N, Hkv, d), cos, sin)
-        v = attn.v_proj(h).view(N, Hkv, d)
+        q = _rotate(project(attn.q_proj, h).view(N, H, d), cos, sin)
+        k = _rotate(project(attn.k_proj, h).view(N, Hkv, d), cos, sin)
+        v = project(attn.v_proj, h).view(N, Hkv, d)
         rows = [t[row_token].transpose(1, 2) for t in (q, k, v)]  # [B, heads, R, d]
         attended = F.scaled_dot_product_attention(*rows, attn_mask=mask, dropout_p=dropout, enable_gqa=H != Hkv)
         attended = attended.transpose(1, 2).reshape(B * R, H * d)[owner]
-        x = x + attn.o_proj(attended)
-        x = x + block.mlp(_norm(block.post_attention_layernorm, x))
+        x = x + project(attn.o_proj, attended)
+        h = _norm(block.post_attention_layernorm, x)
+        if slices is None:
+            x = x + mlp(h)
+        else:  # transformers' Llama/Qwen2 MLP, its projections adapter by adapter
+            x = x + project(mlp.down_proj, F.silu(project(mlp.gate_proj, h)) * project(mlp.up_proj, h))
     return _norm(decoder.norm, x[predict])
 
 

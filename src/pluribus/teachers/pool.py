@@ -15,6 +15,11 @@ What is resident, and when:
   large experts; small full-weight experts (the embedded world's) fit together and never reload.
 - Resident units' teachers are visited first in a batch, so a pool that fits never reloads and
   each unit that does not fit loads once per batch.
+- A unit's adapter teachers run in one forward (`pluribus.models.lean.predicting_hidden_states`): the
+  base layers over all their samples at once, each adapter over its own samples, no adapter switched
+  (each is switched to once, on first use, to check its head). Twelve small teachers then cost about
+  one teacher's forward, not twelve forwards and eleven switches. Where the lean forward does not
+  apply, or with `batch_adapters=False`, each teacher runs alone after `set_adapter`.
 - Hidden states are cached per teacher group, `[N_e, D_e]`, on the pool's device; no logits.
 - Heads: a LoRA teacher's head is the resident base's (held by reference, no copy). A full-weight
   teacher's model is freed when it leaves the budget; its head is read back from its safetensors file when
@@ -40,6 +45,7 @@ from torch import Tensor
 from pluribus.errors import PluribusError
 from pluribus.models import attach_adapters, load_causal_lm, load_tokenizer
 from pluribus.teachers.compat import check_compatible
+from pluribus.models.lean import predicting_hidden_states
 from pluribus.teachers.hidden import check_head_reproduces_logits, output_head, response_hidden_states
 
 
@@ -140,11 +146,12 @@ class TeacherPool:
 
     Tokenizers are checked against the student's when the pool is built (nothing loads then); models
     load on first use. `loads` and `adapter_switches` count unit loads and `set_adapter` calls.
+    batch_adapters: run a unit's adapter teachers in one forward where the lean forward applies.
     """
 
     def __init__(self, teachers: Sequence[TeacherSpec], student_tokenizer, *, vocab_size: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", allow_eos_mismatch: bool = False,
-                 resident_budget_bytes: int = 0):
+                 resident_budget_bytes: int = 0, batch_adapters: bool = True):
         if not teachers:
             raise PluribusError("OPD needs at least one teacher")
         self.teachers = list(teachers)
@@ -152,6 +159,7 @@ class TeacherPool:
         self.dtype = dtype
         self.device = device
         self.resident_budget_bytes = resident_budget_bytes
+        self.batch_adapters = batch_adapters
         self._teacher_of: dict[str, int] = {}
         for e, spec in enumerate(self.teachers):
             if spec.weight <= 0:
@@ -225,7 +233,17 @@ class TeacherPool:
             spans[e] = (slice(samples.start, b + 1), slice(rows.start, row + n))
             row += n
         cached: dict[int, TeacherGroup] = {}
-        for e in self._visit_order(list(spans)):
+        visit = self._visit_order(list(spans))
+        for e in visit:
+            if e in cached:
+                continue
+            unit_id = self._unit_of[e]
+            together = sorted(t for t in visit if self._unit_of[t] == unit_id)
+            if self.batch_adapters and len(together) > 1:
+                cached.update(self._adapters_together(unit_id, together, spans, prompt_ids, response_ids_B_T,
+                                                      mask_B_T))
+                if e in cached:
+                    continue
             samples, rows = spans[e]
             model = self._activate(e)
             hidden_N_D = response_hidden_states(model, prompt_ids[samples], response_ids_B_T[samples],
@@ -282,16 +300,40 @@ class TeacherPool:
         return sorted(teachers, key=lambda e: (self._unit_of[e] not in self._resident, self._unit_of[e],
                                                f"t{e}" != self._active_adapter.get(self._unit_of[e]), e))
 
-    def _activate(self, e: int):
-        """The model that computes teacher e: its unit loaded (the previous one freed first), its adapter set."""
-        unit_id = self._unit_of[e]
+    def _adapters_together(self, unit_id: int, teachers: list[int], spans: dict[int, tuple[slice, slice]],
+                           prompt_ids: list[list[int]], response_ids_B_T: Tensor,
+                           mask_B_T: Tensor) -> dict[int, TeacherGroup]:
+        """The states of several adapter teachers of one unit from one forward (`predicting_hidden_states` with
+        each sample's adapter); {} where the lean forward does not apply. A teacher seen for the first time is
+        switched to once, to check its head."""
+        for e in teachers:
+            if e not in self._checked:
+                self._activate(e)
+        model = self._resident_unit(unit_id)
+        samples = [b for e in teachers for b in range(spans[e][0].start, spans[e][0].stop)]
+        adapters = [f"t{e}" for e in teachers for _ in range(spans[e][0].stop - spans[e][0].start)]
+        hidden_M_D = predicting_hidden_states(model, [prompt_ids[b] for b in samples], response_ids_B_T[samples],
+                                              mask_B_T[samples], adapters)
+        if hidden_M_D is None:
+            return {}
+        counts = [spans[e][1].stop - spans[e][1].start for e in teachers]
+        return {e: TeacherGroup(e, spans[e][1], hidden_N_D, self._head(e, model))
+                for e, hidden_N_D in zip(teachers, hidden_M_D.split(counts))}
+
+    def _resident_unit(self, unit_id: int):
+        """The unit's model, loaded if it is not resident (least recently used units freed first to make room)."""
         if unit_id in self._resident:
             self._resident.move_to_end(unit_id)
         else:
             self._make_room(self._units[unit_id])
             self._resident[unit_id] = self._load_unit(unit_id)
             self.loads += 1
-        model = self._resident[unit_id]
+        return self._resident[unit_id]
+
+    def _activate(self, e: int):
+        """The model that computes teacher e: its unit loaded (the previous one freed first), its adapter set."""
+        unit_id = self._unit_of[e]
+        model = self._resident_unit(unit_id)
         adapter = f"t{e}"
         if self._units[unit_id].adapters and self._active_adapter.get(unit_id) != adapter:
             model.set_adapter(adapter, inference_mode=True)
