@@ -62,10 +62,13 @@ def _supported(lm) -> float | None:
     if (getattr(config, "hidden_act", None) != "silu" or getattr(config, "use_sliding_window", False)
             or any(t != "full_attention" for t in layer_types) or getattr(config, "pretraining_tp", 1) != 1):
         return None
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    # FSDP2 (its hooks must run): the sharded root keeps its own parameters (the embedding) unsharded between
+    # forwards while its layers stay sharded, so the embedding alone does not tell
     embed = lm.get_input_embeddings()
-    if embed is None or isinstance(getattr(embed, "weight", None), DTensor):  # FSDP2 shards: its hooks must run
+    if embed is None or isinstance(lm, FSDPModule) or isinstance(getattr(embed, "weight", None), DTensor):
         return None
     return _rope_theta(config)
 
