@@ -235,7 +235,7 @@ class _HFForward:
 
 class _LeanForward:
     """Decoding through `LeanDecoder` (Llama/Qwen2 family): the same logits without transformers' per-call
-    overhead; once a quarter of its rows have finished, they leave the cache."""
+    overhead; once an eighth of its rows have finished, they leave the cache."""
 
     def __init__(self, decoder: LeanDecoder, pad_id: int):
         self.decoder, self.pad_id = decoder, pad_id
@@ -245,7 +245,7 @@ class _LeanForward:
         return self.decoder.prefill(sequences, max_new_tokens)
 
     def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
-        if len(live) <= 0.75 * len(self.rows):
+        if len(live) <= 0.875 * len(self.rows):
             slot = {row: s for s, row in enumerate(self.rows)}
             self.decoder.keep_rows(torch.tensor([slot[row] for row in live]))
             self.rows = list(live)
