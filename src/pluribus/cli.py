@@ -214,7 +214,7 @@ def bench(json_path: Optional[Path] = typer.Option(None, "--json", help="also wr
                         echo=lambda line: console.print(f"[dim]{line}[/dim]"))
     m = results["machine"]
     table = Table(title=f"medians; {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s)")
-    for col in ("measure", "pluribus", "reference", "ratio", "target"):
+    for col in ("measure", "pluribus", "reference", "ratio", "ratio, CPU time", "target"):
         table.add_column(col)
     for row in table_rows(results):
         table.add_row(*row)
