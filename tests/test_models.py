@@ -99,3 +99,26 @@ def test_missing_model_folder_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PluribusError, match="not a model folder"):
         load(tmp_path / "empty")
+
+
+def test_forward_keeping_cuts_the_logits_of_any_causal_lm(tiny_llama):
+    """transformers' models skip the head before the last `keep` positions; a forward that does not take
+    `logits_to_keep` (a user's model) computes them all and gets the same last `keep` rows."""
+    from pluribus.models import forward_keeping
+
+    model, _ = load(tiny_llama, trainable=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    full = model(input_ids=ids).logits
+
+    class Plain(torch.nn.Module):  # the forward of a model with no logits_to_keep and no **kwargs
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids)
+
+    for m in (model, Plain()):
+        out = forward_keeping(m, 2, input_ids=ids)
+        assert out.logits.shape == (2, 2, full.shape[-1])
+        torch.testing.assert_close(out.logits, full[:, -2:], rtol=1e-5, atol=1e-5)

@@ -264,6 +264,29 @@ def prompt_response_batch(prompt_ids: list[list[int]], response_ids_B_T: torch.T
     return ids, attn, position_ids_from_mask(attn), prompt_B_P.shape[1]
 
 
+def forward_keeping(model, keep: int, **inputs):
+    """`model(**inputs)` with logits for the last `keep` positions only: transformers' causal LMs take
+    `logits_to_keep` and skip the head elsewhere; a model whose forward does not take it computes them
+    all, and they are cut here, so any causal LM works."""
+    if _takes_logits_to_keep(type(model)):
+        return model(**inputs, logits_to_keep=keep)
+    out = model(**inputs)
+    out.logits = out.logits[:, -keep:]
+    return out
+
+
+_KEEPS: dict[type, bool] = {}
+
+
+def _takes_logits_to_keep(cls: type) -> bool:
+    if cls not in _KEEPS:
+        import inspect
+
+        params = inspect.signature(cls.forward).parameters
+        _KEEPS[cls] = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return _KEEPS[cls]
+
+
 def response_logits(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,
                     response_mask_B_T: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Logits `[B, T, V]` predicting each response token (position t sees prompt + response[:t]); 0 where the
@@ -275,7 +298,7 @@ def response_logits(model, prompt_ids: list[list[int]], response_ids_B_T: torch.
         return logits.masked_scatter(response_mask_B_T.bool().to(logits.device)[..., None], logits_M_V)
     ids, attn, pos, P = prompt_response_batch(prompt_ids, response_ids_B_T, response_mask_B_T, pad_id)
     T = response_ids_B_T.shape[1]
-    return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :T]
+    return forward_keeping(model, T + 1, input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :T]
 
 
 def response_logprobs(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from pluribus.models import pad_batch, position_ids_from_mask, response_logits
+from pluribus.models import forward_keeping, pad_batch, position_ids_from_mask, response_logits
 from pluribus.models.lean import LeanDecoder
 
 
@@ -215,8 +215,8 @@ class _HFForward:
     def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> torch.Tensor:
         ids, self.attn = pad_batch(sequences, self.pad_id, side="left")
         self.position = position_ids_from_mask(self.attn)
-        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=self.position, use_cache=True,
-                         logits_to_keep=1)
+        out = forward_keeping(self.model, 1, input_ids=ids, attention_mask=self.attn, position_ids=self.position,
+                              use_cache=True)
         self.cache = out.past_key_values
         return out.logits[:, -1].float()
 
