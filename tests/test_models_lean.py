@@ -74,9 +74,13 @@ def test_packed_forward_equals_the_hf_forward(request, fixture, variant, one_thr
     assert not full[~mask].any()
 
 
-def test_what_the_packed_forward_does_not_reproduce_gets_none(tiny_llama):
+def test_what_the_packed_forward_does_not_reproduce_gets_none(tiny_llama, monkeypatch):
     model, _ = load(tiny_llama)
     prompt_ids, response, mask = _batch(G=1)
+    assert predicting_hidden_states(model, prompt_ids, response, mask) is not None
+    monkeypatch.setenv("PLURIBUS_LEAN", "0")  # the switch that rules the lean forwards out
+    assert predicting_hidden_states(model, prompt_ids, response, mask) is None
+    monkeypatch.delenv("PLURIBUS_LEAN")
     holes = mask.clone()
     row = int(mask.sum(-1).argmax())
     holes[row, 0] = False  # not a prefix: not a rollout's mask

@@ -16,11 +16,12 @@ Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, test
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
 ~1e-6 tie of two Gumbel-perturbed logits. What they do not reproduce (another architecture, RoPE scaling,
 sliding windows, other activations, adapters other than plain LoRA for decoding, sharded or wrapped models)
-makes them answer None, and the callers use the HF forward.
+makes them answer None, and the callers use the HF forward; so does PLURIBUS_LEAN=0 (to rule them out).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,7 +55,10 @@ def _causal_lm(model):
 
 
 def _supported(lm) -> float | None:
-    """The RoPE base when the lean forwards reproduce `lm` (a plain, unsharded Llama/Qwen2), else None."""
+    """The RoPE base when the lean forwards reproduce `lm` (a plain, unsharded Llama/Qwen2), else None.
+    PLURIBUS_LEAN=0 in the environment turns them off (everything runs through transformers' forward)."""
+    if os.environ.get("PLURIBUS_LEAN", "1") == "0":
+        return None
     config = getattr(lm, "config", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return None
