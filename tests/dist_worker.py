@@ -37,10 +37,14 @@ def _finish(model, tokenizer, out: str, losses: list[float], **extra) -> None:
     dist.barrier()
 
 
-def rows(batch, part: slice):
-    """The rows `part` of a Rollout (every field is a per-row list or tensor, or None)."""
-    return dataclasses.replace(batch, **{f.name: None if getattr(batch, f.name) is None
-                                         else getattr(batch, f.name)[part] for f in dataclasses.fields(batch)})
+def rows(batch, part: slice | list[int]):
+    """The rows `part` (a slice, or row indices) of a Rollout (every field is a per-row list or tensor, or None)."""
+    def pick(values):
+        if values is None or isinstance(part, slice):
+            return None if values is None else values[part]
+        return values[torch.tensor(part)] if isinstance(values, torch.Tensor) else [values[i] for i in part]
+
+    return dataclasses.replace(batch, **{f.name: pick(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
 def my_rows(n: int) -> slice:
@@ -125,6 +129,60 @@ def opd_update(model: str, teachers: list[str], rollout: str, out: str, mode: st
     _finish(student, tokenizer, out, losses, kl_E=kls, tokens_E=tokens_E.tolist())
 
 
+class SeededJudgements:
+    """The judge's engine in `grm_update`: request s's text is a function of s alone (a world-template judgement of
+    4 criteria; every fifth one invalid), so a rank judges its rows as one process does only with global seeds."""
+
+    def generate(self, prompt_ids, params, *, request_seeds, **_):
+        from types import SimpleNamespace
+
+        from pluribus.rewards.grm import WORLD_TEMPLATE
+
+        return SimpleNamespace(texts=["no judgement" if s % 5 == 0 else
+                                      WORLD_TEMPLATE.judgement([bool(s >> i & 1) for i in range(4)], s % 10)
+                                      for s in request_seeds])
+
+
+def grm_update(model: str, batch: str, out: str, mode: str, steps: int = 2) -> None:
+    """`grm.joint_update` on the same episodes and rollouts, each rank its share (`grm.share_of`): the judge's
+    verdicts on its generation rows (`SeededJudgements`), its judged items' labels, then μ=2 passes of 2
+    minibatches with KL to a frozen copy."""
+    from pluribus import dist
+    from pluribus.config import GRMConfig, OptimConfig, SamplingConfig
+    from pluribus.models import load
+    from pluribus.rewards.grm import WORLD_TEMPLATE, Judge
+    from pluribus.stages import grm, grpo
+    from pluribus.stages.common import make_optimizer
+
+    world = dist.init()
+    data = torch.load(batch, weights_only=False)
+    cfg = GRMConfig(model=model, out=out, judge_domains=["sort"], gen_prompts=4, judge_items=4, group_size=2,
+                    judge_k=2, minibatches=2, inner_updates=2, kl_coef=0.05, sampling=SamplingConfig(max_new_tokens=6),
+                    optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), distributed=mode)
+    policy, tokenizer = load(model)
+    reference = grpo.reference_policy(policy, False, mode)
+    trainer = dist.wrap(policy, mode)
+    optimizer, scheduler = make_optimizer(policy, cfg.optim, 100)
+    share = grm.share_of(data["episodes"], data["n_annotated"], cfg.group_size, world)
+    rollout = rows(data["rollout"], share.rows_N.tolist())
+    judge = Judge(policy, tokenizer, WORLD_TEMPLATE, k=cfg.judge_k, seed=cfg.seed, engine=SeededJudgements())
+    steps_metrics = [grm.joint_update(trainer, cfg, share, rollout, judge, reference, optimizer, scheduler,
+                                      tokenizer.pad_token_id) for _ in range(steps)]
+    _finish(policy, tokenizer, out, [m["loss"] for m in steps_metrics], metrics=steps_metrics)
+
+
+def grm_run(model: str, out: str, mode: str) -> None:
+    """`grm.run` itself: data labelled by every rank's part of the rollouts, a 2-step warm-up, 2 joint RL steps
+    with held-out judge metrics after each, the saves."""
+    from pluribus.config import GRMConfig, SamplingConfig
+    from pluribus.stages import grm
+
+    grm.run(GRMConfig(model=model, out=f"{out}/model", judge_domains=["sort", "count"], n_train=8, steps=2,
+                      gen_prompts=2, judge_items=2, group_size=2, judge_k=2, rubric_labels=6, warmup_steps=2,
+                      warmup_batch_size=4, warmup_verifiable=4, eval_every=1, eval_n=3, eval_pairs=2, minibatches=2,
+                      kl_coef=0.05, sampling=SamplingConfig(max_new_tokens=8), distributed=mode))
+
+
 def stage_runs(model: str, teachers: list[str], out: str, mode: str) -> None:
     """`grpo.run` and `opd.run` themselves, 2 steps each: per-rank sampling (whole weights under FSDP2), rewards,
     teacher scoring, reduced metrics, checkpoints and the final save."""
@@ -161,8 +219,6 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name, kwargs in json.loads(Path(sys.argv[1]).read_text()):
         globals()[name](**kwargs)
-    import torch.distributed as tdist
+    from pluribus import dist
 
-    if tdist.is_initialized():  # every rank done before teardown (an exit racing gloo's threads can abort)
-        tdist.barrier()
-        tdist.destroy_process_group()
+    dist.finish()  # as the command line does: every rank done, then the group torn down before exit

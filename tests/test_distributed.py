@@ -2,9 +2,10 @@
 
 One torchrun launch (tests/dist_worker.py) runs every 2-process scenario, DDP and FSDP2, and the same
 scenario functions run here in one process for the reference. Checked: SFT (the stage itself), the
-GRPO update and the OPD update on the same rollouts give the same losses and weights (1e-5); what a
-2-process run saved loads in one process with the live model's logits exactly; FSDP2's losses are
-DDP's. Tests that need NCCL are marked gpu and skipped without CUDA.
+GRPO update, the OPD update and the GRM update (rewards from the same rollouts and judgements) give the
+same losses and weights (1e-5); the GRM stage labels, warms up and measures its judge as one process
+does; what a 2-process run saved loads in one process with the live model's logits exactly; FSDP2's
+losses are DDP's. Tests that need NCCL are marked gpu and skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -64,6 +65,31 @@ def _rollout(model_path: str, domains: list[str], group: int, top_p: float):
                       pad_id=tokenizer.pad_token_id, request_seeds=list(range(len(prompts))), tokenizer=tokenizer)
 
 
+def _grm_batch(model_path: str, group: int) -> dict:
+    """One step's GRM episodes (4 rubric prompts; 2 annotated and 2 verifiable judged items) and a rollout of
+    them; each judged item's first sample is rewritten to its label (+1, the others −1)."""
+    from pluribus.models import load, render_prompt
+    from pluribus.rewards.grm import WORLD_TEMPLATE
+    from pluribus.rollout import SamplingParams, sample
+    from pluribus.stages import grm
+    from pluribus.world import generate
+
+    labelled = generate("describe", "train", 2, seed=6)
+    checkable = generate("sort", "train", 2, seed=7)
+    episodes = grm.Episodes(generate("describe", "train", 4, seed=5),
+                            grm.annotate(labelled, ["odd s1", "even"], 200, WORLD_TEMPLATE)
+                            + grm.checker_items(checkable, [checkable[0].answer, "x"], WORLD_TEMPLATE))
+    model, tokenizer = load(model_path)
+    prompts = [render_prompt(tokenizer, c) for c in episodes.conversations(WORLD_TEMPLATE) for _ in range(group)]
+    with torch.no_grad():
+        rollout = sample(model, prompts, SamplingParams(6, 1.0), eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, request_seeds=list(range(len(prompts))), tokenizer=tokenizer)
+    first_judged = len(episodes.generation) * group
+    for q, item in enumerate(episodes.judging):
+        rollout.texts[first_judged + q * group] = item.label.text
+    return {"episodes": episodes, "n_annotated": 2, "rollout": rollout}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, models, one_thread):
     """Every scenario: 2 processes under DDP and under FSDP2 (one torchrun), and 1 process here."""
@@ -74,6 +100,7 @@ def runs(tmp_path_factory, models, one_thread):
     torch.save({"rollout": grpo_batch, "raw": raw}, tmp / "grpo.pt")
     opd_batch = _rollout(models["student"], ["add", "reverse"], group=3, top_p=1.0)  # ordered by teacher
     torch.save({"rollout": opd_batch, "teacher_index": [0] * 6 + [1] * 6}, tmp / "opd.pt")
+    torch.save(_grm_batch(models["student"], group=2), tmp / "grm.pt")
 
     def jobs(mode: str, where: str) -> list:
         return [["stage_runs", {"model": models["student"], "teachers": models["teachers"],
@@ -81,7 +108,10 @@ def runs(tmp_path_factory, models, one_thread):
                 ["grpo_update", {"model": models["student"], "rollout": f"{tmp}/grpo.pt",
                                  "out": f"{tmp}/{where}/grpo", "mode": mode}],
                 ["opd_update", {"model": models["student"], "teachers": models["teachers"],
-                                "rollout": f"{tmp}/opd.pt", "out": f"{tmp}/{where}/opd", "mode": mode}]]
+                                "rollout": f"{tmp}/opd.pt", "out": f"{tmp}/{where}/opd", "mode": mode}],
+                ["grm_update", {"model": models["student"], "batch": f"{tmp}/grm.pt", "out": f"{tmp}/{where}/grm",
+                                "mode": mode}],
+                ["grm_run", {"model": models["student"], "out": f"{tmp}/{where}/grm-stage", "mode": mode}]]
 
     done = _torchrun([["backend", {"out": str(tmp)}]] + jobs("ddp", "ddp") + jobs("fsdp2", "fsdp2"), tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -135,7 +165,53 @@ def test_rl_updates_on_the_same_rollouts_equal_one_process(runs, models, scenari
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("scenario", ["grpo", "opd"])
+def test_the_grm_update_on_the_same_rollouts_and_judgements_equals_one_process(runs, models, mode):
+    """Each rank judges its own generation rows (request seeds of one process) and rewards its own judged items;
+    the update is the global one: same rewards, judge metrics, losses and weights."""
+    from pluribus.models import saved_weights
+
+    one, two = _result(runs, "one", "grm"), _result(runs, mode, "grm")
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < TOL
+    assert _max_param_diff(one["params"], two["params"]) < TOL
+    start = saved_weights(models["student"])
+    assert max(float((one["params"][k] - v).abs().max()) for k, v in start.items()) > 1e-4  # the steps moved it
+    keys = ("gen_reward", "gen_invalid_frac", "gen_hidden_score", "judging_reward", "judging_reward_annotated",
+            "judging_reward_verifiable", "clip_frac", "kl", "masked_seq_frac", "entropy")
+    for a, b in zip(one["metrics"], two["metrics"]):
+        assert all(abs(a[k] - b[k]) < TOL for k in keys), (a, b)
+    first = one["metrics"][0]  # rewards that vary: +1 and -1 in every judged group, judge values and invalid ones
+    assert first["judging_reward"] == first["judging_reward_annotated"] == first["judging_reward_verifiable"] == 0.0
+    assert 0 < first["gen_invalid_frac"] < 1 and 0 < first["gen_reward"] < 1
+    assert one["metrics"][0]["gen_reward"] != one["metrics"][1]["gen_reward"]  # fresh judgements each step
+    assert one["metrics"][1]["kl"] > 0
+
+
+def test_the_grm_stage_labels_and_warms_up_as_one_process_and_fsdp2_logs_what_ddp_logs(runs):
+    """The stage loop itself: every rank samples its part of the labelled and held-out sets, so the judge metrics
+    before and after the warm-up and the warm-up's loss are those of one process; FSDP2's RL rows are DDP's."""
+    from pluribus.models import load
+
+    def rows(where, name):
+        path = runs / where / "grm-stage" / f"model.{name}metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    warm = {where: rows(where, "warmup.") for where in ("one", "ddp", "fsdp2")}
+    assert [r["step"] for r in warm["one"]] == [0, 0, 2] and "judge_acc" in warm["one"][0]
+    for where in ("ddp", "fsdp2"):
+        for a, b in zip(warm["one"], warm[where]):
+            assert sorted(a) == sorted(b)
+            assert all(a[k] == b[k] if not isinstance(a[k], float) else abs(a[k] - b[k]) < TOL for k in a), (a, b)
+    ddp, fsdp = rows("ddp", ""), rows("fsdp2", "")
+    assert [r["step"] for r in ddp] == [0, 1, 2] == [r["step"] for r in fsdp]
+    for a, b in zip(ddp, fsdp):
+        assert all(abs(a[k] - b[k]) < TOL for k in a if isinstance(a[k], float) and k != "step_s"), (a, b)
+    model, _ = load(runs / "fsdp2" / "grm-stage" / "model")  # written once, loadable by one process
+    assert (runs / "fsdp2" / "grm-stage" / "model.warmup" / "config.json").is_file()
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("scenario", ["grpo", "opd", "grm"])
 def test_a_two_process_save_loads_in_one_process_with_identical_logits(runs, mode, scenario):
     from pluribus.models import load
 
@@ -215,11 +291,15 @@ def test_cpu_processes_join_with_gloo(runs):
     assert (runs / "backend.txt").read_text() == "gloo 2"
 
 
-def test_commands_that_do_not_split_refuse_torchrun_in_one_line(monkeypatch):
-    from pluribus.config import GRMConfig
+def test_commands_that_do_not_split_refuse_torchrun_in_one_line(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from pluribus.cli import app
     from pluribus.errors import PluribusError
-    from pluribus.stages import grm
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(PluribusError, match=r"^grm .* runs in one process, not under torchrun"):
-        grm.run(GRMConfig(model="-", out="-"))
+    for command in ("run", "experts"):
+        done = CliRunner().invoke(app, [command, str(tmp_path / "x.yaml")])
+        assert isinstance(done.exception, PluribusError), done.output
+        assert str(done.exception).startswith(f"pluribus {command}") and "not under torchrun" in str(done.exception)
+        assert "grm" in str(done.exception)  # the stages that do split are named

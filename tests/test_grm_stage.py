@@ -79,7 +79,7 @@ def test_a_mixed_batch_has_both_episode_kinds():
 class EchoJudge(Judge):
     """The worst judge: it writes back whatever response it was shown (as quoted in its prompt)."""
 
-    def _generate(self, conversations, k, seed, params):
+    def _generate(self, conversations, k, seed, params, start=0):
         quoted = [re.search(r"\[\[(.*)\]\]", c[-1]["content"], re.S).group(1) for c in conversations]
         return [[q] * (k or self.k) for q in quoted]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -173,15 +174,15 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML, e.g. examples/qu
         smoke: bool = typer.Option(False, "--smoke", help="few steps on 3 domains: seconds, not minutes")) -> None:
     """Run the whole recipe, stage by stage, resuming where a previous run stopped (a config with `datasets`:
     the recipe on a real model and your data, pluribus.real)."""
+    from pluribus import dist
     from pluribus.real import is_real_recipe, run_real
 
+    dist.one_process_only("pluribus run (the pipeline)")  # its stages share folders: one stage at a time instead
     if is_real_recipe(config):
         console.print(f"run written to {run_real(config, smoke=smoke)}")
         return
-    from pluribus import dist
     from pluribus.pipeline import run_pipeline
 
-    dist.one_process_only("pluribus run (the pipeline)")
     run_pipeline(config, smoke=smoke)
 
 
@@ -228,8 +229,15 @@ def bench(json_path: Optional[Path] = typer.Option(None, "--json", help="also wr
 
 
 def main() -> None:
+    console.quiet = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 says what was done
     try:
         app()
+    except SystemExit as done:  # typer ends every command so
+        if not done.code and "pluribus.dist" in sys.modules:  # a stage ran: leave torchrun's group cleanly
+            from pluribus import dist
+
+            dist.finish()
+        raise
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -1,6 +1,6 @@
 """Data parallelism under `torchrun`: process group, sharding, reductions, DDP/FSDP2 wrapping, rank-0 saves.
 
-Every training stage calls `init()` first. Launched by `torchrun --nproc_per_node N` (WORLD_SIZE > 1
+Every training stage calls `init()` first, and the command line calls `finish()` when a stage is done. Launched by `torchrun --nproc_per_node N` (WORLD_SIZE > 1
 in the environment) it joins the process group, gloo on CPU and NCCL on GPU; otherwise it returns a
 one-process `World` and nothing below communicates, so a plain `python`/`pluribus` run computes
 exactly what it did before this module existed.
@@ -13,6 +13,8 @@ computes on the whole batch:
   (tokens, sequences, tokens per teacher: `all_sum` of the local counts).
 - Gradients are summed over ranks, not averaged (`wrap` sets DDP's comm hook and FSDP2's divide
   factor to 1): with global normalisers the sum is the whole batch's gradient, whatever N is.
+- Work whose results every rank needs (the GRM's labelled items, its held-out judge metrics) is `spread`:
+  each rank generates its part, seeded by global index, and the results are gathered.
 - Metrics are reduced (`weighted_means`, `all_sum`, `all_gather_rows`) and written by rank 0 only;
   models and checkpoints are written once by rank 0 from a full state dict (FSDP2 gathers it), so a
   single process loads them as usual.
@@ -29,7 +31,7 @@ import atexit
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence, TypeVar
+from typing import Callable, Iterator, Literal, Sequence, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -38,6 +40,7 @@ from pluribus.errors import PluribusError
 
 Mode = Literal["ddp", "fsdp2"]
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,18 @@ def init() -> World:
 
 
 def _teardown() -> None:
+    """At exit, a run that did not `finish` (it failed): leave the group without waiting for the other ranks."""
     if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def finish() -> None:
+    """End a run under torchrun: wait for every rank, then leave the process group, before the interpreter exits
+    (a rank exiting while another still runs collectives, or with the group alive, can abort in the backend's
+    threads: "terminate called without an active exception"). A no-op with one process. Entry points call it
+    once their work is done; a failed run skips it (a barrier would wait for ranks that will never come)."""
+    if tdist.is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()
 
 
@@ -137,6 +151,19 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor, device=_comm_device()) for _ in range(tdist.get_world_size())]
     tdist.all_gather(parts, tensor.to(_comm_device()).contiguous())
     return torch.cat(parts).to(tensor.device)
+
+
+def spread(items: Sequence[T], work: Callable[[list[T], int], list[R]]) -> list[R]:
+    """Split work that yields one result per item (generation, judging) over the ranks: `work(part, start)` runs
+    on this rank's contiguous part of `items` (`start`: the index of its first item; the parts differ in size by
+    at most one), and every rank gets every rank's results, in order. When `work` seeds each item by its index
+    (`start` + i), that is what one process computes with `work(items, 0)`. A collective: call on every rank."""
+    w = world()
+    if w.size == 1:
+        return work(list(items), 0)
+    start, stop = len(items) * w.rank // w.size, len(items) * (w.rank + 1) // w.size
+    mine = work(list(items[start:stop]), start) if stop > start else []
+    return [result for part in all_gather_objects(mine) for result in part]
 
 
 def broadcast(tensor: torch.Tensor) -> torch.Tensor:
@@ -369,4 +396,4 @@ def one_process_only(what: str) -> None:
     """Refuse, in one line, a command that does not split over torchrun's processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PluribusError(f"{what} runs in one process, not under torchrun; the stages that do are pretrain, "
-                            "sft, grpo and opd, launched one at a time (docs/scaling.md)")
+                            "sft, grpo, opd and grm, launched one at a time (docs/scaling.md)")

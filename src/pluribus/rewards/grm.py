@@ -382,6 +382,9 @@ class Judge:
     `judge` returns texts, judgements and rewards; `score` just the rewards; calling the instance,
     `(record, response) -> float | None`, is the router's `judge=` form (and the router hands a batch
     of rows to `score` in one call). `n_judged` and `n_invalid` count every sampled judgement so far.
+    `start` (judge, compare_many): the index of the first item in the whole batch when the call judges a
+    part of it (a rank's, under torchrun): the request seeds follow the item's index there, so the part is
+    judged as one process judging the whole batch would.
     """
 
     def __init__(self, model, tokenizer, template: JudgeTemplate = WORLD_TEMPLATE, *, k: int = 4, seed: int = 0,
@@ -410,14 +413,14 @@ class Judge:
         return self.judge(records, responses, k, seed).rewards
 
     def judge(self, records: Sequence[Record], responses: Sequence[str], k: int | None = None,
-              seed: int | None = None) -> Judged:
+              seed: int | None = None, start: int = 0) -> Judged:
         """K judgements of each response, sampled in batches and parsed strictly."""
         if len(records) != len(responses):
             raise PluribusError(f"judge: {len(records)} records but {len(responses)} responses")
         rubrics = [_rubric(r) for r in records]
         conversations = [self.template.render(task_text(r), response, rubric)
                          for r, response, rubric in zip(records, responses, rubrics)]
-        texts = self._generate(conversations, k, seed, self.params)
+        texts = self._generate(conversations, k, seed, self.params, start)
         judged = Judged(texts, [[parse_judgement(t, self.template, len(rubric)) for t in ts]
                                 for ts, rubric in zip(texts, rubrics)])
         self._count(judged.judgements)
@@ -429,7 +432,7 @@ class Judge:
         return self.compare_many([record], [a], [b], k, seed)[0]
 
     def compare_many(self, records: Sequence[Record], first: Sequence[str], second: Sequence[str],
-                     k: int | None = None, seed: int | None = None) -> list[Comparison]:
+                     k: int | None = None, seed: int | None = None, start: int = 0) -> list[Comparison]:
         """`compare` for each (record, a, b), all sampled in the same batches."""
         if not len(records) == len(first) == len(second):
             raise PluribusError(f"judge: {len(records)} records but {len(first)} and {len(second)} responses")
@@ -437,7 +440,7 @@ class Judge:
         params = replace(self.params, max_new_tokens=2 * self.params.max_new_tokens + len(self.template.pair_separator))
         conversations = [self.template.render_pair(task, x, y, rubric)
                          for task, a, b, rubric in zip(tasks, first, second, rubrics) for x, y in ((a, b), (b, a))]
-        texts = self._generate(conversations, k, seed, params)
+        texts = self._generate(conversations, k, seed, params, 2 * start)
         return [self._comparison(texts[2 * i], texts[2 * i + 1], len(rubric)) for i, rubric in enumerate(rubrics)]
 
     def _comparison(self, texts_ab: list[str], texts_ba: list[str], n_criteria: int) -> Comparison:
@@ -455,8 +458,9 @@ class Judge:
                           (texts_ab, texts_ba))
 
     def _generate(self, conversations: list[list[dict[str, str]]], k: int | None, seed: int | None,
-                  params: SamplingParams) -> list[list[str]]:
-        """k sampled texts per conversation; request j of the call is seeded by (seed, j) alone."""
+                  params: SamplingParams, start: int = 0) -> list[list[str]]:
+        """k sampled texts per conversation; request j of the call is seeded by (seed, j) alone, j counted from
+        conversation `start` of the whole call (see the class docstring)."""
         k = self.k if k is None else k
         if k < 1:
             raise PluribusError(f"judge: k must be ≥ 1, got {k}")
@@ -465,12 +469,13 @@ class Judge:
         prompts = [render_prompt(self.tokenizer, c) for c in conversations]
         owners = [i for i in range(len(prompts)) for _ in range(k)]
         texts: list[list[str]] = [[] for _ in prompts]
-        for start in range(0, len(owners), self.batch_size):
-            rows = range(start, min(start + self.batch_size, len(owners)))
+        for at in range(0, len(owners), self.batch_size):
+            rows = range(at, min(at + self.batch_size, len(owners)))
             generate = self.engine.generate if self.engine is not None else functools.partial(sample, self.model)
             rollout = generate([prompts[owners[j]] for j in rows], params,
                                eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                               request_seeds=[seed * 1_000_003 + j for j in rows], tokenizer=self.tokenizer)
+                               request_seeds=[seed * 1_000_003 + start * k + j for j in rows],
+                               tokenizer=self.tokenizer)
             for j, text in zip(rows, rollout.texts):
                 texts[owners[j]].append(text)
         return texts

@@ -28,15 +28,19 @@ class DomainScore:
 
 
 def generate_texts(model, tokenizer, records: list[Record], params: SamplingParams, seed: int,
-                   batch_size: int, samples: int = 1) -> list[list[str]]:
-    """`samples` responses per record (texts, EOS stripped), batched, seeded per (record, sample)."""
+                   batch_size: int, samples: int = 1, start: int = 0) -> list[list[str]]:
+    """`samples` responses per record (texts, EOS stripped), batched, seeded per (record, sample).
+
+    start: the index of `records[0]` in the whole list when this is a part of it (`pluribus.dist.spread`): the
+    seeds follow the record's index there, so a part samples what one process sampling the whole list would."""
     prompts = [render_prompt(tokenizer, r.messages()) for r in records]
     jobs = [(i, s) for i in range(len(records)) for s in range(samples)]
     out: list[list[str]] = [[] for _ in records]
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+    for at in range(0, len(jobs), batch_size):
+        chunk = jobs[at:at + batch_size]
         rollout = sample(model, [prompts[i] for i, _ in chunk], params, eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id, request_seeds=[seed * 7_919 + i * 131 + s for i, s in chunk],
+                         pad_id=tokenizer.pad_token_id,
+                         request_seeds=[seed * 7_919 + (start + i) * 131 + s for i, s in chunk],
                          tokenizer=tokenizer)
         for (i, _), text in zip(chunk, rollout.texts):
             out[i].append(text)

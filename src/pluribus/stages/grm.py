@@ -41,6 +41,14 @@ Where this departs from the paper, and why:
 - The KL anchor (`kl_coef` > 0) is a frozen copy of the policy as RL starts, with LoRA too: the
   model without its adapter never learnt to judge.
 
+Under torchrun (`pluribus.dist`, DDP or FSDP2) each process rolls out, judges and trains on its slice of every
+step's generation prompts and of its judged items (`share_of`: whole groups of each kind); the update is the
+global one (`grpo.policy_step` told each row's global index, so the minibatches are one process's), and the
+step's metrics are reduced over ranks. Whatever every rank needs whole (the annotated and held-out sets, the
+warm-up's data, each step's fresh verifiable items, the held-out judgements behind the judge metrics) is
+`dist.spread`: each rank samples its part, seeded by global index, and the parts are gathered, so N
+processes label, warm up and measure as one does. FSDP2 gathers the whole weights while the HF sampler runs.
+
 Metrics, on held-out items: `eval_n` test prompts of each rubric domain, two responses each (the
 starting policy's sample and one of the answer, the domain's mistakes, a second sample, a sample with
 a word repeated), judged greedily and compared with the hidden checker's labels; and the policy's own
@@ -71,18 +79,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from pluribus import dist
 from pluribus.config import GRMConfig
 from pluribus.data import Criterion, Record
 from pluribus.errors import PluribusError
-from pluribus.models import add_lora, load, render_example, render_prompt, save
+from pluribus.models import add_lora, load, render_example, render_prompt
 from pluribus.rewards.grm import (GRM_TEMPLATE, WORLD_TEMPLATE, Judge, Judged, Judgement, JudgeTemplate, Label,
                                   label_judgements, parse_judgement, task_text, write_label)
 from pluribus.rewards.math import extract_answer
 from pluribus.rollout import SamplingParams
 from pluribus.rollout.engine import open_engine
-from pluribus.stages.common import (MetricsLog, lm_loss, load_records, make_optimizer, optimizer_step, progress,
-                                    seed_everything)
+from pluribus.stages.common import (MetricsLog, global_lm_loss, load_records, make_optimizer, optimizer_step,
+                                    progress, seed_everything)
 from pluribus.stages.evaluate import generate_texts
 from pluribus.stages.grpo import policy_step, reference_policy
 from pluribus.world import check, domain as world_domain, generate, instance_of, rubric_score
@@ -146,11 +156,12 @@ WORLD_VERIFIER = Verifier(check, verifiable_rubric)
 
 
 def checker_items(records: Sequence[Record], responses: Sequence[str], template: JudgeTemplate,
-                  verifier: Verifier = WORLD_VERIFIER) -> list[JudgeItem]:
-    """Judging items of checkable records, labelled by their domain's checker against its one-criterion rubric."""
+                  verifier: Verifier = WORLD_VERIFIER, rewards: Sequence[float] | None = None) -> list[JudgeItem]:
+    """Judging items of checkable records, labelled by their domain's checker against its one-criterion rubric
+    (`rewards`: the checker's, where already known)."""
     items = []
-    for record, response in zip(records, responses, strict=True):
-        reward = verifier.check(record, response)
+    for i, (record, response) in enumerate(zip(records, responses, strict=True)):
+        reward = verifier.check(record, response) if rewards is None else rewards[i]
         items.append(JudgeItem(replace(record, rubric=verifier.rubric(record)), response,
                                write_label([reward >= 1.0], reward, template)))
     return items
@@ -175,8 +186,7 @@ def candidate_responses(model, tokenizer, records: Sequence[Record], max_new_tok
     if not records:
         return []
     rng = random.Random(f"candidates:{seed}")
-    samples = generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, temperature=1.0), seed,
-                             256, samples=2)
+    samples = spread_texts(model, tokenizer, records, SamplingParams(max_new_tokens, temperature=1.0), seed, samples=2)
     out = []
     for record, (own, second) in zip(records, samples):
         dom, inst = world_domain(record.domain), instance_of(record)
@@ -201,21 +211,33 @@ def verifiable_pairs(model, tokenizer, records: Sequence[Record], template: Judg
                      seed: int, samples: int = 4,
                      verifier: Verifier = WORLD_VERIFIER) -> list[tuple[JudgeItem, JudgeItem]]:
     """Two of the actor's own rollouts per checkable record, labelled by the checker: one passing and one
-    failing, in random order, where its `samples` rollouts have both; else two of them."""
+    failing, in random order, where its `samples` rollouts have both; else two of them. Under torchrun each
+    rank samples and checks its part of the records (`pluribus.dist.spread`), and every rank gets every pair."""
     if not records:
         return []
+
+    def checked(part: list[Record], start: int) -> list[tuple[list[str], list[float]]]:
+        texts = generate_texts(model, tokenizer, part, params, seed, 256, samples=samples, start=start)
+        return [(rollouts, [verifier.check(r, t) for t in rollouts]) for r, rollouts in zip(part, texts)]
+
     rng = random.Random(f"verifiable:{seed}")
-    texts = generate_texts(model, tokenizer, list(records), params, seed, 256, samples=samples)
     pairs = []
-    for record, rollouts in zip(records, texts):
-        rewards = [verifier.check(record, r) for r in rollouts]
-        passed = [r for r, reward in zip(rollouts, rewards) if reward >= 1.0]
-        failed = [r for r, reward in zip(rollouts, rewards) if reward < 1.0]
-        two = [rng.choice(passed), rng.choice(failed)] if passed and failed else rng.sample(rollouts, 2)
+    for record, (rollouts, rewards) in zip(records, dist.spread(records, checked)):
+        passed = [i for i, reward in enumerate(rewards) if reward >= 1.0]
+        failed = [i for i, reward in enumerate(rewards) if reward < 1.0]
+        two = [rng.choice(passed), rng.choice(failed)] if passed and failed else rng.sample(range(len(rollouts)), 2)
         rng.shuffle(two)
-        first, second = checker_items([record, record], two, template, verifier)
+        first, second = checker_items([record, record], [rollouts[i] for i in two], template, verifier,
+                                      [rewards[i] for i in two])
         pairs.append((first, second))
     return pairs
+
+
+def spread_texts(model, tokenizer, records: Sequence[Record], params: SamplingParams, seed: int,
+                 samples: int = 1) -> list[list[str]]:
+    """`generate_texts` of every record, each rank sampling its part (seeded as one process would)."""
+    return dist.spread(records, lambda part, start: generate_texts(model, tokenizer, part, params, seed, 256,
+                                                                  samples=samples, start=start))
 
 
 # --- the judge warm-up --------------------------------------------------------------------------
@@ -234,9 +256,12 @@ def judge_examples(tokenizer, template: JudgeTemplate, items: Sequence[JudgeItem
 
 
 def warm_up(model, tokenizer, annotated: list[tuple[list[int], int]], verifiable: list[tuple[list[int], int]],
-            replay: list[tuple[list[int], int]], cfg: GRMConfig, metrics: MetricsLog) -> None:
+            replay: list[tuple[list[int], int]], cfg: GRMConfig, metrics: MetricsLog, trainer=None) -> None:
     """SFT on labelled judgements, each batch `warmup_replay` replayed responses, then `annotated_share` of the
-    rest from the annotated set and the remainder from verifiable rollouts."""
+    rest from the annotated set and the remainder from verifiable rollouts.
+
+    trainer: what the loss runs through (the model's `pluribus.dist.wrap` under torchrun, each rank training
+    on its slice of every batch, as `pluribus.stages.sft` does); None: the model."""
     if not annotated and not verifiable:
         raise PluribusError("grm warm-up: no labelled judgement to learn from "
                             "(rubric_labels and warmup_verifiable are 0)")
@@ -245,24 +270,28 @@ def warm_up(model, tokenizer, annotated: list[tuple[list[int], int]], verifiable
     n_replay = round(cfg.warmup_batch_size * cfg.warmup_replay) if replay else 0
     judging = cfg.warmup_batch_size - n_replay
     n_annotated = judging if not verifiable else round(judging * cfg.annotated_share) if annotated else 0
-    model.train()
+    world, trainer = dist.world(), trainer if trainer is not None else model
+    trainer.train()
     bar, task = progress("grm warm-up", cfg.warmup_steps)
     with bar:
         for step in range(cfg.warmup_steps):
             batch = (rng.choices(replay, k=n_replay) + rng.choices(annotated, k=n_annotated)
                      + rng.choices(verifiable, k=judging - n_annotated))
-            loss, _ = lm_loss(model, [ids for ids, _ in batch], [n for _, n in batch], tokenizer.pad_token_id)
+            mine = world.shard(batch, "grm warmup_batch_size")
+            loss, _ = global_lm_loss(trainer, world, [ids for ids, _ in mine], [n for _, n in mine],
+                                     tokenizer.pad_token_id)
             loss.backward()
             norm, _ = optimizer_step(model, optimizer, scheduler, cfg.warmup_optim.grad_clip)
+            value = float(dist.all_sum(loss.detach()))
             if step % 10 == 0:
-                metrics.write(step=step, loss=loss.item(), grad_norm=norm, lr=scheduler.get_last_lr()[0])
-            bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+                metrics.write(step=step, loss=value, grad_norm=norm, lr=scheduler.get_last_lr()[0])
+            bar.update(task, advance=1, info=f"loss {value:.3f}")
 
 
 def replay_examples(model, tokenizer, records: Sequence[Record], max_new_tokens: int,
                     seed: int) -> list[tuple[list[int], int]]:
     """The policy's own sampled response to each record, as SFT examples: it keeps what it was, learns nothing new."""
-    texts = generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, temperature=1.0), seed, 256)
+    texts = spread_texts(model, tokenizer, records, SamplingParams(max_new_tokens, temperature=1.0), seed)
     return [render_example(tokenizer, r.messages(), t[0]) for r, t in zip(records, texts)]
 
 
@@ -271,9 +300,10 @@ def replay_examples(model, tokenizer, records: Sequence[Record], max_new_tokens:
 def judge_metrics(judge: Judge, items: Sequence[JudgeItem], pairs: Sequence[tuple[JudgeItem, JudgeItem]],
                   tolerance: int, seed: int) -> dict[str, float]:
     """judge_acc, judge_acc_verdicts, judge_acc_score, judge_acc_c<i>, judge_invalid and, with pairs,
-    judge_position_consistency and judge_pair_invalid (see the module docstring)."""
-    judged = judge.judge([i.record for i in items], [i.response for i in items], k=1, seed=seed)
-    found = [js[0] for js in judged.judgements]
+    judge_position_consistency and judge_pair_invalid (see the module docstring). Under torchrun each rank
+    judges its part of the items and pairs, and every rank reads every judgement."""
+    found = dist.spread(items, lambda part, start: [js[0] for js in judge.judge(
+        [i.record for i in part], [i.response for i in part], k=1, seed=seed, start=start).judgements])
     labels = [i.label.judgement for i in items]
     out = {"judge_acc": _share(agrees(j, y, tolerance) for j, y in zip(found, labels)),
            "judge_acc_verdicts": _share(j is not None and j.verdicts == y.verdicts for j, y in zip(found, labels)),
@@ -284,8 +314,9 @@ def judge_metrics(judge: Judge, items: Sequence[JudgeItem], pairs: Sequence[tupl
         rows = [(j, y) for j, y in zip(found, labels) if c < len(y.verdicts)]
         out[f"judge_acc_c{c + 1}"] = _share(j is not None and j.verdicts[c] == y.verdicts[c] for j, y in rows)
     if pairs:
-        comparisons = judge.compare_many([a.record for a, _ in pairs], [a.response for a, _ in pairs],
-                                         [b.response for _, b in pairs], k=1, seed=seed)
+        comparisons = dist.spread(pairs, lambda part, start: judge.compare_many(
+            [a.record for a, _ in part], [a.response for a, _ in part], [b.response for _, b in part], k=1, seed=seed,
+            start=start))
         out["judge_position_consistency"] = _share(c.position_consistency == 1.0 for c in comparisons)
         out["judge_pair_invalid"] = _share(c.invalid_rate for c in comparisons)
     return out
@@ -295,10 +326,8 @@ def policy_metrics(model, tokenizer, judge: Judge, records: Sequence[Record], ma
                    seed: int) -> dict[str, float | list[str]]:
     """judge_policy_score (greedy), judge_policy_pass, judge_policy_score_sampled, judge_acc_own, and four
     sampled responses as policy_examples (to see what the reward is doing to them)."""
-    greedy = [t[0] for t in generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, 0.0),
-                                           seed, 256)]
-    sampled = [t[0] for t in generate_texts(model, tokenizer, list(records), SamplingParams(max_new_tokens, 1.0),
-                                            seed, 256)]
+    greedy = [t[0] for t in spread_texts(model, tokenizer, records, SamplingParams(max_new_tokens, 0.0), seed)]
+    sampled = [t[0] for t in spread_texts(model, tokenizer, records, SamplingParams(max_new_tokens, 1.0), seed)]
     scores = [check(r, t) for r, t in zip(records, greedy)]
     own = judge_metrics(judge, _hidden_checker_items(records, greedy, judge.template), [], tolerance, seed)
     return {"judge_policy_score": _share(scores), "judge_policy_pass": _share(s >= 1.0 for s in scores),
@@ -320,7 +349,13 @@ class HeldOut:
 
 
 def evaluate(model, tokenizer, template: JudgeTemplate, held_out: HeldOut, cfg: GRMConfig) -> dict:
-    """Every judge_* metric, the judge greedy (one judgement per item); judge_acc_verifiable on checkable items."""
+    """Every judge_* metric, the judge greedy (one judgement per item); judge_acc_verifiable on checkable items.
+    Under torchrun every rank samples its part of each set (whole weights under FSDP2) and computes every metric."""
+    with dist.gathered(model):
+        return _evaluate(model, tokenizer, template, held_out, cfg)
+
+
+def _evaluate(model, tokenizer, template: JudgeTemplate, held_out: HeldOut, cfg: GRMConfig) -> dict:
     judge = Judge(model, tokenizer, template, k=1, params=SamplingParams(template.max_new_tokens, temperature=0.0))
     pairs = as_pairs(held_out.items)[:cfg.eval_pairs]
     out = judge_metrics(judge, held_out.items, pairs, cfg.score_tolerance, cfg.seed) if held_out.items else {}
@@ -366,14 +401,15 @@ def draw_episodes(rng: random.Random, gen_records: Sequence[Record], n_gen: int,
 
 
 def episode_rewards(episodes: Episodes, texts: Sequence[str], group_size: int, judge: Judge,
-                    tolerance: int) -> tuple[list[float | None], Judged, list[float]]:
+                    tolerance: int, start: int = 0) -> tuple[list[float | None], Judged, list[float]]:
     """(the reward of every row, the judge's verdicts on the generation rows, the judging rows' rewards).
 
     A generation row's reward is the actor's judgement of it (None where no judgement was valid); a
     judging row's is +1 or −1 (`judging_rewards`). Only the judge's own text is ever parsed.
+    start: the global index of the first generation row (a rank's share: `Share.first_gen_row`).
     """
     n_gen = len(episodes.generation) * group_size
-    judged = judge.judge([r for r in episodes.generation for _ in range(group_size)], texts[:n_gen])
+    judged = judge.judge([r for r in episodes.generation for _ in range(group_size)], texts[:n_gen], start=start)
     judging = judging_rewards(texts[n_gen:], [i for i in episodes.judging for _ in range(group_size)], judge.template,
                               tolerance)
     return judged.rewards + judging, judged, judging
@@ -465,27 +501,93 @@ def _rollout_params(cfg: GRMConfig, max_new_tokens: int | None = None) -> Sampli
                           cfg.sampling.top_k)
 
 
-def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg: GRMConfig, out: Path) -> dict:
-    """The judge warm-up, measured before and after (and saved to `<out>.warmup`); returns the metrics after it."""
+@dataclass(frozen=True)
+class Share:
+    """A rank's part of one step's episodes (all of them with one process): whole groups of each kind."""
+
+    episodes: Episodes
+    """Its slice of the generation prompts and its slice of the judged items."""
+    n_annotated: int
+    """How many of its judged items (the first) come from the annotated set."""
+    rows_N: torch.Tensor
+    """Each of its rollout rows' index in the global batch: every generation row, then every judging row, as one
+    process orders them (the minibatches are the one-process minibatches)."""
+
+    @property
+    def first_gen_row(self) -> int:
+        """The global index of its first generation row (its judge's request seeds follow one process's)."""
+        return int(self.rows_N[0]) if len(self.episodes.generation) else 0
+
+
+def share_of(episodes: Episodes, n_annotated: int, group_size: int, world: dist.World) -> Share:
+    """`world`'s rank's contiguous slice of the generation prompts and of the judged items (each must split evenly)."""
+    gen = world.shard(episodes.generation, "grm generation prompts this step")
+    judging = world.shard(episodes.judging, "grm judged items this step")
+    first_gen, first_judged = world.rank * len(gen), world.rank * len(judging)
+    n_gen_rows = len(episodes.generation) * group_size
+    rows = ([*range(first_gen * group_size, (first_gen + len(gen)) * group_size)]
+            + [*range(n_gen_rows + first_judged * group_size, n_gen_rows + (first_judged + len(judging)) * group_size)])
+    return Share(Episodes(gen, judging), max(0, min(n_annotated - first_judged, len(judging))), torch.tensor(rows))
+
+
+def joint_update(trainer, cfg: GRMConfig, share: Share, rollout, judge: Judge, reference, optimizer, scheduler,
+                 pad_id: int) -> dict:
+    """One step's rewards and update from this rank's share of the episodes and its rollout rows: its judge's
+    verdicts on its generation rows, its judged items' labels, then `grpo.policy_step`, the global update.
+    Returns the step's metrics over the global batch (reduced over ranks): gen_reward, gen_invalid_frac,
+    judging_reward(_annotated, _verifiable), gen_hidden_score (the world's domains) and the update's stats."""
+    G = cfg.group_size
+    with dist.gathered(trainer):  # fsdp2: whole weights while the judge samples
+        raw, judged, judging = episode_rewards(share.episodes, rollout.texts, G, judge, cfg.score_tolerance,
+                                               share.first_gen_row)
+    _, _, stats = policy_step(trainer, cfg, rollout, raw, reference, optimizer, scheduler, pad_id, share.rows_N)
+    n_gen, n_ann = len(share.episodes.generation) * G, share.n_annotated * G
+    means = {"gen_reward": _mean_count(r for r in judged.rewards if r is not None),
+             "gen_invalid_frac": (judged.invalid_rate, sum(len(js) for js in judged.judgements)),
+             "judging_reward": _mean_count(judging), "judging_reward_annotated": _mean_count(judging[:n_ann]),
+             "judging_reward_verifiable": _mean_count(judging[n_ann:])}
+    if cfg.data is None:  # the world's rubric domains have a hidden checker to watch (never a reward)
+        gen_rows = [r for r in share.episodes.generation for _ in range(G)]
+        means["gen_hidden_score"] = _mean_count(check(r, t) for r, t in zip(gen_rows, rollout.texts[:n_gen]))
+    return dist.weighted_means(means) | stats
+
+
+def _mean_count(values) -> tuple[float, float]:
+    """(`_share` of the values, how many): one rank's part of a mean over ranks."""
+    values = [float(v) for v in values]
+    return _share(values), float(len(values))
+
+
+def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg: GRMConfig, out: Path,
+                trainer=None) -> dict:
+    """The judge warm-up, measured before and after (and saved to `<out>.warmup`); returns the metrics after it.
+    trainer: what its loss runs through (see `warm_up`)."""
     metrics = MetricsLog(out.with_name(out.name + ".warmup.metrics.jsonl"))
     metrics.write(step=0, **evaluate(model, tokenizer, template, data.held_out, cfg))
     rng = random.Random(f"warmup-data:{cfg.seed}")
     prompts = rng.sample(data.checkable, min(cfg.warmup_verifiable, len(data.checkable)))
-    own = verifiable_pairs(model, tokenizer, prompts, template, _rollout_params(cfg), cfg.seed + 4,
-                           verifier=data.verifier)
-    replay = replay_examples(model, tokenizer, data.gen_records + data.checkable[::4], cfg.sampling.max_new_tokens,
-                             cfg.seed + 5)
+    with dist.gathered(model):
+        own = verifiable_pairs(model, tokenizer, prompts, template, _rollout_params(cfg), cfg.seed + 4,
+                               verifier=data.verifier)
+        replay = replay_examples(model, tokenizer, data.gen_records + data.checkable[::4],
+                                 cfg.sampling.max_new_tokens, cfg.seed + 5)
     warm_up(model, tokenizer, judge_examples(tokenizer, template, data.annotated, as_pairs(data.annotated)),
-            judge_examples(tokenizer, template, [i for pair in own for i in pair], own), replay, cfg, metrics)
+            judge_examples(tokenizer, template, [i for pair in own for i in pair], own), replay, cfg, metrics,
+            trainer)
     after = evaluate(model, tokenizer, template, data.held_out, cfg)
     metrics.write(step=cfg.warmup_steps, **after)
     metrics.close()
-    save(model, tokenizer, out.with_name(out.name + ".warmup"), {"stage": "grm-warmup", "config": cfg.model_dump()})
+    dist.save(model, tokenizer, out.with_name(out.name + ".warmup"), {"stage": "grm-warmup",
+                                                                     "config": cfg.model_dump()})
     return after
 
 
 def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
-    dist.one_process_only("grm (joint RL of generating and judging)")
+    world = dist.init()
+    world.per_rank(cfg.gen_prompts, "grm gen_prompts")
+    world.per_rank(cfg.judge_items, "grm judge_items")
+    if cfg.warmup_steps:
+        world.per_rank(cfg.warmup_batch_size, "grm warmup_batch_size")
     seed_everything(cfg.seed)
     template = TEMPLATES[cfg.template]
     if cfg.judge_max_new_tokens:
@@ -496,11 +598,17 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     out = Path(cfg.out)
     data = stage_data(model, tokenizer, template, cfg) if cfg.data is None else users_stage_data(model, tokenizer,
                                                                                                   template, cfg)
-    start = (run_warm_up(model, tokenizer, template, data, cfg, out) if cfg.warmup_steps
-             else evaluate(model, tokenizer, template, data.held_out, cfg))
     # the KL anchor is a frozen copy of the policy as RL starts, a judge already (with LoRA too: the model
-    # without its adapter never learnt to judge, and the KL would pull the judge back)
-    reference = reference_policy(model, lora=False) if cfg.kl_coef > 0 else None
+    # without its adapter never learnt to judge, and the KL would pull the judge back); copied before wrapping
+    # (fsdp2 shards it as it shards the policy) and given the warmed-up weights below
+    reference = reference_policy(model, lora=False, distributed=cfg.distributed) if cfg.kl_coef > 0 else None
+    trainer = dist.wrap(model, cfg.distributed)
+    start = (run_warm_up(model, tokenizer, template, data, cfg, out, trainer) if cfg.warmup_steps
+             else evaluate(model, tokenizer, template, data.held_out, cfg))
+    if reference is not None and cfg.warmup_steps:
+        with torch.no_grad(), reference() as anchor:
+            for kept, trained in zip(anchor.parameters(), model.parameters(), strict=True):
+                kept.copy_(trained)  # fsdp2: shards of the same layout, copied locally
 
     # one sampling for both kinds of rows (the loss recomputes log-probs at this temperature): room for a judgement
     params = _rollout_params(cfg, max(cfg.sampling.max_new_tokens, template.max_new_tokens))
@@ -518,29 +626,23 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     with bar:
         for step in range(cfg.steps):
             t0 = time.time()
-            fresh = verifiable_pairs(model, tokenizer, rng.sample(data.checkable, n_fresh),
-                                     template, _rollout_params(cfg), cfg.seed * 7_919 + step,
-                                     verifier=data.verifier)
-            episodes = draw_episodes(rng, data.gen_records, cfg.gen_prompts, data.annotated, n_annotated,
-                                     [first for first, _ in fresh])
-            prompts = [render_prompt(tokenizer, c) for c in episodes.conversations(template)]
+            fresh_prompts = rng.sample(data.checkable, n_fresh)
+            episodes = draw_episodes(rng, data.gen_records, cfg.gen_prompts, data.annotated, n_annotated, [])
             engine.sync_weights(model)  # the rollouts and the reward's judgements come from this step's weights
-            rollout = engine.generate([p for p in prompts for _ in range(G)], params, eos_id=tokenizer.eos_token_id,
-                                      pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                                      request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + i
-                                                     for i in range(len(prompts) * G)])
-            raw, judged, judging = episode_rewards(episodes, rollout.texts, G, reward_judge, cfg.score_tolerance)
-            _, _, stats = policy_step(model, cfg, rollout, raw, reference, optimizer, scheduler, tokenizer.pad_token_id)
-            n_gen, n_ann = len(episodes.generation) * G, n_annotated * G
-            gen_rows = [r for r in episodes.generation for _ in range(G)]
-            row = dict(step=step + 1,
-                       gen_reward=_share(r for r in judged.rewards if r is not None),
-                       gen_invalid_frac=judged.invalid_rate,
-                       judging_reward=_share(judging), judging_reward_annotated=_share(judging[:n_ann]),
-                       judging_reward_verifiable=_share(judging[n_ann:]),
-                       lr=scheduler.get_last_lr()[0], step_s=time.time() - t0, **stats)
-            if cfg.data is None:  # the world's rubric domains have a hidden checker to watch (never a reward)
-                row["gen_hidden_score"] = _share(check(r, t) for r, t in zip(gen_rows, rollout.texts[:n_gen]))
+            with dist.gathered(model):  # fsdp2: whole weights while the HF sampler runs
+                fresh = verifiable_pairs(model, tokenizer, fresh_prompts, template, _rollout_params(cfg),
+                                         cfg.seed * 7_919 + step, verifier=data.verifier)
+                episodes = replace(episodes, judging=episodes.judging + [first for first, _ in fresh])
+                share = share_of(episodes, n_annotated, G, world)
+                prompts = [render_prompt(tokenizer, c) for c in share.episodes.conversations(template)]
+                rollout = engine.generate([p for p in prompts for _ in range(G)], params,
+                                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                          tokenizer=tokenizer,
+                                          request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + int(i)
+                                                         for i in share.rows_N])
+            row = dict(step=step + 1, **joint_update(trainer, cfg, share, rollout, reward_judge, reference, optimizer,
+                                                     scheduler, tokenizer.pad_token_id),
+                       lr=scheduler.get_last_lr()[0], step_s=time.time() - t0)
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 row |= evaluate(model, tokenizer, template, data.held_out, cfg)
             metrics.write(**row)
@@ -548,5 +650,5 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     metrics.close()
     engine.close()
     model.eval()
-    return save(model, tokenizer, out, {"stage": "grm", "annotated_labels": len(data.annotated), **(meta or {}),
-                                        "config": cfg.model_dump()})
+    return dist.save(model, tokenizer, out, {"stage": "grm", "annotated_labels": len(data.annotated), **(meta or {}),
+                                             "config": cfg.model_dump()})

@@ -131,11 +131,13 @@ def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardF
 
 
 def policy_step(model, cfg: PolicyUpdateConfig, rollout, raw_N: list[float | None], reference, optimizer,
-                scheduler, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                scheduler, pad_id: int, rows_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One GRPO update from a rollout batch and its rewards: group advantages, then μ passes of minibatches.
 
     `model` is what the loss runs through: the model, or its `pluribus.dist.wrap` under torchrun, where
     `rollout` and `raw_N` are this rank's whole groups and the update is that of the global batch.
+    rows_N: each row's index in the global batch (every rank holds the same number of rows), which fixes the
+    minibatches; None: this rank's contiguous block (rank r holds rows [r·N, (r+1)·N)).
 
     Rows `[g·G, (g+1)·G)` form group g (G = cfg.group_size). A None reward is invalid: masked out of its
     group's advantage, never read as 0. GRPO's update, and the joint generate-and-judge loop's
@@ -145,18 +147,21 @@ def policy_step(model, cfg: PolicyUpdateConfig, rollout, raw_N: list[float | Non
     valid_N = torch.tensor([r is not None for r in raw_N])
     rewards_N = torch.tensor([float("nan") if r is None else float(r) for r in raw_N])
     adv_N = group_advantages(rewards_N, cfg.group_size, scale=cfg.advantage_scale, valid_N=valid_N)
-    return rewards_N, valid_N, _update(model, cfg, rollout, adv_N, reference, optimizer, scheduler, pad_id)
+    return rewards_N, valid_N, _update(model, cfg, rollout, adv_N, reference, optimizer, scheduler, pad_id, rows_N)
 
 
-def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer, scheduler, pad_id) -> dict:
+def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer, scheduler, pad_id,
+            rows_N: torch.Tensor | None = None) -> dict:
     """μ passes of minibatch updates on one rollout batch; returns averaged stats.
 
     A minibatch is a slice of one permutation of the global batch (rank 0's draw); each rank trains on
-    the rows of it that it holds, its loss scaled to its share of the minibatch's global normaliser. A
-    rank that holds none of a minibatch still runs it with a zero mask, so the gradient all-reduce
-    meets every rank."""
+    the rows of it that it holds (`rows_N` places them), its loss scaled to its share of the minibatch's
+    global normaliser. A rank that holds none of a minibatch still runs it with a zero mask, so the
+    gradient all-reduce meets every rank."""
     world = dist.world()
     N = adv_N.shape[0]
+    local = torch.full((N * world.size,), -1, dtype=torch.long)  # global row -> this rank's row, or -1
+    local[torch.arange(N) + world.rank * N if rows_N is None else rows_N] = torch.arange(N)
     mask = rollout.response_mask_B_T
     ref_logprobs = None
     if reference is not None:
@@ -170,8 +175,8 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
     for _ in range(cfg.inner_updates):
         order = dist.broadcast(torch.randperm(N * world.size))
         for m in range(cfg.minibatches):
-            idx = order[m * size:(m + 1) * size] - world.rank * N
-            idx = idx[(idx >= 0) & (idx < N)]
+            idx = local[order[m * size:(m + 1) * size]]
+            idx = idx[idx >= 0]
             held = idx.numel() > 0
             if not held:
                 idx = torch.zeros(1, dtype=torch.long)
