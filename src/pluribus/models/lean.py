@@ -335,23 +335,36 @@ def _packs(lengths: list[int]) -> list[list[int]]:
 # --- training: packed batches ----------------------------------------------------------------------------
 
 @dataclass
+class _Attention:
+    """One attention call over some rows: each row's queries (a window of its columns) against all its columns.
+
+    query_token_B_Q, key_token_B_K: the packed index of each query and each key column; 0 on padding.
+    mask_B_1_Q_K: additive: a query sees the real keys up to its own column.
+    """
+
+    query_token_B_Q: Tensor
+    key_token_B_K: Tensor
+    mask_B_1_Q_K: Tensor
+
+
+@dataclass
 class _Layout:
     """Where each distinct token of a batch sits: once in the packed `[N]` list, and in every row that sees it.
 
     ids_N, position_N: the distinct tokens, row by row: a row's prompt where it first appears (for its adapter),
         then the row's response tokens but the last; their positions in their rows.
-    row_token_B_R: the packed index of each column of each row (prompt, then the row's response); 0 on padding.
-    owner_N: the flat row column (b·R + j) whose attention output a distinct token takes.
-    mask_B_1_R_R: additive causal mask over the real columns of each row.
+    attention: the rows that run their prompt (all their columns are queries), then the rows whose prompt
+        another row runs (only their response columns are queries): a group's G - 1 other rows do not
+        attend from the prompt again.
+    owner_N: where each distinct token's attention output is, in the attention calls' outputs laid end to end.
     predict_M: the packed index of the token that predicts each masked response token, row-major.
     adapter_tokens: (adapter, its slice of the N tokens), when the rows have adapters.
     """
 
     ids_N: Tensor
     position_N: Tensor
-    row_token_B_R: Tensor
+    attention: list[_Attention]
     owner_N: Tensor
-    mask_B_1_R_R: Tensor
     predict_M: Tensor
     adapter_tokens: list[tuple[str, slice]] | None
 
@@ -368,38 +381,49 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         return None  # each adapter's rows must be contiguous, so its tokens are one slice
     lengths = lengths_B.tolist()
     responses = response_ids_B_T.tolist()
-    B = len(prompt_ids)
-    R = max(len(p) + max(n - 1, 0) for p, n in zip(prompt_ids, lengths))
     start: dict[tuple, int] = {}  # (adapter, distinct prompt) → its first packed index
     ids: list[int] = []
     position: list[int] = []
-    owner: list[int] = []
     predict: list[int] = []
-    row_token = torch.zeros(B, R, dtype=torch.long)
-    valid = torch.zeros(B, R, dtype=torch.bool)
+    rows: list[tuple[list[int], int, int]] = []  # per row: its columns' packed indices, its first query column
     bounds: dict[str, list[int]] = {}
     for b, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
         P, key = len(prompt), (None if adapters is None else adapters[b], tuple(prompt))
-        if key not in start:  # the first row with this prompt runs it, and owns its outputs
+        runs_prompt = key not in start  # the first row with this prompt runs it, and owns its outputs
+        if runs_prompt:
             start[key] = len(ids)
             ids += prompt
             position += range(P)
-            owner += range(b * R, b * R + P)
         own = range(len(ids), len(ids) + max(n - 1, 0))
         ids += responses[b][: len(own)]
         position += range(P, P + len(own))
-        owner += range(b * R + P, b * R + P + len(own))
         columns = list(range(start[key], start[key] + P)) + list(own)
-        row_token[b, : len(columns)] = torch.tensor(columns)
-        valid[b, : len(columns)] = True
+        rows.append((columns, 0 if runs_prompt else P, b))
         predict += columns[P - 1: P - 1 + n]
         if adapters is not None:
             bounds.setdefault(adapters[b], [start[key], len(ids)])[1] = len(ids)
-    causal = torch.ones(R, R, dtype=torch.bool).tril()
-    # A padding query sees itself, so its (unused) row stays finite instead of a softmax over nothing.
-    mask = (causal & valid[:, None, :]) | torch.eye(R, dtype=torch.bool)
-    return _Layout(torch.tensor(ids), torch.tensor(position), row_token, torch.tensor(owner),
-                   _additive(mask[:, None], dtype), torch.tensor(predict, dtype=torch.long),
+    owner = [0] * len(ids)
+    attention = []
+    offset = 0
+    for group in ([r for r in rows if r[1] == 0], [r for r in rows if r[1] > 0]):
+        if not group:
+            continue
+        K = max(len(columns) for columns, _, _ in group)
+        Q = max(max(len(columns) - first, 1) for columns, first, _ in group)
+        keys = torch.zeros(len(group), K, dtype=torch.long)
+        queries = torch.zeros(len(group), Q, dtype=torch.long)
+        seen = torch.zeros(len(group), Q, K, dtype=torch.bool)
+        for g, (columns, first, _) in enumerate(group):
+            keys[g, : len(columns)] = torch.tensor(columns)
+            queries[g, : len(columns) - first] = torch.tensor(columns[first:], dtype=torch.long)
+            # query i (column first + i) sees columns up to its own; padding queries see column 0 (stay finite)
+            seen[g, :, : len(columns)] = torch.arange(len(columns))[None, :] <= first + torch.arange(Q)[:, None]
+            for i, token in enumerate(columns[first:]):
+                owner[token] = offset + g * Q + i
+        attention.append(_Attention(queries, keys, _additive(seen[:, None], dtype)))
+        offset += len(group) * Q
+    return _Layout(torch.tensor(ids), torch.tensor(position), attention, torch.tensor(owner),
+                   torch.tensor(predict, dtype=torch.long),
                    None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in bounds.items()])
 
 
@@ -432,7 +456,8 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
 
     Runs the model's own modules (embedding, projections, LoRA layers, MLPs), so gradients reach its parameters
     when called with grad. Each distinct prompt and each response token runs through the linear layers once;
-    attention gathers each row (its prompt, then its response) and masks causally. The masks must be a prefix
+    attention gathers each row (its prompt, then its response) and masks causally; a prompt's queries attend
+    once, from the row that runs it. The masks must be a prefix
     of each row (as `Rollout` holds them).
     adapters: for a peft model holding several LoRA adapters, each row's adapter (rows of one adapter
         contiguous). The base layers run once over every row and each adapter over its own rows: one forward
@@ -453,12 +478,12 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         return None
     H, Hkv, d = _dims(lm.config)
     dropout = float(getattr(lm.config, "attention_dropout", 0.0) or 0.0) if lm.training else 0.0
-    ids, position, row_token, owner, mask, predict = (
-        t.to(device) for t in (layout.ids_N, layout.position_N, layout.row_token_B_R, layout.owner_N,
-                               layout.mask_B_1_R_R, layout.predict_M))
+    ids, position, owner, predict = (t.to(device) for t in (layout.ids_N, layout.position_N, layout.owner_N,
+                                                             layout.predict_M))
+    calls = [(a.query_token_B_Q.to(device), a.key_token_B_K.to(device), a.mask_B_1_Q_K.to(device))
+             for a in layout.attention]
     cos, sin = _rope_table(_inv_freq(theta, d, device), int(position.max()) + 1, dtype)
     cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
-    B, R = row_token.shape
     N = ids.shape[0]
     slices = layout.adapter_tokens
 
@@ -472,9 +497,13 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         q = _rotate(project(attn.q_proj, h).view(N, H, d), cos, sin)
         k = _rotate(project(attn.k_proj, h).view(N, Hkv, d), cos, sin)
         v = project(attn.v_proj, h).view(N, Hkv, d)
-        rows = [t[row_token].transpose(1, 2) for t in (q, k, v)]  # [B, heads, R, d]
-        attended = F.scaled_dot_product_attention(*rows, attn_mask=mask, dropout_p=dropout, enable_gqa=H != Hkv)
-        attended = attended.transpose(1, 2).reshape(B * R, H * d)[owner]
+        outputs = []
+        for queries, keys, mask in calls:  # [B, heads, Q or K, d] each
+            out = F.scaled_dot_product_attention(q[queries].transpose(1, 2), k[keys].transpose(1, 2),
+                                                 v[keys].transpose(1, 2), attn_mask=mask, dropout_p=dropout,
+                                                 enable_gqa=H != Hkv)
+            outputs.append(out.transpose(1, 2).reshape(-1, H * d))
+        attended = (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[owner]
         x = x + project(attn.o_proj, attended)
         h = _norm(block.post_attention_layernorm, x)
         if slices is None:
