@@ -81,6 +81,11 @@ def test_what_the_packed_forward_does_not_reproduce_gets_none(tiny_llama, monkey
     monkeypatch.setenv("PLURIBUS_LEAN", "0")  # the switch that rules the lean forwards out
     assert predicting_hidden_states(model, prompt_ids, response, mask) is None
     monkeypatch.delenv("PLURIBUS_LEAN")
+    import pluribus.models.lean as lean
+
+    monkeypatch.setattr(lean, "MAX_MASK_ELEMENTS", 16)  # long sequences: a dense mask too big to be worth it
+    assert predicting_hidden_states(model, prompt_ids, response, mask) is None
+    monkeypatch.undo()
     holes = mask.clone()
     row = int(mask.sum(-1).argmax())
     holes[row, 0] = False  # not a prefix: not a rollout's mask

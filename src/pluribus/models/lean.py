@@ -32,6 +32,8 @@ from torch import Tensor
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Fused weights are copies; above this many parameters the copy's memory outweighs the saved op calls.
 MAX_FUSED_PARAMETERS = 200_000_000
+# Dense attention masks beyond this many entries (long sequences) cost more memory than padding saves.
+MAX_MASK_ELEMENTS = 1 << 25
 # Positions per packed prefill row: attention within a pack costs its length squared, so packs stay short.
 PACK_TOKENS = 64
 
@@ -410,6 +412,8 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
             continue
         K = max(len(columns) for columns, _, _ in group)
         Q = max(max(len(columns) - first, 1) for columns, first, _ in group)
+        if len(group) * Q * K > MAX_MASK_ELEMENTS:
+            return None  # long sequences: a dense mask would cost more memory than padding saves
         keys = torch.zeros(len(group), K, dtype=torch.long)
         queries = torch.zeros(len(group), Q, dtype=torch.long)
         seen = torch.zeros(len(group), Q, K, dtype=torch.bool)
@@ -473,6 +477,8 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     if not isinstance(weight, Tensor):
         return None
     device, dtype = weight.device, weight.dtype
+    if getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return None  # flash attention and the like run packed rows without a dense mask: theirs is better
     layout = _layout(prompt_ids, response_ids_B_T.cpu(), response_mask_B_T.cpu(), dtype, adapters)
     if layout is None:
         return None
