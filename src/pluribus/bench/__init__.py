@@ -54,11 +54,10 @@ def run(settings: BenchSettings = BenchSettings(), *, with_trl: bool | None = No
         raise PluribusError(TRL_MISSING)
     if settings.warmup < 1 or settings.steps < 1 or settings.rounds < 1:
         raise PluribusError("bench: warm-up, steps and rounds must each be at least 1")
-    from transformers.utils import logging as hf_logging
-
     from pluribus.bench import workloads
+    from pluribus.models import quiet_hf_progress
 
-    hf_logging.disable_progress_bar()  # the weight-loading bars of in-process runs
+    quiet_hf_progress()  # the weight-loading bars of in-process runs
     with tempfile.TemporaryDirectory(prefix="pluribus-bench-") as tmp:
         root = Path(tmp)
         echo("building the models")

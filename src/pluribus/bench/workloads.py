@@ -32,9 +32,7 @@ TEACHER_RANK = 16
 def build_models(root: Path, s: BenchSettings) -> dict:
     """The student (random Qwen2, the world's character tokenizer), one full-weight teacher (another random
     init) and `max(teacher_counts)` LoRA teachers over the student; returns the student's description."""
-    from transformers import AutoModelForCausalLM
-
-    from pluribus.models import add_lora, count_parameters, load, save, tiny_config
+    from pluribus.models import add_lora, count_parameters, load, random_causal_lm, save, tiny_config
     from pluribus.models.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
@@ -43,7 +41,7 @@ def build_models(root: Path, s: BenchSettings) -> dict:
     config.layer_types = ["full_attention"] * s.layers
     for name, seed in (("student", s.seed), ("teacher", s.seed + 1)):
         torch.manual_seed(seed)
-        save(AutoModelForCausalLM.from_config(config), tokenizer, root / name, {"bench": name})
+        save(random_causal_lm(config), tokenizer, root / name, {"bench": name})
     for k in range(max(s.teacher_counts)):
         model, tok = load(root / "student")
         model = add_lora(model, rank=TEACHER_RANK, alpha=2 * TEACHER_RANK)
@@ -118,9 +116,9 @@ def _timed_metrics(stage_module):
 
 
 def _trl_timer():
-    from transformers import TrainerCallback
+    from pluribus.models import hf_trainer_callback
 
-    class StepEnds(TrainerCallback):
+    class StepEnds(hf_trainer_callback()):
         def __init__(self):
             self.ends: list[tuple[float, float]] = []
 

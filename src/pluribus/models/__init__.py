@@ -82,6 +82,27 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: boo
     return model, tokenizer
 
 
+def random_causal_lm(config):
+    """A causal LM of `config` with fresh random weights (seed torch first)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+def hf_trainer_callback() -> type:
+    """transformers' `TrainerCallback`, the base of callbacks into trainers built on it (TRL's, in the bench)."""
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+def quiet_hf_progress() -> None:
+    """No progress bars from transformers (weight loading) in this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     """A plain causal LM from a local HF folder (config.json), as saved: no adapter, train/eval mode untouched."""
     from transformers import AutoModelForCausalLM
