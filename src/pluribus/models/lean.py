@@ -15,8 +15,8 @@ attention, the SiLU-gated MLP) without either:
 Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, tests/test_models_lean.py: logits
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
 ~1e-6 tie of two Gumbel-perturbed logits. What they do not reproduce (another architecture, RoPE scaling,
-sliding windows, other activations, adapters other than plain LoRA for decoding, sharded or wrapped models)
-makes them answer None, and the callers use the HF forward; so does PLURIBUS_LEAN=0 (to rule them out).
+sliding windows, other activations, adapters other than plain LoRA for decoding, sharded or wrapped models,
+several torchrun processes) makes them answer None, and the callers use the HF forward; so does PLURIBUS_LEAN=0 (to rule them out).
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ def _supported(lm) -> float | None:
     """The RoPE base when the lean forwards reproduce `lm` (a plain, unsharded Llama/Qwen2), else None.
     PLURIBUS_LEAN=0 in the environment turns them off (everything runs through transformers' forward)."""
     if os.environ.get("PLURIBUS_LEAN", "1") == "0":
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        # FSDP2's shards need its hooks, and DDP must sample as FSDP2 does (a top-p cut-off can fall either
+        # side of a float-rounding tie): several processes keep transformers' forward.
         return None
     config = getattr(lm, "config", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
