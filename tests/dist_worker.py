@@ -203,6 +203,15 @@ def stage_runs(model: str, teachers: list[str], out: str, mode: str) -> None:
             records=records + generate("reverse", "train", 16))
 
 
+def cli(args: list[str]) -> None:
+    """`pluribus ARGS` as `torchrun -m pluribus.cli ARGS` runs it: its own ending (the group left, the worker ended
+    without exit-time teardown), so it must be the last job."""
+    from pluribus.cli import main
+
+    sys.argv = ["pluribus", *args]
+    main()
+
+
 def backend(out: str) -> None:
     """The backend `dist.init` chose, and the world size, in `<out>/backend.txt`."""
     import torch.distributed as tdist
@@ -221,4 +230,5 @@ if __name__ == "__main__":
         globals()[name](**kwargs)
     from pluribus import dist
 
-    dist.finish()  # as the command line does: every rank done, then the group torn down before exit
+    if dist.finish():  # as the command line ends a stage: every rank done, the group left, no exit-time teardown
+        dist.exit_process(0)

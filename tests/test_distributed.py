@@ -113,8 +113,13 @@ def runs(tmp_path_factory, models, one_thread):
                                 "mode": mode}],
                 ["grm_run", {"model": models["student"], "out": f"{tmp}/{where}/grm-stage", "mode": mode}]]
 
-    done = _torchrun([["backend", {"out": str(tmp)}]] + jobs("ddp", "ddp") + jobs("fsdp2", "fsdp2"), tmp)
+    (tmp / "sft.yaml").write_text(json.dumps({"model": models["student"], "out": f"{tmp}/cli/sft/model", "steps": 2,
+                                               "data": {"domains": ["add"], "n_per_domain": 8}, "batch_size": 4,
+                                               "distributed": "fsdp2"}))
+    command = [["cli", {"args": ["sft", str(tmp / "sft.yaml")]}]]  # last: the command line ends the workers
+    done = _torchrun([["backend", {"out": str(tmp)}]] + jobs("ddp", "ddp") + jobs("fsdp2", "fsdp2") + command, tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (tmp / "torchrun.out").write_text(done.stdout)
     for name, kwargs in jobs("ddp", "one"):
         getattr(dist_worker, name)(**kwargs)
     return tmp
@@ -259,6 +264,13 @@ def test_stage_loops_under_fsdp2_log_what_ddp_logs(runs, stage):
     if stage == "opd":  # the global batch: 4 prompts, 2 per rank
         assert all(r["rollouts_add"] + r.get("rollouts_reverse", 0) == 4 for r in ddp)
     assert (runs / "fsdp2" / "stages" / stage / "config.json").is_file()
+
+
+def test_a_stage_command_under_torchrun_ends_cleanly_and_speaks_once(runs):
+    """`torchrun -m pluribus.cli sft` with FSDP2: both workers exit 0 (the fixture asserts torchrun's code) after
+    leaving the group, and only rank 0 prints."""
+    assert (runs / "cli/sft/model/config.json").is_file()
+    assert (runs / "torchrun.out").read_text().count("model saved to") == 1
 
 
 def test_one_process_needs_no_process_group_and_shards_nothing():

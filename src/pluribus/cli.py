@@ -233,10 +233,11 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:  # typer ends every command so
-        if not done.code and "pluribus.dist" in sys.modules:  # a stage ran: leave torchrun's group cleanly
+        if not done.code and "pluribus.dist" in sys.modules:  # a stage may have run under torchrun
             from pluribus import dist
 
-            dist.finish()
+            if dist.finish():  # every rank done, the group left: end the worker without exit-time teardown
+                dist.exit_process(0)
         raise
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

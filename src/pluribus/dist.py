@@ -1,9 +1,10 @@
 """Data parallelism under `torchrun`: process group, sharding, reductions, DDP/FSDP2 wrapping, rank-0 saves.
 
-Every training stage calls `init()` first, and the command line calls `finish()` when a stage is done. Launched by `torchrun --nproc_per_node N` (WORLD_SIZE > 1
+Every training stage calls `init()` first. Launched by `torchrun --nproc_per_node N` (WORLD_SIZE > 1
 in the environment) it joins the process group, gloo on CPU and NCCL on GPU; otherwise it returns a
 one-process `World` and nothing below communicates, so a plain `python`/`pluribus` run computes
-exactly what it did before this module existed.
+exactly what it did before this module existed. When a command has done its work, the command line
+calls `finish()` (every rank waits for the others, then leaves the group) and `exit_process()`.
 
 The contract every loop follows, so that N processes × 1/N of the batch compute what one process
 computes on the whole batch:
@@ -29,9 +30,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence, TypeVar
+from typing import Callable, Iterator, Literal, NoReturn, Sequence, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -87,14 +90,27 @@ def _teardown() -> None:
         tdist.destroy_process_group()
 
 
-def finish() -> None:
-    """End a run under torchrun: wait for every rank, then leave the process group, before the interpreter exits
-    (a rank exiting while another still runs collectives, or with the group alive, can abort in the backend's
-    threads: "terminate called without an active exception"). A no-op with one process. Entry points call it
-    once their work is done; a failed run skips it (a barrier would wait for ranks that will never come)."""
-    if tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
+def finish() -> bool:
+    """End a run under torchrun: wait for every rank, then leave the process group. Entry points call it once
+    their work is done, then `exit_process`; a failed run skips both (a barrier would wait for ranks that will
+    never come). Whether there was a group to leave (False with one process: nothing to do)."""
+    if not tdist.is_initialized():
+        return False
+    tdist.barrier()
+    tdist.destroy_process_group()
+    return True
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End this torchrun worker now, after `finish`: output flushed, without the interpreter's and the C++
+    runtime's exit-time clean-up. After DDP or FSDP2 ran, gloo's worker threads outlive
+    `destroy_process_group` (held on the C++ side, no Python object left), and the normal exit tore them down
+    badly about one run in 20 here: "terminate called without an active exception", exit code -6, after all
+    the work was done and saved, which torchrun reports as a failed run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def world() -> World:
