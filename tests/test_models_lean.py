@@ -93,3 +93,31 @@ def test_what_the_packed_forward_does_not_reproduce_gets_none(tiny_llama, monkey
     assert predicting_hidden_states(model, [[]] + prompt_ids[1:], response, mask) is None
     model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert predicting_hidden_states(model, prompt_ids, response, mask) is None
+
+
+def test_the_lm_loss_is_the_padded_forwards(tiny_qwen2, monkeypatch):
+    """SFT's and pretraining's loss (`lm_loss`) through the packed forward: the padded forward's value, token count
+    and gradients; loss starts of 0 and past a sequence's end included."""
+    from pluribus.stages.common import lm_loss
+
+    model, _ = load(tiny_qwen2)
+    model.train()
+    gen = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(7, 100, (n,), generator=gen).tolist() for n in (9, 17, 4, 12, 6)]
+    starts = [3, 1, 0, 5, 6]  # the last has no target (start = length)
+
+    def run():
+        model.zero_grad()
+        loss, count = lm_loss(model, sequences, starts, 0)
+        loss.backward()
+        return loss.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed = run()
+    import pluribus.stages.common as common
+
+    monkeypatch.setattr(common, "target_logits", lambda *args: None)  # the padded forward
+    padded = run()
+    assert packed[1] == padded[1] == 6 + 16 + 3 + 7
+    assert abs(float(packed[0] - padded[0])) < 1e-5
+    for name, grad in padded[2].items():
+        assert (packed[2][name] - grad).norm() / grad.norm().clamp_min(1e-8) < 1e-5, name

@@ -322,6 +322,26 @@ def response_logits(model, prompt_ids: list[list[int]], response_ids_B_T: torch.
     return forward_keeping(model, T + 1, input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :T]
 
 
+def target_logits(model, sequences: list[list[int]], loss_starts: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logits `[M, V]`, targets `[M]`) of the M tokens at positions ≥ loss_start (and ≥ 1) of each sequence, row by
+    row, from the packed forward (`pluribus.models.lean`: no padding, no logits where nothing is a target);
+    None where it does not apply (the caller runs the padded forward)."""
+    starts = [max(1, n) for n in loss_starts]
+    T = max(len(s) - n for s, n in zip(sequences, starts))
+    if T <= 0:
+        return None
+    targets_B_T = torch.zeros(len(sequences), T, dtype=torch.long)
+    mask_B_T = torch.zeros(len(sequences), T, dtype=torch.bool)
+    for b, (s, n) in enumerate(zip(sequences, starts)):
+        if len(s) > n:
+            targets_B_T[b, : len(s) - n] = torch.tensor(s[n:])
+            mask_B_T[b, : len(s) - n] = True
+    hidden_M_D = predicting_hidden_states(model, [s[:n] for s, n in zip(sequences, starts)], targets_B_T, mask_B_T)
+    if hidden_M_D is None:
+        return None
+    return _causal_lm(model).get_output_embeddings()(hidden_M_D), targets_B_T[mask_B_T].to(hidden_M_D.device)
+
+
 def response_logprobs(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,
                       response_mask_B_T: torch.Tensor, pad_id: int, temperature: float = 1.0,
                       keep_mask_B_T_V: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

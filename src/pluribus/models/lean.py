@@ -16,7 +16,8 @@ Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, test
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
 ~1e-6 tie of two Gumbel-perturbed logits. What they do not reproduce (another architecture, RoPE scaling,
 sliding windows, other activations, adapters other than plain LoRA for decoding, sharded or wrapped models,
-several torchrun processes) makes them answer None, and the callers use the HF forward; so does PLURIBUS_LEAN=0 (to rule them out).
+several torchrun processes) makes them answer None, and the callers use the HF forward; so does
+PLURIBUS_LEAN=0 (to rule them out).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pluribus.config import DataConfig, OptimConfig
 from pluribus.data import Record, read_jsonl
 from pluribus.durable import write_text
 from pluribus.errors import PluribusError
-from pluribus.models import pad_batch
+from pluribus.models import pad_batch, target_logits
 
 
 def seed_everything(seed: int) -> None:
@@ -64,6 +64,12 @@ def lm_loss(model, sequences: list[list[int]], loss_starts: list[int], pad_id: i
     normaliser: divide the summed loss by this instead of the token count (a data-parallel rank's share
     of a global batch divides by the global count: `target_count` summed over ranks).
     """
+    packed = target_logits(model, sequences, loss_starts)  # no padding (pluribus.models.lean), where it applies
+    if packed is not None:
+        logits_M_V, targets_M = packed
+        loss = torch.nn.functional.cross_entropy(logits_M_V.float(), targets_M, reduction="sum")
+        count = targets_M.numel()
+        return loss / max(1, count if normaliser is None else normaliser), count
     ids, attn = pad_batch(sequences, pad_id)
     labels = ids.clone()
     positions = torch.arange(ids.shape[1])[None, :]
