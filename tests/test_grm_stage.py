@@ -144,3 +144,31 @@ def test_an_experts_config_without_grm_keeps_its_stage_key():
     plain = ExpertsConfig(model="m", out_dir="o")
     assert "grm" not in plain.model_dump() and ExpertsConfig.model_validate(plain.model_dump()) == plain
     assert ExpertsConfig(model="m", out_dir="o", rubric_rl="grm", grm={"steps": 3}).model_dump()["grm"] == {"steps": 3}
+
+
+def test_near_misses_change_one_character_of_the_same_class():
+    rng = random.Random(0)
+    for word in ["s16", "96", "-7", "xrxlw", "ABC", "1 4 5"]:
+        for _ in range(20):
+            miss = grm.near_miss(rng, word)
+            assert len(miss) == len(word) and sum(a != b for a, b in zip(miss, word)) == 1
+            changed = next(i for i, (a, b) in enumerate(zip(miss, word)) if a != b)
+            assert miss[changed].isdigit() if any(c.isdigit() for c in word) else miss[changed].isalpha()
+    assert grm.changed_digit(rng, "odd") == "odd"
+
+
+def test_word_rubric_items_are_labelled_by_rules_in_the_rubric_domains_shape():
+    record = generate("max", "train", 1, seed=2)[0]
+    rng = random.Random(1)
+    right, wrong = grm.checker_items([record, record], [record.answer, record.answer + " " + record.answer],
+                                     WORLD_TEMPLATE)
+    for item, answer_met in ((right, True), (wrong, False)):
+        for _ in range(10):
+            worded = grm.word_rubric_item(rng, item, WORLD_TEMPLATE)
+            rubric = worded.record.rubric
+            assert [c.kind for c in rubric] == ["essential", "important", "optional", "pitfall"]
+            assert rubric[0].criterion == f"answer {record.answer}"
+            words = item.response.split()
+            expected = (answer_met, rubric[1].criterion in words, rubric[2].criterion in words, not answer_met)
+            assert worded.label.judgement.verdicts == expected
+            assert worded.label.text.startswith(WORLD_TEMPLATE.judgement(expected, 0)[:12])

@@ -85,13 +85,38 @@ class LoraConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
-class Distributed(Strict):
-    """How a training stage spreads over the processes of `torchrun` (see pluribus.dist); one process ignores it."""
+def check_device(device: str) -> str:
+    """`device` if it names one this machine has (auto, cpu, cuda, cuda:N; `pluribus.dist.resolve_device`), else a
+    ValueError: a GPU run on a machine without one fails as its config loads, in one line."""
+    from pluribus import dist
+    from pluribus.errors import PluribusError
 
+    try:
+        dist.resolve_device(device)
+    except PluribusError as e:
+        raise ValueError(str(e)) from None
+    return device
+
+
+def device_field():
+    """A stage's `device` field: left out of dumps when default, so the stage and checkpoint keys of runs from
+    before it existed stay the same."""
+    return Field("auto", exclude_if=lambda device: device == "auto",
+                 description="where the model runs: auto (under torchrun, this process's device; else cuda when "
+                             "available, else cpu), cpu, cuda or cuda:N")
+
+
+class Distributed(Strict):
+    """Where a training stage runs: its device, and how it spreads over the processes of `torchrun` (see
+    pluribus.dist; one process ignores `distributed`)."""
+
+    device: str = device_field()
     distributed: Literal["ddp", "fsdp2"] = Field(
         "ddp", exclude_if=lambda mode: mode == "ddp",  # left out of dumps when default: earlier stage keys hold
         description="under torchrun: ddp keeps the whole model on every process; fsdp2 shards parameters, "
                     "gradients and optimizer state (full weights only)")
+
+    _device = field_validator("device")(check_device)
 
 
 class PretrainConfig(Distributed):
@@ -149,7 +174,10 @@ class EvalConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     batch_size: int = Field(256, gt=0)
+    device: str = device_field()
     seed: int = 0
+
+    _device = field_validator("device")(check_device)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -353,12 +381,17 @@ class GRMConfig(PolicyUpdateConfig):
                                  "matches and the score is within this many points of the label's")
     max_rubric_labels: int = Field(200, ge=0, description="the cap on rubric_labels: the minimal human annotations")
     rubric_labels: int = Field(200, ge=0, description="labelled judgements of rubric-domain items (the annotated set)")
+    label_edits: float = Field(0.5, ge=0, le=1, description="share of the annotated set's second responses that "
+                               "are the first with one digit changed (near misses in a number; see "
+                               "grm.candidate_responses)")
     warmup_steps: int = Field(300, ge=0, description="judge warm-up: SFT steps on labelled judgements before RL "
                               "(a model that never wrote one samples no valid judgement for RL to reward)")
     warmup_batch_size: int = Field(32, gt=0)
     warmup_optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine")
     warmup_verifiable: int = Field(1000, ge=0, description="verifiable-domain prompts labelled for the warm-up "
                                    "(the actor's own rollouts, two per prompt)")
+    word_rubrics: bool = Field(True, description="the warm-up also judges each verifiable rollout against a rubric "
+                               "of the rubric domain's shape whose verdicts are rules' (grm.word_rubric_item)")
     warmup_replay: float = Field(0.25, ge=0, lt=1, description="share of each warm-up batch that replays the starting "
                                  "policy's own responses to rubric prompts, so learning to judge does not erase them")
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter; None: full weights (a saved adapter "

@@ -32,6 +32,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, NoReturn, Sequence, TypeVar
@@ -48,7 +49,8 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class World:
-    """Where this process stands: rank in [0, size), and the device it trains on."""
+    """Where this process stands: rank in [0, size), and the device it trains on (as `init` resolved it; `world()`
+    with one process does not know the stage's setting and says cpu: loops take devices from their tensors)."""
 
     rank: int = 0
     size: int = 1
@@ -71,17 +73,46 @@ class World:
         return list(items[self.rank * n:(self.rank + 1) * n])
 
 
-def init() -> World:
-    """Join the torchrun process group (once per process); a one-process World when not under torchrun."""
+def init(device: str = "auto") -> World:
+    """Join the torchrun process group (once per process); a one-process World when not under torchrun.
+
+    device: the stage's setting (auto, cpu, cuda, cuda:N), which `World.device` resolves. Under torchrun each
+    process trains on cuda:LOCAL_RANK over NCCL when CUDA is there and the setting allows it (auto, cuda), else
+    on the CPU over gloo; cuda:N, which would put every process on one GPU, is refused."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        return World()
+        return World(device=resolve_device(device))
+    if device.startswith("cuda:"):
+        raise PluribusError(f"device {device}: under torchrun each process trains on cuda:LOCAL_RANK; "
+                            "set device to cuda or auto")
+    resolve_device(device)  # a bad setting, or cuda without CUDA: one line
     if not tdist.is_initialized():
-        if torch.cuda.is_available():
+        on_gpu = device != "cpu" and torch.cuda.is_available()
+        if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        tdist.init_process_group("nccl" if on_gpu else "gloo")
         atexit.register(_teardown)
-    return world()
+    w = world()
+    if device != "auto" and w.device.type != device:
+        raise PluribusError(f"device {device}: this process already joined a torchrun group on {w.device.type}")
+    return w
+
+
+def resolve_device(setting: str = "auto") -> torch.device:
+    """The device a setting names on this machine: auto is cuda (the current device) when CUDA is available,
+    else cpu; cpu, cuda and cuda:N as named. A malformed setting, or a GPU this machine lacks, is one line."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", setting):
+        raise PluribusError(f"unknown device '{setting}' (use auto, cpu, cuda or cuda:N)")
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise PluribusError(f"device {setting}: no CUDA device on this machine (torch {torch.__version__}); "
+                            "use cpu or auto")
+    index = torch.device(setting if setting != "auto" else "cuda").index
+    index = torch.cuda.current_device() if index is None else index
+    if index >= torch.cuda.device_count():
+        raise PluribusError(f"device {setting}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
 
 
 def _teardown() -> None:
@@ -147,7 +178,7 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
 
 def all_true(flag: bool) -> bool:
     """Whether `flag` holds on every rank: a decision (skip a step, stop) that all ranks must take together."""
-    return bool(all_sum(torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)).item() == 0)
+    return bool(all_sum(torch.tensor([0.0 if flag else 1.0], dtype=torch.float64, device="cpu")).item() == 0)
 
 
 def weighted_means(values: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -156,7 +187,7 @@ def weighted_means(values: dict[str, tuple[float, float]]) -> dict[str, float]:
     One process: the local means unchanged."""
     if not tdist.is_initialized():
         return {k: v for k, (v, _) in values.items()}
-    sums = all_sum(torch.tensor([[v * w, w] for v, w in values.values()], dtype=torch.float64))
+    sums = all_sum(torch.tensor([[v * w, w] for v, w in values.values()], dtype=torch.float64, device="cpu"))
     return {k: float(s / w) if w > 0 else 0.0 for k, (s, w) in zip(values, sums.tolist())}
 
 

@@ -198,6 +198,7 @@ def compare(stage_dir: Path, models: dict[str, str], experts_dir: Path, tests: d
             cfg: RealRecipeConfig) -> dict:
     """Greedy pass@1 and mean reward per domain of the base, sft and opd `models` and of each domain's expert
     (on its own domain); written to scores.json and, as a table, scores.md."""
+    from pluribus.dist import resolve_device
     from pluribus.models import load
     from pluribus.rewards.router import RewardRouter
     from pluribus.rollout import SamplingParams
@@ -212,11 +213,13 @@ def compare(stage_dir: Path, models: dict[str, str], experts_dir: Path, tests: d
         return {"pass1": sum(r >= 1.0 for r in rewards) / len(rewards), "reward": sum(rewards) / len(rewards)}
 
     scores: dict[str, dict[str, dict[str, float]]] = {}
+    device = resolve_device()  # a GPU when there is one
     for label, path in [("base", models["base"]), ("sft", models["sft"]), ("expert", None), ("opd", models["opd"])]:
         if path is None:  # each domain's own expert
-            scores[label] = {d: score(*load(experts_dir / d / "expert", trainable=False), d) for d in tests}
+            scores[label] = {d: score(*load(experts_dir / d / "expert", trainable=False, device=device), d)
+                             for d in tests}
         else:
-            model, tokenizer = load(path, trainable=False)
+            model, tokenizer = load(path, trainable=False, device=device)
             scores[label] = {d: score(model, tokenizer, d) for d in tests}
     rows = ["| domain | n | " + " | ".join(scores) + " |", "| --- | --- |" + " --- |" * len(scores)]
     rows += [f"| {d} | {len(tests[d])} | " + " | ".join(f"{100 * scores[m][d]['pass1']:.1f}" for m in scores) + " |"

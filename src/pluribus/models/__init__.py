@@ -63,8 +63,10 @@ def build_tiny(out_dir: str | Path, size: int = 2, seed: int = 0, arch: str = "l
     return save(model, tokenizer, out_dir, {"preset": "tiny", "size": size, "arch": arch})
 
 
-def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: bool = True):
-    """(model, tokenizer) from a local HF folder: a full model or a LoRA adapter over its base."""
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: bool = True,
+         device: torch.device | str = "cpu"):
+    """(model, tokenizer) from a local HF folder: a full model or a LoRA adapter over its base, on `device`
+    (a LoRA adapter added later lands beside its base's weights)."""
     path = Path(path)
     if not path.is_dir():
         raise PluribusError(f"{path}: model folder not found")
@@ -79,7 +81,12 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: boo
         raise PluribusError(f"{path}: not a model folder (no config.json or adapter_config.json)")
     tokenizer = load_tokenizer(path)
     model.train(trainable)
-    return model, tokenizer
+    return model.to(device), tokenizer
+
+
+def device_of(model) -> torch.device:
+    """The device of a model's parameters (one device: pluribus places a model whole)."""
+    return next(model.parameters()).device
 
 
 def random_causal_lm(config):
@@ -242,18 +249,16 @@ def render_example(tokenizer, messages: list[dict[str, str]], response: str) -> 
 
 # --- batching and log-probs ----------------------------------------------------------------------
 
-def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids_B_L, attention_mask_B_L) padded to the longest sequence."""
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right", *,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_B_L, attention_mask_B_L) on `device` (None: torch's default), padded to the longest sequence."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if side == "right":
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        else:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+
+    def padded(row: list[int], fill: int) -> list[int]:
+        return row + [fill] * (width - len(row)) if side == "right" else [fill] * (width - len(row)) + row
+
+    ids = torch.tensor([padded(list(s), pad_id) for s in sequences], dtype=torch.long, device=device)
+    mask = torch.tensor([padded([1] * len(s), 0) for s in sequences], dtype=torch.long, device=device)
     return ids, mask
 
 
@@ -279,7 +284,7 @@ def prompt_response_batch(prompt_ids: list[list[int]], response_ids_B_T: torch.T
     Every response then starts at column P, so the logits predicting response token t sit at column
     P - 1 + t for every row: one slice, no per-row gather.
     """
-    prompt_B_P, prompt_attn = pad_batch(prompt_ids, pad_id, side="left")
+    prompt_B_P, prompt_attn = pad_batch(prompt_ids, pad_id, side="left", device=response_ids_B_T.device)
     ids = torch.cat([prompt_B_P, response_ids_B_T], dim=1)
     attn = torch.cat([prompt_attn, response_mask_B_T.long()], dim=1)
     return ids, attn, position_ids_from_mask(attn), prompt_B_P.shape[1]
@@ -330,11 +335,12 @@ def target_logits(model, sequences: list[list[int]], loss_starts: list[int]) -> 
     T = max(len(s) - n for s, n in zip(sequences, starts))
     if T <= 0:
         return None
-    targets_B_T = torch.zeros(len(sequences), T, dtype=torch.long)
-    mask_B_T = torch.zeros(len(sequences), T, dtype=torch.bool)
+    # built on the host, where the packed forward lays the batch out; the targets then go to the logits' device
+    targets_B_T = torch.zeros(len(sequences), T, dtype=torch.long, device="cpu")
+    mask_B_T = torch.zeros(len(sequences), T, dtype=torch.bool, device="cpu")
     for b, (s, n) in enumerate(zip(sequences, starts)):
         if len(s) > n:
-            targets_B_T[b, : len(s) - n] = torch.tensor(s[n:])
+            targets_B_T[b, : len(s) - n] = torch.tensor(s[n:], device="cpu")
             mask_B_T[b, : len(s) - n] = True
     hidden_M_D = predicting_hidden_states(model, [s[:n] for s, n in zip(sequences, starts)], targets_B_T, mask_B_T)
     if hidden_M_D is None:

@@ -250,16 +250,17 @@ class LeanDecoder:
         contexts = list(distinct)
         packs = _packs([len(c) for c in contexts])
         width = max(sum(len(contexts[c]) for c in pack) for pack in packs)
-        ids = torch.zeros(len(packs), width, dtype=torch.long)
-        position = torch.zeros(len(packs), width, dtype=torch.long)
-        segment = torch.full((len(packs), width), -1, dtype=torch.long)
+        # laid out on the host, then moved to the weights' device once
+        ids = torch.zeros(len(packs), width, dtype=torch.long, device="cpu")
+        position = torch.zeros(len(packs), width, dtype=torch.long, device="cpu")
+        segment = torch.full((len(packs), width), -1, dtype=torch.long, device="cpu")
         where: list[tuple[int, int]] = [(0, 0)] * len(contexts)  # context → (pack, first column)
         for p, pack in enumerate(packs):
             column = 0
             for c in pack:
                 n = len(contexts[c])
-                ids[p, column:column + n] = torch.tensor(contexts[c])
-                position[p, column:column + n] = torch.arange(n)
+                ids[p, column:column + n] = torch.tensor(contexts[c], device="cpu")
+                position[p, column:column + n] = torch.arange(n, device="cpu")
                 segment[p, column:column + n] = c
                 where[c] = (p, column)
                 column += n
@@ -268,9 +269,9 @@ class LeanDecoder:
         # Where each row's context comes from in the packs (flattened) and goes to in the cache.
         lengths = [len(contexts[c]) for c in row_context]
         source = torch.tensor([where[c][0] * width + where[c][1] + j for c in row_context
-                               for j in range(len(contexts[c]))])
-        dest_row = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
-        dest_col = torch.tensor([longest - n + j for n in lengths for j in range(n)])
+                               for j in range(len(contexts[c]))], device="cpu")
+        dest_row = torch.repeat_interleave(torch.arange(B, device="cpu"), torch.tensor(lengths, device="cpu"))
+        dest_col = torch.tensor([longest - n + j for n in lengths for j in range(n)], device="cpu")
         shape = (B, self.kv_heads, longest + max_new_tokens, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
@@ -358,6 +359,7 @@ class _Attention:
 @dataclass
 class _Layout:
     """Where each distinct token of a batch sits: once in the packed `[N]` list, and in every row that sees it.
+    Built on the host (CPU tensors, from Python lists); `predicting_hidden_states` moves it to the weights' device.
 
     ids_N, position_N: the distinct tokens, row by row: a row's prompt where it first appears (for its adapter),
         then the row's response tokens but the last; their positions in their rows.
@@ -382,7 +384,7 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
     mask_B_T = response_mask_B_T.bool()
     lengths_B = mask_B_T.sum(-1)
     if any(not p for p in prompt_ids) or not torch.equal(
-            mask_B_T, torch.arange(mask_B_T.shape[1])[None] < lengths_B[:, None]):
+            mask_B_T, torch.arange(mask_B_T.shape[1], device=mask_B_T.device)[None] < lengths_B[:, None]):
         return None  # an empty prompt, or a mask that is not a prefix of its row: not a rollout's
     if adapters is not None and [a for i, a in enumerate(adapters) if i == 0 or a != adapters[i - 1]] != \
             list(dict.fromkeys(adapters)):
@@ -420,20 +422,21 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         Q = max(max(len(columns) - first, 1) for columns, first, _ in group)
         if len(group) * Q * K > MAX_MASK_ELEMENTS:
             return None  # long sequences: a dense mask would cost more memory than padding saves
-        keys = torch.zeros(len(group), K, dtype=torch.long)
-        queries = torch.zeros(len(group), Q, dtype=torch.long)
-        seen = torch.zeros(len(group), Q, K, dtype=torch.bool)
+        keys = torch.zeros(len(group), K, dtype=torch.long, device="cpu")
+        queries = torch.zeros(len(group), Q, dtype=torch.long, device="cpu")
+        seen = torch.zeros(len(group), Q, K, dtype=torch.bool, device="cpu")
         for g, (columns, first, _) in enumerate(group):
-            keys[g, : len(columns)] = torch.tensor(columns)
-            queries[g, : len(columns) - first] = torch.tensor(columns[first:], dtype=torch.long)
+            keys[g, : len(columns)] = torch.tensor(columns, device="cpu")
+            queries[g, : len(columns) - first] = torch.tensor(columns[first:], dtype=torch.long, device="cpu")
             # query i (column first + i) sees columns up to its own; padding queries see column 0 (stay finite)
-            seen[g, :, : len(columns)] = torch.arange(len(columns))[None, :] <= first + torch.arange(Q)[:, None]
+            seen[g, :, : len(columns)] = torch.arange(len(columns), device="cpu")[None, :] <= \
+                first + torch.arange(Q, device="cpu")[:, None]
             for i, token in enumerate(columns[first:]):
                 owner[token] = offset + g * Q + i
         attention.append(_Attention(queries, keys, _additive(seen[:, None], dtype)))
         offset += len(group) * Q
-    return _Layout(torch.tensor(ids), torch.tensor(position), attention, torch.tensor(owner),
-                   torch.tensor(predict, dtype=torch.long),
+    return _Layout(torch.tensor(ids, device="cpu"), torch.tensor(position, device="cpu"), attention,
+                   torch.tensor(owner, device="cpu"), torch.tensor(predict, dtype=torch.long, device="cpu"),
                    None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in bounds.items()])
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from pluribus.models import forward_keeping, pad_batch, position_ids_from_mask, response_logits
+from pluribus.models import device_of, forward_keeping, pad_batch, position_ids_from_mask, response_logits
 from pluribus.models.lean import LeanDecoder
 
 
@@ -85,12 +85,13 @@ def truncate_logits(logits_B_V: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 def _gumbel(seeds: Sequence[int], steps: Sequence[int], vocab: int) -> torch.Tensor:
-    """Gumbel noise `[B, V]`, row b drawn from a generator seeded by (seeds[b], steps[b])."""
+    """Gumbel noise `[B, V]` on the CPU, row b drawn from a generator seeded by (seeds[b], steps[b]): the same
+    noise whatever device the logits are on, so a GPU samples the tokens a CPU does (up to logit rounding)."""
     gen = torch.Generator()
     rows = []
     for s, t in zip(seeds, steps):
         gen.manual_seed((s * 1_000_003 + t) % (2**63 - 1))
-        rows.append(torch.rand(vocab, generator=gen))
+        rows.append(torch.rand(vocab, generator=gen, device="cpu"))
     u = torch.stack(rows).clamp_(1e-20, 1.0)
     return -torch.log(-torch.log(u))
 
@@ -169,18 +170,15 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
         log.close()
 
     T = max([len(o) for o in out_tokens] + [1])
-    response = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.bool)
-    logps = torch.zeros((B, T))
-    for i in range(B):
-        n = len(out_tokens[i])
-        response[i, :n] = torch.tensor(out_tokens[i], dtype=torch.long)
-        mask[i, :n] = True
-        logps[i, :n] = torch.tensor(out_logps[i])
+    device = device_of(model)
+    response = torch.tensor([o + [pad_id] * (T - len(o)) for o in out_tokens], dtype=torch.long,
+                            device=device).view(B, T)
+    logps = torch.tensor([lp + [0.0] * (T - len(lp)) for lp in out_logps], device=device).view(B, T)
+    mask = torch.arange(T, device=device)[None] < torch.tensor([len(o) for o in out_tokens], device=device)[:, None]
     keep = None
     if truncating:
         V = model.config.vocab_size
-        keep = torch.ones((B, T, V), dtype=torch.bool)
+        keep = torch.ones((B, T, V), dtype=torch.bool, device=device)
         replayed = [i for i in range(B) if prefixes.get(i)]
         if replayed:  # the log keeps no masks: rebuilt from one forward pass over prompt + logged prefix
             keep[replayed] = _prefix_keep_mask(model, [prompt_ids[i] for i in replayed], response[replayed],
@@ -199,7 +197,9 @@ def _prefix_keep_mask(model, prompt_ids: list[list[int]], response_ids_B_T: torc
                       params: SamplingParams, pad_id: int) -> torch.Tensor:
     """Keep mask `[B, T, V]` of the sampler's truncation over each row's first prefix_lens[b] response tokens
     (True beyond them), as decoding computed it, up to float rounding (prefill, not step by step)."""
-    positions_B_T = torch.arange(response_ids_B_T.shape[1])[None, :] < torch.tensor(prefix_lens)[:, None]
+    device = response_ids_B_T.device
+    positions_B_T = torch.arange(response_ids_B_T.shape[1], device=device)[None, :] < \
+        torch.tensor(prefix_lens, device=device)[:, None]
     logits = response_logits(model, prompt_ids, response_ids_B_T, positions_B_T, pad_id).float() / params.temperature
     keep = truncate_logits(logits.flatten(0, 1), params.top_k, params.top_p).view(logits.shape)
     return keep | ~positions_B_T[..., None]
@@ -213,7 +213,7 @@ class _HFForward:
         self.model, self.pad_id = model, pad_id
 
     def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> torch.Tensor:
-        ids, self.attn = pad_batch(sequences, self.pad_id, side="left")
+        ids, self.attn = pad_batch(sequences, self.pad_id, side="left", device=device_of(self.model))
         self.position = position_ids_from_mask(self.attn)
         out = forward_keeping(self.model, 1, input_ids=ids, attention_mask=self.attn, position_ids=self.position,
                               use_cache=True)
@@ -221,9 +221,9 @@ class _HFForward:
         return out.logits[:, -1].float()
 
     def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
-        feed = torch.full((self.attn.shape[0],), self.pad_id, dtype=torch.long)
+        feed = tokens_L.new_full((self.attn.shape[0],), self.pad_id)
         feed[live] = tokens_L
-        alive = torch.zeros(self.attn.shape[0], dtype=torch.long)
+        alive = self.attn.new_zeros(self.attn.shape[0])
         alive[live] = 1
         self.attn = torch.cat([self.attn, alive[:, None]], dim=1)
         self.position = self.position[:, -1:] + 1
@@ -247,13 +247,13 @@ class _LeanForward:
     def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
         if len(live) <= 0.875 * len(self.rows):
             slot = {row: s for s, row in enumerate(self.rows)}
-            self.decoder.keep_rows(torch.tensor([slot[row] for row in live]))
+            self.decoder.keep_rows(torch.tensor([slot[row] for row in live], device=tokens_L.device))
             self.rows = list(live)
         if len(live) == len(self.rows):
             return self.decoder.step(tokens_L)
         slot = {row: s for s, row in enumerate(self.rows)}
         slots = [slot[row] for row in live]
-        feed = torch.full((len(self.rows),), self.pad_id, dtype=torch.long)
+        feed = tokens_L.new_full((len(self.rows),), self.pad_id)
         feed[slots] = tokens_L
         return self.decoder.step(feed)[slots]
 
@@ -284,7 +284,7 @@ def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finishe
                 scaled = scaled.masked_fill(~keep, float("-inf"))
             logp = torch.log_softmax(scaled, -1)
             noise = _gumbel([seeds[i] for i in rows], [len(out_tokens[i]) for i in rows], logits.shape[-1])
-            tok = (logp + noise).argmax(-1)
+            tok = (logp + noise.to(logp.device)).argmax(-1)
         chosen_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
         tokens, logps = tok.tolist(), chosen_logp.tolist()
         logged = {}

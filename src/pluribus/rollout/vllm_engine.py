@@ -46,7 +46,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from pluribus.errors import PluribusError
-from pluribus.models import pad_batch
+from pluribus.models import device_of, pad_batch
 from pluribus.models.weights import base_model_path, full_weights
 from pluribus.rollout import Rollout, SamplingParams, TokenLog, _prefix_keep_mask
 
@@ -128,9 +128,11 @@ class VLLMEngine:
 
     def _rollout(self, prompt_ids, tokens, logps, params: SamplingParams, eos_id: int, pad_id: int,
                  tokenizer) -> Rollout:
-        response, mask = pad_batch(tokens, pad_id)
+        device = "cpu" if self.model is None else device_of(self.model)  # the trainer's, which trains on them
+        response, mask = pad_batch(tokens, pad_id, device=device)
         mask = mask.bool()
-        logps_B_T = pad_sequence([torch.tensor(lp, dtype=torch.float32) for lp in logps], batch_first=True)
+        logps_B_T = pad_sequence([torch.tensor(lp, dtype=torch.float32, device=device) for lp in logps],
+                                 batch_first=True)
         keep = None
         if params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0):
             if self.model is None:

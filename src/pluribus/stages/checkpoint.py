@@ -2,8 +2,9 @@
 
 A loop writing `<out>` keeps its checkpoints in `<out>.ckpt/`:
 
-- `key`: the fingerprint of what the loop was started with (its config less `checkpoint_every`, and
-  its training records). A folder with another key belongs to another run and is cleared.
+- `key`: the fingerprint of what the loop was started with (its config less `checkpoint_every` and where it
+  runs, `distributed` and `device`; and its training records). A folder with another key belongs to another
+  run and is cleared.
 - `step-<N>/`, N the number of steps completed: `model/`, the weights as the stage's final save writes
   them (an HF folder, or a LoRA adapter), and `state.pt`: optimizer, scheduler, the Python and torch
   RNG states, the loop's own state (its data-order `random.Random`, a half-used batch buffer, ...).
@@ -68,7 +69,7 @@ class Checkpointer:
         self.out = Path(out)
         self.dir = checkpoint_dir(out)
         self.every, self.total = every, total
-        config = {k: v for k, v in config.items() if k not in ("checkpoint_every", "distributed")}
+        config = {k: v for k, v in config.items() if k not in ("checkpoint_every", "distributed", "device")}
         self.key = fingerprint({"config": config, "records": records})
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
 
@@ -83,7 +84,8 @@ class Checkpointer:
             return 0, state
         latest = saved_dirs[-1]
         try:
-            saved = torch.load(latest / STATE_FILE, weights_only=False)
+            # on the CPU (a GPU run's optimizer state too): loading puts it beside the parameters
+            saved = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
             if dist.is_fsdp(self.model):
                 dist.load_model_state(self.model, saved_weights(latest / "model"))
             else:

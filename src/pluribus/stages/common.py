@@ -17,7 +17,7 @@ from pluribus.config import DataConfig, OptimConfig
 from pluribus.data import Record, read_jsonl
 from pluribus.durable import write_text
 from pluribus.errors import PluribusError
-from pluribus.models import pad_batch, target_logits
+from pluribus.models import device_of, pad_batch, target_logits
 
 
 def seed_everything(seed: int) -> None:
@@ -70,10 +70,10 @@ def lm_loss(model, sequences: list[list[int]], loss_starts: list[int], pad_id: i
         loss = torch.nn.functional.cross_entropy(logits_M_V.float(), targets_M, reduction="sum")
         count = targets_M.numel()
         return loss / max(1, count if normaliser is None else normaliser), count
-    ids, attn = pad_batch(sequences, pad_id)
+    ids, attn = pad_batch(sequences, pad_id, device=device_of(model))
     labels = ids.clone()
-    positions = torch.arange(ids.shape[1])[None, :]
-    labels[(positions < torch.tensor(loss_starts)[:, None]) | (attn == 0)] = -100
+    positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    labels[(positions < torch.tensor(loss_starts, device=ids.device)[:, None]) | (attn == 0)] = -100
     logits = model(input_ids=ids, attention_mask=attn).logits
     targets = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
@@ -92,7 +92,7 @@ def global_lm_loss(trainer, world, sequences: list[list[int]], loss_starts: list
     (`pluribus.dist`), and that count. One process: `lm_loss` itself."""
     if world.size == 1:
         return lm_loss(trainer, sequences, loss_starts, pad_id)
-    total = int(dist.all_sum(torch.tensor([target_count(sequences, loss_starts)])).item())
+    total = int(dist.all_sum(torch.tensor([target_count(sequences, loss_starts)], device="cpu")).item())
     loss, _ = lm_loss(trainer, sequences, loss_starts, pad_id, normaliser=total)
     return loss, total
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 from pluribus.config import EvalConfig
 from pluribus.data import Record
+from pluribus.dist import resolve_device
 from pluribus.models import load, render_prompt
 from pluribus.rollout import SamplingParams, sample
 from pluribus.world import DOMAINS, check, generate, trivial_floor
@@ -67,7 +68,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig,
 
 
 def run(cfg: EvalConfig) -> list[DomainScore]:
-    model, tokenizer = load(cfg.model, trainable=False)
+    model, tokenizer = load(cfg.model, trainable=False, device=resolve_device(cfg.device))
     return evaluate_model(model, tokenizer, cfg)
 
 

@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from pluribus.config import EvalConfig, ExpertsConfig, GRMConfig, GRPOConfig, SFTConfig, validate
+from pluribus.dist import resolve_device
 from pluribus.durable import fingerprint, publish_dir, write_text
 from pluribus.models import load
 from pluribus.parallel import run_all
@@ -97,8 +98,8 @@ def run(cfg: ExpertsConfig) -> dict[str, Path]:
 
 def pass1(model_path: Path | str, domains: list[str], n: int, seed: int) -> dict[str, float]:
     """Greedy pass@1 of a model folder on `n` test prompts of each domain."""
-    model, tokenizer = load(model_path, trainable=False)
     ecfg = EvalConfig(model=str(model_path), domains=domains, n=n, samples=0, seed=seed)
+    model, tokenizer = load(model_path, trainable=False, device=resolve_device(ecfg.device))
     return {s.domain: s.pass1_greedy for s in evaluate.evaluate_model(model, tokenizer, ecfg)}
 
 

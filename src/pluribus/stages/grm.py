@@ -74,6 +74,7 @@ the hidden checker on the same rollouts, watched, never a reward) and judging_re
 from __future__ import annotations
 
 import random
+import string
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -180,9 +181,13 @@ def _hidden_checker_items(records: Sequence[Record], responses: Sequence[str],
     return [JudgeItem(r, s, label) for r, s, label in zip(records, responses, labels)]
 
 
-def candidate_responses(model, tokenizer, records: Sequence[Record], max_new_tokens: int, seed: int) -> list[str]:
+def candidate_responses(model, tokenizer, records: Sequence[Record], max_new_tokens: int, seed: int,
+                        edits: float = 0.0) -> list[str]:
     """Two responses per rubric record, in order: the policy's own sample, then one of the answer, the
-    domain's systematic wrong answer, one of its mistakes, a second sample, or the first with a word repeated."""
+    domain's systematic wrong answer, one of its mistakes, a second sample, or the first with a word repeated.
+
+    edits: the share of second responses that are instead the first with one digit changed (`changed_digit`),
+    so a near miss in a number (a wrong digit sum) is not a rarity among the labels; 0 for the held-out items."""
     if not records:
         return []
     rng = random.Random(f"candidates:{seed}")
@@ -192,8 +197,55 @@ def candidate_responses(model, tokenizer, records: Sequence[Record], max_new_tok
         dom, inst = world_domain(record.domain), instance_of(record)
         words = own.split() or [record.answer or ""]
         repeated = " ".join(words + [rng.choice(words)])
-        out += [own, rng.choice([record.answer or "", dom.wrong(inst), dom.mistake(rng, inst), second, repeated])]
+        other = rng.choice([record.answer or "", dom.wrong(inst), dom.mistake(rng, inst), second, repeated])
+        if edits and rng.random() < edits:
+            other = changed_digit(rng, own if any(c.isdigit() for c in own) else record.answer or "")
+        out += [own, other]
     return out
+
+
+def word_rubric_item(rng: random.Random, item: JudgeItem, template: JudgeTemplate) -> JudgeItem:
+    """A checker-labelled item of a verifiable domain re-asked against a rubric of the rubric domain's shape:
+    (essential) its `answer X` criterion, the checker's verdict; (important, optional) a word, met when it is one
+    of the response's words, half the time a near miss (one character changed) of one of them; (pitfall) `extra
+    words`, met when the response repeats a word or has more words than the answer. Every verdict is a rule's
+    on the actor's own rollout, so these are unlimited, and they train what the rubric judge does (compare a
+    criterion's word with the response's words, weigh the verdicts into a score) without a rubric label."""
+    record, words = item.record, item.response.split()
+    answer_words = (record.answer or "").split()
+    pool = words or answer_words or ["x"]
+
+    def word() -> str:
+        w = rng.choice(pool)
+        return near_miss(rng, w) if rng.random() < 0.5 else w
+
+    rubric = [replace(record.rubric[0], weight=3.0), Criterion(word(), 2.0, "important"),
+              Criterion(word(), 1.0, "optional"), Criterion("extra words", -2.0, "pitfall")]
+    extra = len(words) != len(set(words)) or len(words) > max(1, len(answer_words))
+    verdicts = [item.label.judgement.verdicts[0], rubric[1].criterion in words, rubric[2].criterion in words, extra]
+    return JudgeItem(replace(record, rubric=rubric), item.response,
+                     write_label(verdicts, rubric_score(rubric, verdicts), template))
+
+
+def near_miss(rng: random.Random, word: str) -> str:
+    """`word` with one character changed: a digit (where it has one) to another digit, else a letter to another."""
+    if any(c.isdigit() for c in word):
+        return changed_digit(rng, word)
+    at = [i for i, c in enumerate(word) if c.isalpha()]
+    if not at:
+        return word + "x"
+    i = rng.choice(at)
+    letters = string.ascii_uppercase if word[i].isupper() else string.ascii_lowercase
+    return word[:i] + rng.choice([c for c in letters if c != word[i]]) + word[i + 1:]
+
+
+def changed_digit(rng: random.Random, text: str) -> str:
+    """`text` with one of its digits (chosen at random) replaced by another; `text` itself where it has none."""
+    at = [i for i, c in enumerate(text) if c.isdigit()]
+    if not at:
+        return text
+    i = rng.choice(at)
+    return text[:i] + rng.choice([d for d in "0123456789" if d != text[i]]) + text[i + 1:]
 
 
 def rubric_records(domains: Sequence[str], split: str, n: int, seed: int) -> list[Record]:
@@ -432,7 +484,7 @@ def stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> Sta
     """Prompts, the annotated set (responses of the starting policy, labelled, capped) and the held-out items."""
     max_new = cfg.sampling.max_new_tokens
     labelled = rubric_records(cfg.domains, "train", -(-cfg.rubric_labels // 2), cfg.seed + 2)
-    responses = candidate_responses(model, tokenizer, labelled, max_new, cfg.seed + 2)
+    responses = candidate_responses(model, tokenizer, labelled, max_new, cfg.seed + 2, cfg.label_edits)
     annotated = annotate([r for r in labelled for _ in range(2)][:cfg.rubric_labels], responses[:cfg.rubric_labels],
                          cfg.max_rubric_labels, template)
     test = rubric_records(cfg.domains, "test", cfg.eval_n, cfg.seed)
@@ -527,7 +579,8 @@ def share_of(episodes: Episodes, n_annotated: int, group_size: int, world: dist.
     n_gen_rows = len(episodes.generation) * group_size
     rows = ([*range(first_gen * group_size, (first_gen + len(gen)) * group_size)]
             + [*range(n_gen_rows + first_judged * group_size, n_gen_rows + (first_judged + len(judging)) * group_size)])
-    return Share(Episodes(gen, judging), max(0, min(n_annotated - first_judged, len(judging))), torch.tensor(rows))
+    return Share(Episodes(gen, judging), max(0, min(n_annotated - first_judged, len(judging))),
+                 torch.tensor(rows, device="cpu"))
 
 
 def joint_update(trainer, cfg: GRMConfig, share: Share, rollout, judge: Judge, reference, optimizer, scheduler,
@@ -571,9 +624,12 @@ def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg:
                                verifier=data.verifier)
         replay = replay_examples(model, tokenizer, data.gen_records + data.checkable[::4],
                                  cfg.sampling.max_new_tokens, cfg.seed + 5)
+    checked = [i for pair in own for i in pair]
+    if cfg.word_rubrics and data.verifier is WORLD_VERIFIER:
+        rng_words = random.Random(f"word-rubrics:{cfg.seed}")
+        checked += [word_rubric_item(rng_words, i, template) for i in checked]
     warm_up(model, tokenizer, judge_examples(tokenizer, template, data.annotated, as_pairs(data.annotated)),
-            judge_examples(tokenizer, template, [i for pair in own for i in pair], own), replay, cfg, metrics,
-            trainer)
+            judge_examples(tokenizer, template, checked, own), replay, cfg, metrics, trainer)
     after = evaluate(model, tokenizer, template, data.held_out, cfg)
     metrics.write(step=cfg.warmup_steps, **after)
     metrics.close()
@@ -583,7 +639,7 @@ def run_warm_up(model, tokenizer, template: JudgeTemplate, data: StageData, cfg:
 
 
 def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
-    world = dist.init()
+    world = dist.init(cfg.device)
     world.per_rank(cfg.gen_prompts, "grm gen_prompts")
     world.per_rank(cfg.judge_items, "grm judge_items")
     if cfg.warmup_steps:
@@ -592,7 +648,7 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     template = TEMPLATES[cfg.template]
     if cfg.judge_max_new_tokens:
         template = replace(template, max_new_tokens=cfg.judge_max_new_tokens)
-    model, tokenizer = load(cfg.model)
+    model, tokenizer = load(cfg.model, device=world.device)
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     out = Path(cfg.out)

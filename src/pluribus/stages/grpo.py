@@ -66,10 +66,10 @@ def reference_policy(model, lora: bool, distributed: str = "ddp"):
 
 def run(cfg: GRPOConfig, records: list[Record] | None = None, reward_fn: RewardFn | None = None,
         meta: dict | None = None, eval_records: list[Record] | None = None) -> Path:
-    world = dist.init()
+    world = dist.init(cfg.device)
     world.per_rank(cfg.prompts_per_step, "grpo prompts_per_step")
     seed_everything(cfg.seed)
-    model, tokenizer = load(cfg.model)
+    model, tokenizer = load(cfg.model, device=world.device)
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):  # a saved adapter keeps training
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     lora = hasattr(model, "disable_adapter")
@@ -144,8 +144,9 @@ def policy_step(model, cfg: PolicyUpdateConfig, rollout, raw_N: list[float | Non
     (`pluribus.stages.grm`).
     Returns (rewards_N with NaN where invalid, valid_N, averaged update stats).
     """
-    valid_N = torch.tensor([r is not None for r in raw_N])
-    rewards_N = torch.tensor([float("nan") if r is None else float(r) for r in raw_N])
+    device = rollout.response_mask_B_T.device
+    valid_N = torch.tensor([r is not None for r in raw_N], device=device)
+    rewards_N = torch.tensor([float("nan") if r is None else float(r) for r in raw_N], device=device)
     adv_N = group_advantages(rewards_N, cfg.group_size, scale=cfg.advantage_scale, valid_N=valid_N)
     return rewards_N, valid_N, _update(model, cfg, rollout, adv_N, reference, optimizer, scheduler, pad_id, rows_N)
 
@@ -160,8 +161,11 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
     gradient all-reduce meets every rank."""
     world = dist.world()
     N = adv_N.shape[0]
-    local = torch.full((N * world.size,), -1, dtype=torch.long)  # global row -> this rank's row, or -1
-    local[torch.arange(N) + world.rank * N if rows_N is None else rows_N] = torch.arange(N)
+    # Row bookkeeping on the host: the permutation comes from the CPU generator, as on every device (the same
+    # minibatches on a GPU), and picks rows of the batch tensors once moved to their device.
+    local = torch.full((N * world.size,), -1, dtype=torch.long, device="cpu")  # global row -> this rank's, or -1
+    mine = torch.arange(N, device="cpu")
+    local[mine + world.rank * N if rows_N is None else rows_N] = mine
     mask = rollout.response_mask_B_T
     ref_logprobs = None
     if reference is not None:
@@ -173,16 +177,15 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
     size = N * world.size // cfg.minibatches
     model.train()
     for _ in range(cfg.inner_updates):
-        order = dist.broadcast(torch.randperm(N * world.size))
+        order = dist.broadcast(torch.randperm(N * world.size, device="cpu"))
         for m in range(cfg.minibatches):
-            idx = local[order[m * size:(m + 1) * size]]
-            idx = idx[idx >= 0]
-            held = idx.numel() > 0
-            if not held:
-                idx = torch.zeros(1, dtype=torch.long)
+            picked = [i for i in local[order[m * size:(m + 1) * size]].tolist() if i >= 0]
+            held = bool(picked)
+            picked = picked or [0]  # a rank holding none of the minibatch runs row 0, masked out
+            idx = torch.tensor(picked, dtype=torch.long, device=mask.device)
             rows_mask = mask[idx] if held else torch.zeros_like(mask[idx])
             keep = None if rollout.keep_mask_B_T_V is None else rollout.keep_mask_B_T_V[idx]
-            logprobs, entropy = response_logprobs(model, [rollout.prompt_ids[i] for i in idx],
+            logprobs, entropy = response_logprobs(model, [rollout.prompt_ids[i] for i in picked],
                                                   rollout.response_ids_B_T[idx], rows_mask, pad_id,
                                                   cfg.sampling.temperature, keep)
             loss, stats = grpo_loss(logprobs, rollout.sampler_logprobs_B_T[idx], adv_N[idx], rows_mask,

@@ -93,10 +93,10 @@ class DomainStream:
 
 def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn | None = None,
         meta: dict | None = None) -> Path:
-    world = dist.init()
+    world = dist.init(cfg.device)
     world.per_rank(cfg.prompts_per_step, "opd prompts_per_step")
     seed_everything(cfg.seed)
-    model, tokenizer = load(cfg.model)
+    model, tokenizer = load(cfg.model, device=world.device)
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     student_head, _ = output_head(model)
@@ -104,7 +104,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
     trainer = dist.wrap(model, cfg.distributed, trunk=True)
     pool = TeacherPool([TeacherSpec(t.name or "+".join(t.domains), Path(t.path), tuple(t.domains), t.weight)
                         for t in cfg.teachers], tokenizer, vocab_size=student_head.shape[0],
-                       allow_eos_mismatch=cfg.allow_eos_mismatch,
+                       device=world.device, allow_eos_mismatch=cfg.allow_eos_mismatch,
                        resident_budget_bytes=int(cfg.teacher_memory_mb * 2**20))
     stream = DomainStream(records if records is not None else load_records(cfg.data), cfg.domain_weights, cfg.seed)
     pool.route(stream.domains)  # fails now, not mid-run, when a domain has no teacher

@@ -37,7 +37,7 @@ def corpus_answer(rng: random.Random, inst: Instance, pool: list, domain, p_corr
 
 
 def run(cfg: PretrainConfig) -> Path:
-    world = dist.init()
+    world = dist.init(cfg.device)
     world.per_rank(cfg.batch_size, "pretrain batch_size")
     seed_everything(cfg.seed)
     out = Path(cfg.out)
@@ -45,7 +45,7 @@ def run(cfg: PretrainConfig) -> Path:
     if world.is_main:
         build_tiny(init_dir, size=cfg.size, seed=cfg.seed, arch=cfg.arch)
     dist.barrier()
-    model, tokenizer = load(init_dir)
+    model, tokenizer = load(init_dir, device=world.device)
     trainer = dist.wrap(model, cfg.distributed)
     domains = cfg.domains or list(DOMAINS)
     pools = {d: [instance_of(r) for r in generate(d, "train", POOL_PER_DOMAIN, seed=cfg.seed + 1000, unique=True)]

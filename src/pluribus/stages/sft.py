@@ -30,11 +30,11 @@ def demonstrations(tokenizer, records: list[Record]) -> list[tuple[list[int], in
 
 
 def run(cfg: SFTConfig, records: list[Record] | None = None, meta: dict | None = None) -> Path:
-    world = dist.init()
+    world = dist.init(cfg.device)
     world.per_rank(cfg.batch_size, "sft batch_size")
     seed_everything(cfg.seed)
     records = records if records is not None else load_records(cfg.data)  # a data mistake fails before loading
-    model, tokenizer = load(cfg.model)
+    model, tokenizer = load(cfg.model, device=world.device)
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     model.train()

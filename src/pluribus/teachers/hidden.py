@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pluribus.errors import PluribusError
-from pluribus.models import prompt_response_batch
+from pluribus.models import device_of, prompt_response_batch
 from pluribus.models.lean import predicting_hidden_states
 
 
@@ -52,7 +52,7 @@ def response_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T:
     T = int(mask_B_T.sum(-1).max()) if mask_B_T.numel() else 0
     response_ids_B_T, mask_B_T = response_ids_B_T[:, :T], mask_B_T[:, :T]
     ids_B_L, attn_B_L, pos_B_L, P = prompt_response_batch(prompt_ids, response_ids_B_T, mask_B_T, pad_id)
-    device = _device(model)
+    device = device_of(model)
     # The last response token predicts nothing we score, and later columns never change earlier ones.
     ids_B_L, attn_B_L, pos_B_L = (x[:, :-1].to(device) for x in (ids_B_L, attn_B_L, pos_B_L))
     if trunk is None:
@@ -82,7 +82,3 @@ def check_head_reproduces_logits(model, name: str, vocab_size: int | None = None
     if not torch.allclose(rebuilt, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max().clamp_min(1))):
         raise PluribusError(f"{name}: its logits are not its output head applied to its last hidden states "
                             "(logit scaling or soft-capping?); OPD cannot rebuild them chunk by chunk")
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device

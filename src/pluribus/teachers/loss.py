@@ -36,8 +36,8 @@ def distill_backward(student_hidden_N_D: Tensor, student_head_V_D: Tensor, state
         raise ValueError(f"student has {N} response positions, the teacher states {states.teacher_index_N.shape[0]}")
     E = weights_E.shape[0]
     cut_N_D = student_hidden_N_D.detach().requires_grad_(student_hidden_N_D.requires_grad)
-    loss = torch.zeros((), dtype=torch.float64)
-    kl_mean_E = torch.zeros(E, dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64, device="cpu")  # what is reported: accumulated on the host
+    kl_mean_E = torch.zeros(E, dtype=torch.float64, device="cpu")
     for group in states.groups:
         teacher_weight_V_D, teacher_bias_V = group.head.load()
         kl_n = reverse_kl_chunked(cut_N_D[group.rows], student_head_V_D, group.hidden_N_D.to(cut_N_D.device),

@@ -75,7 +75,7 @@ class TeacherHead:
     weight_file: tuple[Path, str] | None = None
     bias_file: tuple[Path, str] | None = None
     dtype: torch.dtype = torch.float32
-    device: str = "cpu"
+    device: torch.device | str = "cpu"
 
     def load(self) -> tuple[Tensor, Tensor | None]:
         """(weight `[V, D]`, bias `[V]` or None) on the device; a disk head is read now and lives while held."""
@@ -105,7 +105,7 @@ class TeacherGroup:
 class TeacherStates:
     """Everything the OPD loss needs from the teachers for one batch, groups in row order.
 
-    teacher_index_N: the teacher of each of the N response positions.
+    teacher_index_N: the teacher of each of the N response positions (on the CPU: counts and routing, no maths).
     """
 
     teacher_index_N: Tensor
@@ -150,7 +150,8 @@ class TeacherPool:
     """
 
     def __init__(self, teachers: Sequence[TeacherSpec], student_tokenizer, *, vocab_size: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", allow_eos_mismatch: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 allow_eos_mismatch: bool = False,
                  resident_budget_bytes: int = 0, batch_adapters: bool = True):
         if not teachers:
             raise PluribusError("OPD needs at least one teacher")
@@ -187,7 +188,7 @@ class TeacherPool:
     @property
     def weights_E(self) -> Tensor:
         """`[E]` teacher weights w_i, in teacher-index order."""
-        return torch.tensor([spec.weight for spec in self.teachers], dtype=torch.float32)
+        return torch.tensor([spec.weight for spec in self.teachers], dtype=torch.float32, device="cpu")
 
     @property
     def domains(self) -> dict[str, int]:
@@ -250,8 +251,8 @@ class TeacherPool:
                                                 mask_B_T[samples], pad_id)
             cached[e] = TeacherGroup(e, rows, hidden_N_D, self._head(e, model))
             del model
-        teacher_index_N = torch.repeat_interleave(torch.tensor(index_B, dtype=torch.long),
-                                                  torch.tensor(lengths_B, dtype=torch.long))
+        teacher_index_N = torch.repeat_interleave(torch.tensor(index_B, dtype=torch.long, device="cpu"),
+                                                  torch.tensor(lengths_B, dtype=torch.long, device="cpu"))
         return TeacherStates(teacher_index_N, [cached[e] for e in sorted(cached)])
 
     @property
@@ -373,7 +374,7 @@ class TeacherPool:
 
 # --- heads on disk -----------------------------------------------------------------------------------
 
-def _head_on_disk(model, folder: Path, dtype: torch.dtype, device: str) -> TeacherHead:
+def _head_on_disk(model, folder: Path, dtype: torch.dtype, device: torch.device | str) -> TeacherHead:
     """Where the model's head lives in its safetensors files; failing that, a reference to it in memory."""
     weight_V_D, bias_V = output_head(model)
     weight_map = _safetensors_map(folder)
@@ -406,7 +407,7 @@ def _safetensors_map(folder: Path) -> dict[str, str]:
         return {name: single.name for name in f.keys()}
 
 
-def _read_tensor(file: Path, name: str, dtype: torch.dtype, device: str, meta_only: bool = False):
+def _read_tensor(file: Path, name: str, dtype: torch.dtype, device: torch.device | str, meta_only: bool = False):
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt", device=str(device)) as f:
