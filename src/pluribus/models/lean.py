@@ -198,39 +198,47 @@ class LeanDecoder:
 
     # --- the forward --------------------------------------------------------------------------------
 
-    def _forward(self, ids_B_S: Tensor, position_B_S: Tensor, mask_B_1_S_K: Tensor, keys_values) -> Tensor:
-        """Hidden states `[B, S, D]` of S new tokens per row.
+    def _forward(self, ids_B_S: Tensor, position_B_S: Tensor, mask: Tensor, keys_values,
+                 keep: Tensor | None = None) -> Tensor:
+        """Hidden states `[B, S, D]` of S new tokens per row (`[len(keep), D]` with `keep`).
 
-        mask_B_1_S_K: additive (0 where a query sees a key, -inf elsewhere).
+        mask: additive (0 where a query sees a key, -inf elsewhere), `[B, 1, S, K]`; for one new token per row
+            (S = 1), `[B·Hkv, 1, K]`: each key head's row of the one-query attention's batched matmul.
         keys_values(layer, k_B_Hkv_S_d, v_B_Hkv_S_d) stores the new keys and values where they belong and returns
-        the keys and values the queries attend to (K of them, as the mask has).
+            the keys and values the queries attend to (K of them, as the mask has).
+        keep: the flat indices (into B·S) of the positions whose hidden state is wanted. The last layer only
+            needs every position's keys and values; its output projection and MLP run on these alone.
         """
         B, S = ids_B_S.shape
         H, Hkv, d = self.heads, self.kv_heads, self.head_dim
         half = d // 2
         # Queries and keys are adjacent in the fused projection: RoPE turns both at once, [B, S, H + Hkv, d].
+        # rotate_half(x)·sin = roll(x, d/2)·[-sin₁, sin₂]: one roll instead of two slices, a negation and a cat
         cos = self.cos_table[position_B_S][:, :, None]
-        sin = self.sin_table[position_B_S][:, :, None]
+        sin = self.signed_sin_table[position_B_S][:, :, None]
         x = F.embedding(ids_B_S, self.embed_V_D)
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             qkv = F.linear(_rms(x, layer.norm_attn_D, self.eps), layer.qkv_weight, layer.qkv_bias)
             qk = qkv[..., :(H + Hkv) * d].view(B, S, H + Hkv, d)
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            qk = qk * cos + qk.roll(half, -1) * sin
             q = qk[:, :, :H].transpose(1, 2)
             keys, values = keys_values(index, qk[:, :, H:].transpose(1, 2),
                                        qkv[..., (H + Hkv) * d:].view(B, S, Hkv, d).transpose(1, 2))
-            if S == 1:  # one query per row: its heads grouped by key head, plain matmuls (a third faster than
-                # SDPA's kernel at these sizes; equal to float rounding)
-                scores = torch.matmul(q.reshape(B, Hkv, H // Hkv, d), keys.transpose(-1, -2))
-                scores = scores.mul_(d ** -0.5).add_(mask_B_1_S_K).softmax(-1)
-                attended = torch.matmul(scores, values).reshape(B, H, 1, d)
+            if S == 1:  # one query per row: its heads grouped by key head, two batched matmuls (faster than
+                # SDPA's kernel at these sizes; equal to float rounding), the scale and mask fused into the first
+                scores = torch.baddbmm(mask, q.reshape(B * Hkv, H // Hkv, d), keys.flatten(0, 1).transpose(1, 2),
+                                       alpha=d ** -0.5).softmax(-1)
+                attended = torch.bmm(scores, values.flatten(0, 1)).view(B, S, H * d)
             else:
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_B_1_S_K,
-                                                          enable_gqa=H != Hkv)
-            x = x + F.linear(attended.transpose(1, 2).reshape(B, S, H * d), layer.o_weight, layer.o_bias)
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                          enable_gqa=H != Hkv).transpose(1, 2).reshape(B, S, H * d)
+            if index == last and keep is not None:
+                x, attended = x.reshape(B * S, -1)[keep], attended.reshape(B * S, -1)[keep]
+            x = x + F.linear(attended, layer.o_weight, layer.o_bias)
             gate, up = F.linear(_rms(x, layer.norm_mlp_D, self.eps), layer.gate_up_weight,
                                 layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
+            x = x + F.linear(F.silu(gate, inplace=True).mul_(up), layer.down_weight, layer.down_bias)
         return x
 
     def _logits(self, hidden_B_D: Tensor) -> Tensor:
@@ -265,7 +273,9 @@ class LeanDecoder:
                 where[c] = (p, column)
                 column += n
         B, longest = len(sequences), max(len(c) for c in contexts)
-        self.cos_table, self.sin_table = _rope_table(self.inv_freq, longest + max_new_tokens, self.dtype)
+        self.cos_table, sin_table = _rope_table(self.inv_freq, longest + max_new_tokens, self.dtype)
+        half = self.head_dim // 2
+        self.signed_sin_table = torch.cat((-sin_table[:, :half], sin_table[:, half:]), dim=-1)
         # Where each row's context comes from in the packs (flattened) and goes to in the cache.
         lengths = [len(contexts[c]) for c in row_context]
         source = torch.tensor([where[c][0] * width + where[c][1] + j for c in row_context
@@ -288,16 +298,18 @@ class LeanDecoder:
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
         # A padding query sees itself, so its (unused) row stays finite instead of a softmax over nothing.
         mask = (same & causal) | torch.eye(width, dtype=torch.bool, device=device)
-        hidden = self._forward(ids.to(device), position.to(device), _additive(mask[:, None], self.dtype), keys_values)
-        last = torch.tensor([where[c][0] * width + where[c][1] + len(contexts[c]) - 1 for c in row_context],
+        # Each distinct context's last position: the only hidden states read (the others' keys and values are)
+        last = torch.tensor([where[c][0] * width + where[c][1] + len(contexts[c]) - 1 for c in range(len(contexts))],
                             device=device)
+        hidden_C_D = self._forward(ids.to(device), position.to(device), _additive(mask[:, None], self.dtype),
+                                   keys_values, keep=last)
         # Keys a position may see: the row's context, then everything generated.
         seen = torch.arange(longest, device=device)[None] >= longest - torch.tensor(lengths, device=device)[:, None]
         self.mask_B_K = _additive(torch.cat([seen, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)],
                                             dim=1), self.dtype)
         self.next_position_B = torch.tensor(lengths, device=device)
         self.length = longest
-        return self._logits(hidden.reshape(-1, hidden.shape[-1])[last])
+        return self._logits(hidden_C_D[torch.tensor(row_context, device=device)])
 
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed one token per cached row; logits `[B, V]` for the next."""
@@ -308,7 +320,7 @@ class LeanDecoder:
             self.v_cache[layer][:, :, start] = v[:, :, 0]
             return self.k_cache[layer][:, :, :start + 1], self.v_cache[layer][:, :, :start + 1]
 
-        mask = self.mask_B_K[:, None, None, :start + 1]
+        mask = self.mask_B_K[:, None, :start + 1].repeat_interleave(self.kv_heads, dim=0)  # [B·Hkv, 1, K]
         hidden = self._forward(tokens_B.to(self.embed_V_D.device)[:, None], self.next_position_B[:, None], mask,
                                keys_values)
         self.length += 1
@@ -369,6 +381,7 @@ class _Layout:
     owner_N: where each distinct token's attention output is, in the attention calls' outputs laid end to end.
     predict_M: the packed index of the token that predicts each masked response token, row-major.
     adapter_tokens: (adapter, its slice of the N tokens), when the rows have adapters.
+    adapter_predicting: (adapter, its slice of the M predicting positions), likewise.
     """
 
     ids_N: Tensor
@@ -377,6 +390,7 @@ class _Layout:
     owner_N: Tensor
     predict_M: Tensor
     adapter_tokens: list[tuple[str, slice]] | None
+    adapter_predicting: list[tuple[str, slice]] | None
 
 
 def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask_B_T: Tensor,
@@ -397,6 +411,7 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
     predict: list[int] = []
     rows: list[tuple[list[int], int, int]] = []  # per row: its columns' packed indices, its first query column
     bounds: dict[str, list[int]] = {}
+    predicting: dict[str, list[int]] = {}
     for b, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
         P, key = len(prompt), (None if adapters is None else adapters[b], tuple(prompt))
         runs_prompt = key not in start  # the first row with this prompt runs it, and owns its outputs
@@ -412,6 +427,7 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         predict += columns[P - 1: P - 1 + n]
         if adapters is not None:
             bounds.setdefault(adapters[b], [start[key], len(ids)])[1] = len(ids)
+            predicting.setdefault(adapters[b], [len(predict) - n, len(predict)])[1] = len(predict)
     owner = [0] * len(ids)
     attention = []
     offset = 0
@@ -437,7 +453,8 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         offset += len(group) * Q
     return _Layout(torch.tensor(ids, device="cpu"), torch.tensor(position, device="cpu"), attention,
                    torch.tensor(owner, device="cpu"), torch.tensor(predict, dtype=torch.long, device="cpu"),
-                   None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in bounds.items()])
+                   *(None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in where.items()]
+                     for where in (bounds, predicting)))
 
 
 def _lora_layers(model) -> list | None:
@@ -506,7 +523,8 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         return _project(module, x, slices)
 
     x = embed(ids)  # [N, D]
-    for block in decoder.layers:
+    last = len(decoder.layers) - 1
+    for index, block in enumerate(decoder.layers):
         attn, mlp = block.self_attn, block.mlp
         h = _norm(block.input_layernorm, x)
         q = _rotate(project(attn.q_proj, h).view(N, H, d), cos, sin)
@@ -518,14 +536,19 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
                                                  v[keys].transpose(1, 2), attn_mask=mask, dropout_p=dropout,
                                                  enable_gqa=H != Hkv)
             outputs.append(out.transpose(1, 2).reshape(-1, H * d))
-        attended = (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[owner]
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if index == last:  # only the predicting positions' output is read; the others' keys and values were all
+            # the last layer needed of them: its output projection and MLP run on M tokens, not N
+            x, attended, slices = x[predict], attended[owner[predict]], layout.adapter_predicting
+        else:
+            attended = attended[owner]
         x = x + project(attn.o_proj, attended)
         h = _norm(block.post_attention_layernorm, x)
         if slices is None:
             x = x + mlp(h)
         else:  # transformers' Llama/Qwen2 MLP, its projections adapter by adapter
             x = x + project(mlp.down_proj, F.silu(project(mlp.gate_proj, h)) * project(mlp.up_proj, h))
-    return _norm(decoder.norm, x[predict])
+    return _norm(decoder.norm, x)
 
 
 def _norm(module, x: Tensor) -> Tensor:
