@@ -381,7 +381,7 @@ class GRMConfig(PolicyUpdateConfig):
                                  "matches and the score is within this many points of the label's")
     max_rubric_labels: int = Field(200, ge=0, description="the cap on rubric_labels: the minimal human annotations")
     rubric_labels: int = Field(200, ge=0, description="labelled judgements of rubric-domain items (the annotated set)")
-    label_edits: float = Field(0.5, ge=0, le=1, description="share of the annotated set's second responses that "
+    label_edits: float = Field(0.0, ge=0, le=1, description="share of the annotated set's second responses that "
                                "are the first with one digit changed (near misses in a number; see "
                                "grm.candidate_responses)")
     warmup_steps: int = Field(300, ge=0, description="judge warm-up: SFT steps on labelled judgements before RL "
@@ -390,7 +390,7 @@ class GRMConfig(PolicyUpdateConfig):
     warmup_optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine")
     warmup_verifiable: int = Field(1000, ge=0, description="verifiable-domain prompts labelled for the warm-up "
                                    "(the actor's own rollouts, two per prompt)")
-    word_rubrics: bool = Field(True, description="the warm-up also judges each verifiable rollout against a rubric "
+    word_rubrics: bool = Field(False, description="the warm-up also judges each verifiable rollout against a rubric "
                                "of the rubric domain's shape whose verdicts are rules' (grm.word_rubric_item)")
     warmup_replay: float = Field(0.25, ge=0, lt=1, description="share of each warm-up batch that replays the starting "
                                  "policy's own responses to rubric prompts, so learning to judge does not erase them")
