@@ -85,8 +85,10 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, trainable: boo
 
 
 def device_of(model) -> torch.device:
-    """The device of a model's parameters (one device: pluribus places a model whole)."""
-    return next(model.parameters()).device
+    """The device of a model's parameters (one device: pluribus places a model whole); the CPU for a model without
+    any (a scripted policy, say)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def random_causal_lm(config):
