@@ -23,14 +23,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
 
 TOL = 1e-5
+CRASH_ENV = "PLURIBUS_CRASH_AT"
 WORKER = Path(__file__).parent / "dist_worker.py"
 
 
-def _torchrun(jobs: list, tmp: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def _torchrun(jobs: list, tmp: Path, nproc: int = 2, crash_at: str | None = None) -> subprocess.CompletedProcess:
     spec = tmp / f"jobs-{len(list(tmp.glob('jobs-*.json')))}.json"
     spec.write_text(json.dumps(jobs))
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     env.pop("PYTEST_CURRENT_TEST", None)
+    env.pop(CRASH_ENV, None)
+    if crash_at:
+        env[CRASH_ENV] = crash_at
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                              "--standalone", str(WORKER), str(spec)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -271,6 +275,37 @@ def test_a_stage_command_under_torchrun_ends_cleanly_and_speaks_once(runs):
     leaving the group, and only rank 0 prints."""
     assert (runs / "cli/sft/model/config.json").is_file()
     assert (runs / "torchrun.out").read_text().count("model saved to") == 1
+
+
+def test_a_two_process_run_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, models):
+    """SIGKILL both workers of a 2-process DDP SFT run after step 4 (its last checkpoint was after step 3), launch it
+    again: it resumes from that checkpoint (each rank's RNG state too) and ends with the weights and metrics of a
+    run never interrupted, bit for bit."""
+    from pluribus.models import saved_weights
+
+    def launch(where: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+        config = tmp_path / f"{where}.yaml"
+        config.write_text(json.dumps({"model": models["student"], "out": f"{tmp_path}/{where}/sft/model", "steps": 6,
+                                      "data": {"domains": ["add", "sort"], "n_per_domain": 24}, "batch_size": 4,
+                                      "checkpoint_every": 2, "distributed": "ddp"}))
+        return _torchrun([["cli", {"args": ["sft", str(config)]}]], tmp_path, crash_at=crash_at)
+
+    def logged(where: str) -> list[dict]:  # SFT logs steps 0, 10, 20, ... and the last
+        lines = (tmp_path / f"{where}/sft/model.metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
+
+    whole = launch("whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = launch("killed", crash_at=f"{tmp_path}/killed/sft/model:4")
+    assert killed.returncode != 0 and not (tmp_path / "killed/sft/model/config.json").exists()
+    assert (tmp_path / "killed/sft/model.ckpt/step-00000004/state.pt").is_file()  # 4 steps done: 0-3
+    assert [row["step"] for row in logged("killed")] == [0] and [row["step"] for row in logged("whole")] == [0, 5]
+    resumed = launch("killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after step 3 of 6" in resumed.stdout  # not a fresh start, which would also end alike
+    final, reference = saved_weights(tmp_path / "killed/sft/model"), saved_weights(tmp_path / "whole/sft/model")
+    assert sorted(final) == sorted(reference) and all(torch.equal(final[k], reference[k]) for k in reference)
+    assert logged("killed") == logged("whole")
 
 
 def test_one_process_needs_no_process_group_and_shards_nothing():
