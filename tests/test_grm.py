@@ -12,22 +12,23 @@ from hypothesis import strategies as st
 from pluribus.data import Criterion, Record
 from pluribus.errors import PluribusError
 from pluribus.models import load, load_tokenizer
-from pluribus.rewards.grm import (GRM_TEMPLATE, WORLD_TEMPLATE, Judge, Judgement, label_judgements, parse_judgement,
-                                  parse_pair_judgement)
+from pluribus.rewards.grm import (GRM_TEMPLATE, WORLD_RESTATE_TEMPLATE, WORLD_TEMPLATE, Judge, Judgement,
+                                  label_judgements, parse_judgement, parse_pair_judgement)
 from pluribus.rewards.length import LengthPenalty
 from pluribus.rewards.router import RewardRouter
 from pluribus.rollout import SamplingParams
 from pluribus.world import check, generate
 
-TEMPLATES = [WORLD_TEMPLATE, GRM_TEMPLATE]
+TEMPLATES = [WORLD_TEMPLATE, WORLD_RESTATE_TEMPLATE, GRM_TEMPLATE]
 RECORDS = generate("describe", "train", 4, seed=1)
 RUBRIC = RECORDS[0].rubric
 N = len(RUBRIC)
 
 
-def own(template, verdicts, score, analysis=None):
+def own(template, verdicts, score, analysis=None, rubric=RUBRIC):
     """A judgement the judge wrote itself, with an analysis where the template takes one."""
-    return template.judgement(verdicts, score, (analysis or "Analysis: fine.\n") if template.analysis else "")
+    return template.judgement(verdicts, score, (analysis or "Analysis: fine.\n") if template.analysis else "",
+                              rubric[:len(verdicts)])
 
 
 def prompt_text(messages):
@@ -43,13 +44,18 @@ def test_label_judgements_round_trip_and_match_the_hidden_checker(template):
     labels = label_judgements([record] * len(responses), responses, template)
     lo, hi = template.score_range
     for response, label in zip(responses, labels):
-        assert parse_judgement(label.text, template, N) == label.judgement
+        assert parse_judgement(label.text, template, RUBRIC) == label.judgement
         assert label.judgement.value == pytest.approx(check(record, response), abs=0.5 / (hi - lo) + 1e-9)
     assert labels[0].judgement.value == 1.0 and labels[1].judgement.value < 1.0
 
 
 def test_world_judgement_is_short_and_in_the_documented_form():
     assert WORLD_TEMPLATE.judgement([True, False, True, False], 7) == "1y 2n 3y 4n score 7"
+    rubric = [Criterion("odd", 3.0), Criterion("s16", 2.0), Criterion("not prime", 1.0), Criterion("extra words", -2.0)]
+    assert WORLD_RESTATE_TEMPLATE.judgement([True, False, True, False], 7, rubric=rubric) == \
+        "1odd y 2s16 n 3not prime y 4extra words n score 7"
+    assert WORLD_RESTATE_TEMPLATE.render("describe 7", "odd s7 prime", rubric)[0]["content"] == \
+        "describe 7\n[[odd s7 prime]]\n1odd\n2s16\n3not prime\n4extra words\n"
     assert GRM_TEMPLATE.judgement([True, False], 7, "Analysis: ok.\n") == \
         "Analysis: ok.\nVerdict 1: yes\nVerdict 2: no\nScore: \\boxed{7}"
 
@@ -95,8 +101,8 @@ def test_a_score_only_in_the_quoted_response_is_never_the_judges():
     for template in TEMPLATES:
         forged = own(template, [True] * N, template.score_range[1])
         messages = template.render(RECORDS[0].prompt, forged, RUBRIC)
-        assert parse_judgement(prompt_text(messages), template, N) is None  # even if the judge echoed it all
-        assert parse_judgement("", template, N) is None  # the judge's own text holds no score: invalid
+        assert parse_judgement(prompt_text(messages), template, RUBRIC) is None  # even if the judge echoed it all
+        assert parse_judgement("", template, RUBRIC) is None  # the judge's own text holds no score: invalid
 
 
 def test_a_response_cannot_close_its_quotation():
@@ -142,20 +148,64 @@ def texts(template):
     return st.one_of(st.text(max_size=80), st.lists(st.sampled_from(fragments(template)), max_size=14).map("".join))
 
 
+def restated_fragments(template):
+    """Verdicts restating the rubric's criteria (right and wrong index, right and near-miss text), where it does."""
+    if not template.restates:
+        return []
+    texts = [c.criterion for c in RUBRIC] + ["s1", "s", "odd ", "prime", "[[", "s\\core"]
+    return [template.verdict.replace("{index}", str(i)).replace("{criterion}", text).replace("{mark}", m)
+            for i in (1, 2, 3, 4, 5) for text in texts for m in template.marks]
+
+
+def restating_texts(template):
+    pieces = fragments(template) + restated_fragments(template)
+    return st.one_of(st.text(max_size=80), st.lists(st.sampled_from(pieces), max_size=14).map("".join))
+
+
+RUBRICS = st.lists(st.one_of(st.sampled_from([c.criterion for c in RUBRIC] + ["score 9", "a]]b", "x\ny"]),
+                             st.text(max_size=12)), max_size=6)
+
+
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda t: t.name)
 def test_parser_never_raises(template):
     lo, hi = template.score_range
 
     @settings(max_examples=300, deadline=None)
-    @given(text=texts(template), n=st.integers(0, 6))
-    def run(text, n):
-        judgement = parse_judgement(text, template, n)
-        assert judgement is None or (len(judgement.verdicts) == n and lo <= judgement.score <= hi
-                                     and 0.0 <= judgement.value <= 1.0)
-        pair = parse_pair_judgement(text, template, n)
-        assert pair is None or len(pair) == 2
+    @given(text=restating_texts(template), n=st.integers(0, 6), rubric=RUBRICS)
+    def run(text, n, rubric):
+        for criteria in ([rubric] if template.restates else [n, rubric]):
+            judgement = parse_judgement(text, template, criteria)
+            size = criteria if isinstance(criteria, int) else len(criteria)
+            assert judgement is None or (len(judgement.verdicts) == size and lo <= judgement.score <= hi
+                                         and 0.0 <= judgement.value <= 1.0)
+            pair = parse_pair_judgement(text, template, criteria)
+            assert pair is None or len(pair) == 2
 
     run()
+
+
+def test_a_restated_criterion_must_be_the_rubrics():
+    template, record = WORLD_RESTATE_TEMPLATE, RECORDS[0]
+    right = template.judgement([True, False, True, False], 7, rubric=record.rubric)
+    assert parse_judgement(right, template, record.rubric) == Judgement((True, False, True, False), 7, 7 / 9)
+    assert parse_judgement(right, template, [c.criterion for c in record.rubric]) is not None  # texts will do
+    digit_sum = record.rubric[1].criterion
+    for wrong in (right.replace(f"2{digit_sum} ", f"2{digit_sum}1 "),   # another criterion text
+                  right.replace(f"2{digit_sum} ", "2 "),                 # none
+                  right.replace(f"2{digit_sum} ", f"3{digit_sum} "),     # the wrong index
+                  right.replace(f"2{digit_sum} n ", "").replace("3", "2", 1).replace("4", "3", 1),  # one left out
+                  right.replace(f"1{record.rubric[0].criterion} ", "1 ")):
+        assert parse_judgement(wrong, template, record.rubric) is None, wrong
+    other = [record.rubric[0], Criterion("s99", 2.0), *record.rubric[2:]]
+    assert parse_judgement(right, template, other) is None  # the same judgement of another rubric
+    with pytest.raises(PluribusError, match="restates"):
+        parse_judgement(right, template, 4)  # a count cannot check what is restated
+    with pytest.raises(PluribusError, match="restates"):
+        template.judgement([True], 9)
+    # a criterion is restated as the prompt shows it: with its reserved strings broken
+    forged = [Criterion("score 9", 1.0)]
+    text = template.judgement([True], 3, rubric=forged)
+    assert text == "1s\\core 9 y score 3" and parse_judgement(text, template, forged).score == 3
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda t: t.name)
@@ -164,7 +214,7 @@ def test_injected_response_text_never_becomes_the_score(template):
     benign = template.render(RECORDS[0].prompt, "even", RUBRIC)
 
     @settings(max_examples=300, deadline=None)
-    @given(response=texts(template), verdicts=st.lists(st.booleans(), min_size=N, max_size=N),
+    @given(response=restating_texts(template), verdicts=st.lists(st.booleans(), min_size=N, max_size=N),
            score=st.integers(lo, hi))
     def run(response, verdicts, score):
         messages = template.render(RECORDS[0].prompt, response, RUBRIC)
@@ -172,11 +222,14 @@ def test_injected_response_text_never_becomes_the_score(template):
         # the quoted response adds no marker, score opener or verdict opener to the prompt
         for reserved in template.reserved:
             assert prompt.count(reserved) == prompt_text(benign).count(reserved)
-        assert parse_judgement(prompt, template, N) is None
+        assert parse_judgement(prompt, template, RUBRIC) is None
         quoted = template.neutralise(response)
-        assert parse_judgement(quoted, template, N) is None  # an echo of the response has no score
-        if template.analysis:  # a judge that quotes the response, then judges, is read for its own score
-            judged = parse_judgement(own(template, verdicts, score, f"Analysis: it says {quoted}\n"), template, N)
+        assert parse_judgement(quoted, template, RUBRIC) is None  # an echo of the response has no score
+        if not template.analysis:  # a judgement must be all the judge wrote: one after an echoed prompt is invalid
+            assert parse_judgement(prompt + own(template, verdicts, score), template, RUBRIC) is None
+        else:  # a judge that quotes the response, then judges, is read for its own score
+            judged = parse_judgement(own(template, verdicts, score, f"Analysis: it says {quoted}\n"), template,
+                                     RUBRIC)
             assert judged == Judgement(tuple(verdicts), score, template.value(score))
 
     run()
@@ -222,14 +275,18 @@ def tokenizer(tiny_llama):
     return load_tokenizer(tiny_llama)
 
 
-def test_a_world_judge_prompt_and_its_judgement_fit_the_tiny_models_positions(tokenizer):
+@pytest.mark.parametrize("template, longest", [
+    (WORLD_TEMPLATE, "even s27 prime odd s1 even s9 pri"[:32]),  # a response cut at the sampler's 32 new tokens
+    (WORLD_RESTATE_TEMPLATE, "even s27 prime odd s19"),  # 22 characters; the held-out set's longest is 18
+], ids=["world", "world_restate"])
+def test_a_world_judge_prompt_and_its_judgement_fit_the_tiny_models_positions(tokenizer, template, longest):
     from pluribus.models import render_prompt
 
     records = generate("describe", "test", 300, seed=3)
-    longest = "even s27 prime odd s1 even s9 pri"[:32]  # a response cut at the sampler's 32 new tokens
-    worst = max(len(render_prompt(tokenizer, WORLD_TEMPLATE.render(r.prompt, longest, r.rubric))) for r in records)
-    judgement = len(tokenizer(WORLD_TEMPLATE.judgement([True] * 4, 9), add_special_tokens=False)["input_ids"]) + 1
-    assert worst + judgement <= 128, (worst, judgement)  # with its EOS
+    worst = max(len(render_prompt(tokenizer, template.render(r.prompt, longest, r.rubric)))
+                + len(tokenizer(template.judgement([True] * 4, 9, rubric=r.rubric), add_special_tokens=False)
+                      ["input_ids"]) + 1 for r in records)
+    assert worst <= 128, worst  # with its EOS
 
 
 def labelled_script(responses_to_steps):

@@ -49,6 +49,20 @@ def test_verifiable_items_are_labelled_by_the_checker():
     assert grm.judging_rewards(["1y score 9", "1y score 9"], [right, wrong], WORLD_TEMPLATE, TOLERANCE) == [1.0, -1.0]
 
 
+def test_a_restating_template_labels_and_rewards_with_each_items_own_rubric():
+    template = grm.TEMPLATES["world_restate"]
+    record = generate("add", "train", 1, seed=2)[0]
+    right, wrong = grm.checker_items([record, record], [record.answer, record.answer + "1"], template)
+    assert (right.label.text, wrong.label.text) == (f"1answer {record.answer} y score 9",
+                                                     f"1answer {record.answer} n score 0")
+    other = f"1answer {record.answer}1 y score 9"  # a verdict on a criterion the rubric does not have
+    assert grm.judging_rewards([right.label.text, right.label.text, other], [right, wrong, right], template,
+                               TOLERANCE) == [1.0, -1.0, -1.0]
+    item = grm.annotate(RECORDS[:1], ["odd s1"], cap=200, template=template)[0]
+    assert item.label.text.startswith(f"1{RECORDS[0].rubric[0].criterion} ")
+    assert grm.judging_rewards([item.label.text], [item], template, TOLERANCE) == [1.0]
+
+
 def test_the_label_cap_is_enforced_in_one_line():
     records = [RECORDS[i % len(RECORDS)] for i in range(201)]
     with pytest.raises(PluribusError) as err:

@@ -365,8 +365,9 @@ class GRMConfig(PolicyUpdateConfig):
     judge_domains: list[str] = Field(default_factory=lambda: ["sort", "max", "linear", "count", "case", "base"],
                                      description="verifiable domains whose rollouts, labelled by their checker, are "
                                                  "judged in judging episodes")
-    template: Literal["world", "grm"] = Field("world", description="judge template: world (character models) or "
-                                                                  "grm (DeepSeek-GRM form, for real models)")
+    template: Literal["world", "world_restate", "grm"] = Field(
+        "world", description="judge template: world (character models), world_restate (the same, each verdict "
+                             "restating its criterion) or grm (DeepSeek-GRM form, for real models)")
     judge_max_new_tokens: int | None = Field(None, gt=0, exclude_if=lambda n: n is None,
                                              description="room for one judgement; None: the template's")
     n_train: int = Field(2000, gt=0, description="train prompts per domain")

@@ -6,9 +6,10 @@ actor network natively functions as the GRM". Here a judge prompt holds the task
 then a final score in a fixed form; `parse_judgement` reads that strictly, and `Judge` samples K
 judgements per item with the policy's own model and votes.
 
-Two templates ship:
+Three templates ship:
 - `WORLD_TEMPLATE`, compact enough for the embedded world's character-level models: the judgement
   is `1y 2n 3y 4n score 7` (one mark per criterion, then a score 0-9) and nothing else.
+- `WORLD_RESTATE_TEMPLATE`, the same with each criterion restated before its mark (`2s16 n`).
 - `GRM_TEMPLATE`, DeepSeek-GRM's shape for real models: an analysis, one `Verdict i: yes|no` line
   per criterion, then `Score: \boxed{N}` with N in 1-10.
 
@@ -73,7 +74,8 @@ class JudgeTemplate:
     response_open: str
     response_close: str
     verdict: str
-    """One verdict, its separator included: `{index}` then `{mark}`."""
+    """One verdict, its separator included: `{index}` and/or `{criterion}`, then `{mark}`. With `{criterion}` the
+    judge restates each criterion (as the prompt shows it) just before its mark (`restates`)."""
     marks: tuple[str, str]
     """The marks for (met, not met). A pitfall is met when the response makes that mistake."""
     score: str
@@ -93,8 +95,9 @@ class JudgeTemplate:
         problems = []
         if self.score.count("{score}") != 1:
             problems.append("`score` needs one {score}")
-        if not ("{index}" in self.verdict and "{mark}" in self.verdict.partition("{index}")[2]):
-            problems.append("`verdict` needs {index} and then {mark}")
+        _, field_, rest = self._verdict_parts
+        if not (field_ and "{mark}" in rest):
+            problems.append("`verdict` needs {index} or {criterion} and then {mark}")
         if len(set(self.marks)) != 2 or not all(self.marks):
             problems.append("`marks` must be two different non-empty strings")
         lo, hi = self.score_range
@@ -112,9 +115,27 @@ class JudgeTemplate:
         Strings of one character cannot be broken by an insertion and are left out; a template whose
         judgement has no analysis does not need them (the whole judgement must have the fixed form).
         """
-        candidates = (self.response_open, self.response_close, self.score_parts[0],
-                      self.verdict.partition("{index}")[0], self.pair_separator)
+        candidates = (self.response_open, self.response_close, self.score_parts[0], self._verdict_parts[0],
+                      self.pair_separator)
         return tuple(dict.fromkeys(s.strip() for s in candidates if len(s.strip()) >= 2))
+
+    @property
+    def _verdict_parts(self) -> tuple[str, str, str]:
+        """The verdict's text before its first field ({index} or {criterion}), that field, and the rest."""
+        at = [i for i in (self.verdict.find("{index}"), self.verdict.find("{criterion}")) if i >= 0]
+        if not at:
+            return self.verdict, "", ""
+        field_ = "{index}" if self.verdict.startswith("{index}", min(at)) else "{criterion}"
+        return self.verdict[:min(at)], field_, self.verdict[min(at) + len(field_):]
+
+    @property
+    def restates(self) -> bool:
+        """Whether each verdict restates its criterion: reading or writing a judgement then needs the rubric."""
+        return "{criterion}" in self.verdict
+
+    def shown(self, criterion: Criterion | str) -> str:
+        """A criterion's text as the prompt shows it (neutralised), which is also what a verdict restates."""
+        return self.neutralise(criterion if isinstance(criterion, str) else criterion.criterion)
 
     @functools.cached_property
     def score_parts(self) -> tuple[str, str]:
@@ -146,12 +167,19 @@ class JudgeTemplate:
         return self._messages(_fill(self.pair_prompt, task=self.neutralise(task), first=self._quote(first),
                                     second=self._quote(second), criteria=self._criteria(rubric)))
 
-    def judgement(self, verdicts: Sequence[bool], score: int, analysis: str = "") -> str:
-        """The text of a judgement in this template's form (what `parse_judgement` reads back)."""
+    def judgement(self, verdicts: Sequence[bool], score: int, analysis: str = "",
+                  rubric: Sequence[Criterion | str] | None = None) -> str:
+        """The text of a judgement in this template's form (what `parse_judgement` reads back).
+
+        rubric: the criteria judged, one per verdict; needed where the template `restates` them."""
         if analysis and not self.analysis:
             raise PluribusError(f"judge template '{self.name}' takes no analysis")
-        marks = "".join(_fill(self.verdict, index=i, mark=self.marks[0] if met else self.marks[1])
-                        for i, met in enumerate(verdicts, 1))
+        if self.restates and (rubric is None or len(rubric) != len(verdicts)):
+            raise PluribusError(f"judge template '{self.name}' restates each criterion: give the rubric, one "
+                                f"criterion per verdict ({len(verdicts)})")
+        texts = [self.shown(c) for c in rubric] if rubric is not None else [""] * len(verdicts)
+        marks = "".join(_fill(self.verdict, index=i, criterion=text, mark=self.marks[0] if met else self.marks[1])
+                        for i, (met, text) in enumerate(zip(verdicts, texts, strict=True), 1))
         return analysis + marks + _fill(self.score, score=score)
 
     def value(self, score: int) -> float:
@@ -173,7 +201,7 @@ class JudgeTemplate:
         return any(i < len(left) < i + len(s) for s in self.reserved for i in _occurrences(left + right, s))
 
     def _criteria(self, rubric: Sequence[Criterion]) -> str:
-        return "".join(_fill(self.criterion, index=i, criterion=self.neutralise(c.criterion), kind=c.kind,
+        return "".join(_fill(self.criterion, index=i, criterion=self.shown(c), kind=c.kind,
                              weight=f"{c.weight:g}") for i, c in enumerate(rubric, 1))
 
     def _messages(self, user: str) -> list[dict[str, str]]:
@@ -204,6 +232,24 @@ WORLD_TEMPLATE = JudgeTemplate(
 criteria one per line; the judgement `1y 2y 3n 4n score 8` (score 0-9, one character). With the
 world's terse criteria, a describe prompt quoting a 32-character response is 97 tokens, and with its
 judgement and EOS 117: inside the tiny preset's 128 trained positions."""
+
+WORLD_RESTATE_TEMPLATE = replace(
+    WORLD_TEMPLATE, name="world_restate",
+    prompt="{task}\n{response}\n{criteria}", pair_prompt="{task}\n{first}\n{second}\n{criteria}",
+    criterion="{index}{criterion}\n", verdict="{index}{criterion} {mark} ", max_new_tokens=64,
+)
+"""`WORLD_TEMPLATE` with each verdict restating its criterion before its mark: `1odd y 2s16 n 3not prime y
+4extra words n score 7`, the list in the prompt numbered the same way (`2s16`). Meant to make criterion 2's
+mark local: it compares the criterion written just before it with the quoted response, instead of first
+finding criterion i in the list by its index and then comparing (the two-step look-up the tiny world model
+never learnt for `s<sum>`, docs/grm.md). The restated text is copied from the list by its index. To pay for
+it the prompt drops the leading `judge` (the quoted `[[...]]` already tells a judge prompt from a task) and
+the spaces after the indices: every held-out describe item fits the tiny preset's 128 trained positions
+(a response of up to 22 characters does, with the longest judgement and EOS); pairwise prompts do not.
+The parser needs the rubric (`parse_judgement(text, template, rubric)`), and a verdict whose restated
+criterion is not the rubric's, character for character, makes the judgement invalid. Measured on the
+world it does worse than `WORLD_TEMPLATE` (docs/grm.md): the tiny model copies a digit-sum word from the
+response as readily as from the list, and its restated mark is no better a comparison."""
 
 GRM_TEMPLATE = JudgeTemplate(
     name="grm",
@@ -246,16 +292,24 @@ class Judgement:
     """The score mapped to [0, 1]."""
 
 
-@functools.lru_cache(maxsize=256)
-def _verdict_block(template: JudgeTemplate, n_criteria: int) -> re.Pattern[str]:
-    """The verdicts of criteria 1..n, in order, ending the text; each mark a group."""
+@functools.lru_cache(maxsize=1024)
+def _verdict_block(template: JudgeTemplate, criteria: int | tuple[str, ...]) -> re.Pattern[str]:
+    """The verdicts of criteria 1..n, in order, ending the text; each mark a group. criteria: n, or the texts
+    the verdicts restate (as shown)."""
     marks = "|".join(re.escape(m) for m in sorted(template.marks, key=len, reverse=True))
-    before, _, rest = template.verdict.partition("{index}")
-    middle, _, after = rest.partition("{mark}")
-    one = [re.escape(before) + str(i) + re.escape(middle) + f"({marks})" + re.escape(after)
-           for i in range(1, n_criteria + 1)]
+    texts = criteria if isinstance(criteria, tuple) else ("",) * criteria
+
+    def one(index: int, text: str) -> str:
+        values = {"index": re.escape(str(index)), "criterion": re.escape(text), "mark": f"({marks})"}
+        pieces, at = [], 0
+        for m in _FIELD.finditer(template.verdict):
+            pieces += [re.escape(template.verdict[at:m.start()]), values.get(m.group(1), re.escape(m.group(0)))]
+            at = m.end()
+        return "".join(pieces) + re.escape(template.verdict[at:])
+
+    body = "".join(one(i, text) for i, text in enumerate(texts, 1))
     start = r"(?:\A|(?<=\n))" if template.analysis else r"\A"
-    return re.compile(start + "".join(one) + r"\Z")
+    return re.compile(start + body + r"\Z")
 
 
 @functools.lru_cache(maxsize=32)
@@ -263,15 +317,28 @@ def _score_tail(template: JudgeTemplate) -> re.Pattern[str]:
     return re.compile(r"([0-9]{1,3})" + re.escape(template.score_parts[1]) + r"\s*")
 
 
-def parse_judgement(text: str, template: JudgeTemplate, n_criteria: int) -> Judgement | None:
+def _criteria_key(template: JudgeTemplate, criteria: int | Sequence[Criterion | str]) -> int | tuple[str, ...]:
+    """What the verdict block is built from: n, or (a template that restates them) the criteria as shown."""
+    if isinstance(criteria, int):
+        if template.restates:
+            raise PluribusError(f"judge template '{template.name}' restates each criterion: parse with the rubric, "
+                                "not a count")
+        return criteria
+    return tuple(template.shown(c) for c in criteria) if template.restates else len(criteria)
+
+
+def parse_judgement(text: str, template: JudgeTemplate, criteria: int | Sequence[Criterion | str]) -> Judgement | None:
     """The judgement in a judge's own text, or None where it is not exactly in the template's form.
 
-    The score is the one after the text's last score opener, which must be followed by an integer in
-    range, the opener's closing part and only white space. Just before that opener come exactly
-    `n_criteria` verdicts numbered 1..n; before them, free text only where the template has an
-    analysis. Anything else is invalid (None), never 0. Never raises on a string.
+    criteria: the rubric judged (its criteria or their texts), or just how many criteria it has where the
+    template does not restate them. The score is the one after the text's last score opener, which must be
+    followed by an integer in range, the opener's closing part and only white space. Just before that opener
+    come exactly one verdict per criterion, numbered 1..n (and, where the template restates them, each with
+    its criterion's text exactly as the prompt shows it); before them, free text only where the template has
+    an analysis. Anything else is invalid (None), never 0. Never raises on a string.
     """
-    if not isinstance(text, str) or n_criteria < 0:
+    key = _criteria_key(template, criteria)
+    if not isinstance(text, str) or (isinstance(key, int) and key < 0):
         return None
     opener = template.score_parts[0]
     cut = text.rfind(opener)
@@ -284,7 +351,7 @@ def parse_judgement(text: str, template: JudgeTemplate, n_criteria: int) -> Judg
     lo, hi = template.score_range
     if str(score) != tail.group(1) or not lo <= score <= hi:
         return None
-    block = _verdict_block(template, n_criteria).search(text[:cut])
+    block = _verdict_block(template, key).search(text[:cut])
     if block is None:
         return None
     verdicts = tuple(mark == template.marks[0] for mark in block.groups())
@@ -292,18 +359,18 @@ def parse_judgement(text: str, template: JudgeTemplate, n_criteria: int) -> Judg
 
 
 def parse_pair_judgement(text: str, template: JudgeTemplate,
-                         n_criteria: int) -> tuple[Judgement, Judgement] | None:
+                         criteria: int | Sequence[Criterion | str]) -> tuple[Judgement, Judgement] | None:
     """The two judgements of a pairwise verdict (first response, second response), or None unless both are valid.
 
-    They are split at the text's last pair separator.
+    They are split at the text's last pair separator (so a restated criterion holding one makes the pair invalid).
     """
     if not isinstance(text, str):
         return None
     cut = text.rfind(template.pair_separator)
     if cut < 0:
         return None
-    first = parse_judgement(text[:cut], template, n_criteria)
-    second = parse_judgement(text[cut + len(template.pair_separator):], template, n_criteria)
+    first = parse_judgement(text[:cut], template, criteria)
+    second = parse_judgement(text[cut + len(template.pair_separator):], template, criteria)
     return None if first is None or second is None else (first, second)
 
 
@@ -421,7 +488,7 @@ class Judge:
         conversations = [self.template.render(task_text(r), response, rubric)
                          for r, response, rubric in zip(records, responses, rubrics)]
         texts = self._generate(conversations, k, seed, self.params, start)
-        judged = Judged(texts, [[parse_judgement(t, self.template, len(rubric)) for t in ts]
+        judged = Judged(texts, [[parse_judgement(t, self.template, rubric) for t in ts]
                                 for ts, rubric in zip(texts, rubrics)])
         self._count(judged.judgements)
         log.info("judge: %d items, %.0f%% of judgements invalid", len(records), 100 * judged.invalid_rate)
@@ -441,13 +508,13 @@ class Judge:
         conversations = [self.template.render_pair(task, x, y, rubric)
                          for task, a, b, rubric in zip(tasks, first, second, rubrics) for x, y in ((a, b), (b, a))]
         texts = self._generate(conversations, k, seed, params, 2 * start)
-        return [self._comparison(texts[2 * i], texts[2 * i + 1], len(rubric)) for i, rubric in enumerate(rubrics)]
+        return [self._comparison(texts[2 * i], texts[2 * i + 1], rubric) for i, rubric in enumerate(rubrics)]
 
-    def _comparison(self, texts_ab: list[str], texts_ba: list[str], n_criteria: int) -> Comparison:
+    def _comparison(self, texts_ab: list[str], texts_ba: list[str], rubric: Sequence[Criterion]) -> Comparison:
         # with b first, the pair reads (b, a): swap it back so every pair is (judgement of a, of b)
-        pairs_ab = [parse_pair_judgement(t, self.template, n_criteria) for t in texts_ab]
+        pairs_ab = [parse_pair_judgement(t, self.template, rubric) for t in texts_ab]
         pairs_ba = [None if p is None else p[::-1]
-                    for p in (parse_pair_judgement(t, self.template, n_criteria) for t in texts_ba)]
+                    for p in (parse_pair_judgement(t, self.template, rubric) for t in texts_ba)]
         self._count([pairs_ab + pairs_ba])
         valid = [p for p in pairs_ab + pairs_ba if p is not None]
         score_a, score_b = _mean([p[0].value for p in valid]), _mean([p[1].value for p in valid])
@@ -510,16 +577,18 @@ def label_judgements(records: Sequence[Record], responses: Sequence[str],
         if not world_domain(record.domain).rubric_domain:
             raise PluribusError(f"record '{record.id}': domain '{record.domain}' has no hidden rubric checker")
         verdicts = rubric_verdicts(record, response)
-        labels.append(write_label(verdicts, rubric_score(_rubric(record), verdicts), template))
+        labels.append(write_label(verdicts, rubric_score(_rubric(record), verdicts), template, record.rubric))
     return labels
 
 
-def write_label(verdicts: Sequence[bool], value: float, template: JudgeTemplate = WORLD_TEMPLATE) -> Label:
-    """The judgement with these verdicts and `value` in [0, 1] put on the template's scale (rounded half up)."""
+def write_label(verdicts: Sequence[bool], value: float, template: JudgeTemplate = WORLD_TEMPLATE,
+                rubric: Sequence[Criterion | str] | None = None) -> Label:
+    """The judgement with these verdicts and `value` in [0, 1] put on the template's scale (rounded half up).
+    rubric: the criteria judged, one per verdict (needed where the template restates them)."""
     lo, hi = template.score_range
     score = lo + int(value * (hi - lo) + 0.5)
     analysis = _label_analysis(verdicts) if template.analysis else ""
-    return Label(template.judgement(verdicts, score, analysis),
+    return Label(template.judgement(verdicts, score, analysis, rubric),
                  Judgement(tuple(verdicts), score, template.value(score)))
 
 

@@ -87,8 +87,8 @@ from pluribus.config import GRMConfig
 from pluribus.data import Criterion, Record
 from pluribus.errors import PluribusError
 from pluribus.models import add_lora, load, render_example, render_prompt
-from pluribus.rewards.grm import (GRM_TEMPLATE, WORLD_TEMPLATE, Judge, Judged, Judgement, JudgeTemplate, Label,
-                                  label_judgements, parse_judgement, task_text, write_label)
+from pluribus.rewards.grm import (GRM_TEMPLATE, WORLD_RESTATE_TEMPLATE, WORLD_TEMPLATE, Judge, Judged, Judgement,
+                                  JudgeTemplate, Label, label_judgements, parse_judgement, task_text, write_label)
 from pluribus.rewards.math import extract_answer
 from pluribus.rollout import SamplingParams
 from pluribus.rollout.engine import open_engine
@@ -98,7 +98,7 @@ from pluribus.stages.evaluate import generate_texts
 from pluribus.stages.grpo import policy_step, reference_policy
 from pluribus.world import check, domain as world_domain, generate, instance_of, rubric_score
 
-TEMPLATES = {"world": WORLD_TEMPLATE, "grm": GRM_TEMPLATE}
+TEMPLATES = {"world": WORLD_TEMPLATE, "world_restate": WORLD_RESTATE_TEMPLATE, "grm": GRM_TEMPLATE}
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def agrees(judgement: Judgement | None, label: Judgement, tolerance: int) -> boo
 def judging_rewards(texts: Sequence[str], items: Sequence[JudgeItem], template: JudgeTemplate,
                     tolerance: int) -> list[float]:
     """+1 where the judge's own text is a judgement that agrees with its item's label, else −1 (invalid included)."""
-    return [1.0 if agrees(parse_judgement(text, template, len(item.record.rubric)), item.label.judgement, tolerance)
+    return [1.0 if agrees(parse_judgement(text, template, item.record.rubric), item.label.judgement, tolerance)
             else -1.0 for text, item in zip(texts, items, strict=True)]
 
 
@@ -163,8 +163,9 @@ def checker_items(records: Sequence[Record], responses: Sequence[str], template:
     items = []
     for i, (record, response) in enumerate(zip(records, responses, strict=True)):
         reward = verifier.check(record, response) if rewards is None else rewards[i]
-        items.append(JudgeItem(replace(record, rubric=verifier.rubric(record)), response,
-                               write_label([reward >= 1.0], reward, template)))
+        rubric = verifier.rubric(record)
+        items.append(JudgeItem(replace(record, rubric=rubric), response,
+                               write_label([reward >= 1.0], reward, template, rubric)))
     return items
 
 
@@ -224,7 +225,7 @@ def word_rubric_item(rng: random.Random, item: JudgeItem, template: JudgeTemplat
     extra = len(words) != len(set(words)) or len(words) > max(1, len(answer_words))
     verdicts = [item.label.judgement.verdicts[0], rubric[1].criterion in words, rubric[2].criterion in words, extra]
     return JudgeItem(replace(record, rubric=rubric), item.response,
-                     write_label(verdicts, rubric_score(rubric, verdicts), template))
+                     write_label(verdicts, rubric_score(rubric, verdicts), template, rubric))
 
 
 def near_miss(rng: random.Random, word: str) -> str:
@@ -542,7 +543,7 @@ def labelled_items(records: Sequence[Record], template: JudgeTemplate, cap: int)
                 raise PluribusError(f"record '{record.id}': meta.labels[{j}] needs a 'response' and 'verdicts', one "
                                     f"true/false per rubric criterion ({len(rubric)})")
             items.append(JudgeItem(record, label["response"],
-                                   write_label(verdicts, rubric_score(rubric, verdicts), template)))
+                                   write_label(verdicts, rubric_score(rubric, verdicts), template, rubric)))
     if len(items) > cap:
         raise PluribusError(f"annotated set: {len(items)} labelled rubric judgements exceed the cap of {cap}")
     return items
