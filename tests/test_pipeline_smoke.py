@@ -64,3 +64,23 @@ def test_run_ends_with_its_report(smoke_run):
     assert "| compare | done |" in text and "Not run yet" not in headline
     for name in ("headline", "experts", "grpo_experts", "grpo_mixed_rl", "opd", "opd_teachers", "losses"):
         assert f"](report/{name}.png)" in text and (run_dir / "report" / f"{name}.png").stat().st_size > 5_000, name
+
+
+def test_one_domains_per_domain_change_retrains_that_expert_alone(smoke_run, capsys):
+    """Last in this module: it changes the smoke run's config. The experts stage re-runs (its snapshot changed)
+    but keeps the experts whose own config did not change; the students that learn from the experts re-run."""
+    config, run_dir = smoke_run
+    mtimes = {d: (run_dir / "experts" / d / "expert" / "config.json").stat().st_mtime_ns
+              for d in ("reverse", "max", "case")}
+    opd_done = (run_dir / "opd" / "DONE").read_text()
+    text = config.read_text().replace("    arith: {grpo: {optim: {lr: 1.0e-4}}}\n",
+                                      "    arith: {grpo: {optim: {lr: 1.0e-4}}}\n    max: {grpo: {optim: {lr: 2.0e-4}}}\n")
+    assert "max: {grpo" in text
+    config.write_text(text)
+    run_pipeline(config, smoke=True)
+    out = capsys.readouterr().out
+    assert "[experts] reverse done earlier, skipped" in out and "[experts] case done earlier, skipped" in out
+    assert "[experts] max done earlier" not in out and "[experts] finished in" in out
+    assert (run_dir / "opd" / "DONE").read_text() != opd_done  # its teachers changed: it ran again (in a worker)
+    after = {d: (run_dir / "experts" / d / "expert" / "config.json").stat().st_mtime_ns for d in mtimes}
+    assert after["reverse"] == mtimes["reverse"] and after["case"] == mtimes["case"] and after["max"] > mtimes["max"]

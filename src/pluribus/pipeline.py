@@ -173,12 +173,14 @@ def _done(run_dir: Path, name: str, snapshot: dict) -> bool:
     return False
 
 
-def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]) -> Any:
+def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any],
+           reusable: Callable[[dict], bool] = lambda previous: False) -> Any:
     """Run `body(stage_dir)` unless DONE says the same snapshot finished; DONE is written last.
 
     A stage folder holds the work of one snapshot: an interrupted run of the same snapshot resumes from
-    the checkpoints in it, and a different snapshot (config or inputs changed) starts it afresh. A new
-    checkpoint interval or worker count is the same snapshot.
+    the checkpoints in it, and a different snapshot (config or inputs changed) starts it afresh, unless
+    `reusable(previous snapshot)` says the body itself tells what in the folder still holds (the experts:
+    each expert's DONE holds its own key). A new checkpoint interval or worker count is the same snapshot.
     """
     if _done(run_dir, name, snapshot):
         return None
@@ -186,8 +188,10 @@ def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]
     done = stage_dir / "DONE"
     key = durable.fingerprint(_identity(snapshot))
     config = stage_dir / "config.json"
-    if config.is_file() and durable.fingerprint(_identity(json.loads(config.read_text()))) != key:
-        shutil.rmtree(stage_dir)  # another snapshot's outputs and checkpoints: never to be resumed
+    if config.is_file():
+        previous = json.loads(config.read_text())
+        if durable.fingerprint(_identity(previous)) != key and not reusable(previous):
+            shutil.rmtree(stage_dir)  # another snapshot's outputs and checkpoints: never to be resumed
     text = json.dumps(snapshot, indent=2, default=str)
     stage_dir.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
@@ -234,8 +238,11 @@ def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
     from pluribus.stages import experts
 
     run_dir, domains, ecfg, workers = plan.run_dir, plan.domains, plan.experts, plan.config.workers
-    _stage(run_dir, "experts", ecfg.model_dump() | {"input": _fingerprint_dir(models["sft"])},
-           lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))))
+    snapshot = ecfg.model_dump() | {"input": _fingerprint_dir(models["sft"])}
+    # From the same general SFT model, an expert whose own config is unchanged is kept (its DONE holds its key,
+    # experts.domain_key): one domain's per_domain change retrains that domain's expert alone.
+    _stage(run_dir, "experts", snapshot, lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))),
+           reusable=lambda previous: previous.get("input") == json.loads(json.dumps(snapshot["input"], default=str)))
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
     todo = [(run_dir, label, scfg, experts_key) for label, scfg in plan.students.items()
             if not _done(run_dir, label, _student_snapshot(scfg, experts_key))]  # skipped without a process
