@@ -238,11 +238,12 @@ def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
     from pluribus.stages import experts
 
     run_dir, domains, ecfg, workers = plan.run_dir, plan.domains, plan.experts, plan.config.workers
-    snapshot = ecfg.model_dump() | {"input": _fingerprint_dir(models["sft"])}
+    start = _fingerprint_dir(models["sft"])
     # From the same general SFT model, an expert whose own config is unchanged is kept (its DONE holds its key,
     # experts.domain_key): one domain's per_domain change retrains that domain's expert alone.
-    _stage(run_dir, "experts", snapshot, lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))),
-           reusable=lambda previous: previous.get("input") == json.loads(json.dumps(snapshot["input"], default=str)))
+    _stage(run_dir, "experts", ecfg.model_dump() | {"input": start},
+           lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))),
+           reusable=lambda previous: previous.get("input") == start)
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
     todo = [(run_dir, label, scfg, experts_key) for label, scfg in plan.students.items()
             if not _done(run_dir, label, _student_snapshot(scfg, experts_key))]  # skipped without a process

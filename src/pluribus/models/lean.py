@@ -104,15 +104,16 @@ def _inv_freq(theta: float, head_dim: int, device) -> Tensor:
 
 
 def _rope_table(inv_freq: Tensor, positions: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin `[positions, d]`, computed as transformers computes them for each position."""
+    """cos and signed sin `[positions, d]` for `_rotate`: cos and sin computed as transformers computes them for
+    each position, the sine's first half negated."""
     freqs = torch.arange(positions, device=inv_freq.device)[:, None].float() * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-freqs, freqs), dim=-1).sin().to(dtype)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """RoPE: x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = roll(x, d/2)·[-sin₁, sin₂] (one roll instead
+    of two slices, a negation and a cat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -211,17 +212,15 @@ class LeanDecoder:
         """
         B, S = ids_B_S.shape
         H, Hkv, d = self.heads, self.kv_heads, self.head_dim
-        half = d // 2
         # Queries and keys are adjacent in the fused projection: RoPE turns both at once, [B, S, H + Hkv, d].
-        # rotate_half(x)·sin = roll(x, d/2)·[-sin₁, sin₂]: one roll instead of two slices, a negation and a cat
         cos = self.cos_table[position_B_S][:, :, None]
-        sin = self.signed_sin_table[position_B_S][:, :, None]
+        sin = self.sin_table[position_B_S][:, :, None]
         x = F.embedding(ids_B_S, self.embed_V_D)
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             qkv = F.linear(_rms(x, layer.norm_attn_D, self.eps), layer.qkv_weight, layer.qkv_bias)
             qk = qkv[..., :(H + Hkv) * d].view(B, S, H + Hkv, d)
-            qk = qk * cos + qk.roll(half, -1) * sin
+            qk = _rotate(qk, cos, sin)
             q = qk[:, :, :H].transpose(1, 2)
             keys, values = keys_values(index, qk[:, :, H:].transpose(1, 2),
                                        qkv[..., (H + Hkv) * d:].view(B, S, Hkv, d).transpose(1, 2))
@@ -273,9 +272,7 @@ class LeanDecoder:
                 where[c] = (p, column)
                 column += n
         B, longest = len(sequences), max(len(c) for c in contexts)
-        self.cos_table, sin_table = _rope_table(self.inv_freq, longest + max_new_tokens, self.dtype)
-        half = self.head_dim // 2
-        self.signed_sin_table = torch.cat((-sin_table[:, :half], sin_table[:, half:]), dim=-1)
+        self.cos_table, self.sin_table = _rope_table(self.inv_freq, longest + max_new_tokens, self.dtype)
         # Where each row's context comes from in the packs (flattened) and goes to in the cache.
         lengths = [len(contexts[c]) for c in row_context]
         source = torch.tensor([where[c][0] * width + where[c][1] + j for c in row_context
