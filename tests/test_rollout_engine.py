@@ -1,6 +1,6 @@
 """The rollout engine interface: the HF engine is `sample` itself, configs choose an engine in one validated
 field left out of their dumps by default, and a trainer's weights reach an engine with LoRA folded in.
-The vLLM engine itself is tested for real by `make test-vllm` (tests/vllm/)."""
+The vLLM engine itself is tested for real by `make test-vllm` (tests/vllm_engine/)."""
 
 import copy
 

@@ -229,6 +229,9 @@ def bench(json_path: Optional[Path] = typer.Option(None, "--json", help="also wr
 
 
 def main() -> None:
+    from pluribus.parallel import keep_freed_memory
+
+    keep_freed_memory()
     console.quiet = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 says what was done
     try:
         app()

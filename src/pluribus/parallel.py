@@ -37,16 +37,42 @@ def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    keep_freed_memory()
     _die_with_parent()
+
+
+def keep_freed_memory() -> None:
+    """glibc: keep memory the process frees for its next allocations instead of handing it back to the kernel.
+
+    A training step allocates and frees the same large activations step after step. By default glibc serves blocks
+    above a (moving) threshold from fresh pages and returns freed ones, so each step pays page faults for the
+    kernel to zero them again: up to ~5,000 faults and 10 ms of system time in a 50 ms teacher forward on the
+    world's model, none once this is set. The resident set stays at its high-water mark instead (as PyTorch's GPU
+    caching allocator keeps it). Called by the CLI and every worker process; PLURIBUS_MALLOC=default leaves glibc
+    as it is. Where there is no glibc, nothing."""
+    if os.environ.get("PLURIBUS_MALLOC") == "default":
+        return
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # free space at the heap's top kept up to 1 GiB
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # the most older glibcs take
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

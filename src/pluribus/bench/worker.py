@@ -20,12 +20,14 @@ def main(argv: list[str]) -> None:
     import torch
 
     from pluribus.bench.settings import BenchSettings
+    from pluribus.parallel import keep_freed_memory
     from pluribus.bench.workloads import TASKS
 
     data = json.loads(settings_json)
     data["teacher_counts"] = tuple(data["teacher_counts"])
     settings = BenchSettings(**data)
     torch.set_num_threads(settings.threads)
+    keep_freed_memory()  # both sides alike: the comparison is of the libraries, not of glibc's settings
     result = TASKS[task](Path(root), settings, *(int(a) for a in arg))
     print(json.dumps(result))
 
