@@ -86,7 +86,7 @@ FAULTS = textwrap.dedent("""
     for _ in range(3):
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(10):
         step()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
@@ -100,5 +100,5 @@ def test_freed_memory_is_reused_without_page_faults():
                                   check=True).stdout.split()[-1])
 
     default, kept = faults("default"), faults("keep")
-    assert default > 5_000  # glibc hands the freed activations back and faults fresh pages in (~20,000 measured)
-    assert kept < default / 5  # ~1,000 measured
+    assert default > 4_000  # glibc hands freed activations back and faults fresh pages in (8,000-50,000 measured)
+    assert kept * 5 < default  # 20-1,200 measured
