@@ -24,7 +24,8 @@ def _cfg(model, out, **kw):
 
 def test_grpo_raises_the_reward_it_is_given(tiny_llama, tmp_path):
     records = generate("add", "train", 16)
-    # 20 steps: at 12 the gain depends on the seed (+0.21 to +0.52 over seeds 0-5, two below +0.3); at 20, +0.91 to +0.96
+    # 20 steps: at 12 the gain depends on the seed (+0.21 to +0.52 over seeds 0-5, two below +0.3); at 20,
+    # +0.91 to +0.96
     out = grpo.run(_cfg(tiny_llama, tmp_path / "m", steps=20), records=records, reward_fn=_reward_sevens,
                    meta={"domain": "add"})
     rows = [json.loads(line) for line in (tmp_path / "m.metrics.jsonl").read_text().splitlines()]

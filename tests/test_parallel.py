@@ -69,7 +69,6 @@ def test_workers_die_with_their_parent(tmp_path):
     assert readable, f"worker {worker} outlived its killed parent"
 
 
-
 FAULTS = textwrap.dedent("""
     import resource, torch
     from pluribus.parallel import keep_freed_memory

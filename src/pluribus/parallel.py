@@ -48,8 +48,8 @@ def keep_freed_memory() -> None:
     above a (moving) threshold from fresh pages and returns freed ones, so each step pays page faults for the
     kernel to zero them again: up to ~5,000 faults and 10 ms of system time in a 50 ms teacher forward on the
     world's model, none once this is set. The heap stays at its high-water mark instead (as PyTorch's GPU
-    caching allocator keeps its pool). Called by the CLI and every worker process; PLURIBUS_MALLOC=default leaves glibc
-    as it is. Where there is no glibc, nothing."""
+    caching allocator keeps its pool). Called by the CLI and every worker process; PLURIBUS_MALLOC=default
+    leaves glibc as it is. Where there is no glibc, nothing."""
     if os.environ.get("PLURIBUS_MALLOC") == "default":
         return
     libc = _libc()

@@ -20,8 +20,8 @@ def main(argv: list[str]) -> None:
     import torch
 
     from pluribus.bench.settings import BenchSettings
-    from pluribus.parallel import keep_freed_memory
     from pluribus.bench.workloads import TASKS
+    from pluribus.parallel import keep_freed_memory
 
     data = json.loads(settings_json)
     data["teacher_counts"] = tuple(data["teacher_counts"])
