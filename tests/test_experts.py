@@ -88,3 +88,21 @@ def test_per_domain_changes_are_validated(tmp_path, per_domain, message):
     with pytest.raises(ConfigError) as info:
         load_yaml(path, ExpertsConfig)
     assert str(info.value).startswith(f"{path}: per_domain") and message in str(info.value)
+
+
+def test_longest_experts_start_first(monkeypatch):
+    """Workers start the experts in order of expected cost: long answers, more RL steps and an RL stage at all
+    cost more; the stage still returns its domains in their given order."""
+    cfg = ExpertsConfig(model="m", out_dir="o", domains=["add", "code", "describe", "reverse"], workers=2,
+                        sft={"steps": 100, "batch_size": 8}, grpo={"steps": 10},
+                        per_domain={"reverse": {"grpo": {"steps": 40}}})
+    cost = {d: experts.expected_cost(cfg, d) for d in cfg.domains}
+    assert min(cost["code"], cost["reverse"]) > cost["add"] > 0
+    assert cost["reverse"] > experts.expected_cost(cfg.model_copy(update={"per_domain": {}}), "reverse")
+    # describe has no checker: by default (rubric_rl none) its expert is its SFT checkpoint, no RL to pay for
+    with_rl = cfg.model_copy(update={"rubric_rl": "hidden_checker"})
+    assert experts.expected_cost(with_rl, "describe") > cost["describe"]
+    started = []
+    monkeypatch.setattr(experts, "run_all", lambda fn, jobs, workers: [started.append(d) or d for _, d in jobs])
+    assert list(experts.run(cfg)) == cfg.domains
+    assert started == sorted(cfg.domains, key=lambda d: -cost[d])
