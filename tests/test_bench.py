@@ -26,6 +26,7 @@ def _check_pluribus_side(results):
         assert side["timed_steps"] == SMOKE.steps * SMOKE.rounds
         assert all(t > 0 and math.isfinite(t) for t in side["steps_s"] + side["cpu_steps_s"])
         assert side["step_s"] > 0 and side["threads"] == SMOKE.threads
+        assert side["step_gflop"] > 0  # the first step's matmuls were counted
     assert results["opd"]["pluribus"]["sample_s"] > 0  # the stage's own breakdown came through
     for batch in ("grpo_batch", "opd_batch"):
         r = results["rollout"][batch]
@@ -70,6 +71,9 @@ def test_bench_with_trl_fills_the_trl_side(one_thread):
     for task in ("grpo", "opd"):
         assert results[task]["trl"]["timed_steps"] == SMOKE.steps * SMOKE.rounds
         assert results[task]["step_time_ratio"] > 0 and math.isfinite(results[task]["step_time_ratio"])
+        assert results[task]["trl"]["step_gflop"] > 0
+        assert results[task]["work_ratio"] == pytest.approx(
+            results[task]["pluribus"]["step_gflop"] / results[task]["trl"]["step_gflop"])
     assert results["machine"]["trl"] and not results["notes"]
 
 
@@ -81,3 +85,19 @@ def test_a_worker_process_returns_its_measurement(tmp_path):
     assert kl["positions"] == SMOKE.kl_positions and kl["peak_above_inputs_gib"] >= 0
     with pytest.raises(PluribusError, match="no_such_task measurement failed"):
         call("no_such_task")
+
+
+def test_first_step_work_counts_the_matmuls_of_the_first_step_only():
+    import torch
+
+    from pluribus.bench.workloads import FirstStepWork
+
+    a, b = torch.ones(4, 8), torch.ones(8, 16)
+    work = FirstStepWork()
+    work.start()
+    a @ b
+    torch.ones(3) + 1  # not a matmul: no FLOPs
+    work.step_end()
+    a @ b  # the second step: not counted
+    work.step_end()
+    assert work.gflop == pytest.approx(2 * 4 * 8 * 16 / 1e9)

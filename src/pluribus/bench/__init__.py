@@ -145,8 +145,8 @@ def _pooled(runs: list[dict]) -> dict:
 
     wall = [t for r in runs for t in r["steps_s"]]
     cpu = [t for r in runs for t in r["cpu_steps_s"]]
-    extra = {k: median(r[k] for r in runs) for k in ("sample_s", "teacher_s", "student_s", "response_tokens")
-             if all(r.get(k) is not None for r in runs)}
+    extra = {k: median(r[k] for r in runs) for k in ("sample_s", "teacher_s", "student_s", "response_tokens",
+                                                      "step_gflop") if all(r.get(k) is not None for r in runs)}
     return {"step_s": median(wall), "cpu_s": median(cpu), "timed_steps": len(wall), "steps_s": wall,
             "cpu_steps_s": cpu, "threads": runs[0]["threads"], **extra}
 
@@ -154,9 +154,12 @@ def _pooled(runs: list[dict]) -> dict:
 def _compare(sides: dict[str, list[dict]]) -> dict:
     ours = _pooled(sides["pluribus"])
     theirs = _pooled(sides["trl"]) if sides.get("trl") else None
+    both_counted = theirs is not None and "step_gflop" in ours and "step_gflop" in theirs
     return {"pluribus": ours, "trl": theirs,
             "step_time_ratio": ours["step_s"] / theirs["step_s"] if theirs else None,
-            "cpu_time_ratio": ours["cpu_s"] / theirs["cpu_s"] if theirs else None}
+            "cpu_time_ratio": ours["cpu_s"] / theirs["cpu_s"] if theirs else None,
+            # the work of the first step (matmul FLOPs): the time ratio a side would get from doing less alone
+            "work_ratio": ours["step_gflop"] / theirs["step_gflop"] if both_counted else None}
 
 
 def _rollout(measured: dict) -> dict:
@@ -214,6 +217,9 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
         r = results[task]
         rows.append((what, seconds(r["pluribus"]), "TRL " + seconds(r["trl"]), ratio(r["step_time_ratio"]),
                      ratio(r["cpu_time_ratio"]), target(f"{task}.step_time_ratio")))
+        if r.get("work_ratio") is not None:
+            rows.append(("  first step's work, matmul GFLOP", f"{r['pluribus']['step_gflop']:.2f}",
+                         f"TRL {r['trl']['step_gflop']:.2f}", ratio(r["work_ratio"]), "", ""))
     for name, what in (("grpo_batch", "rollout tokens/s, GRPO batch"), ("opd_batch", "rollout tokens/s, OPD batch")):
         r = results["rollout"][name]
         rows.append((what, f"{r['pluribus_tokens_per_s']:.0f}", f"generate {r['generate_tokens_per_s']:.0f}",

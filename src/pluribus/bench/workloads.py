@@ -9,6 +9,11 @@ bookkeeping (pluribus: metrics line, progress bar, checkpoint test; TRL: its cal
   writes its metrics line, which follows its optimizer step.
 - TRL: `GRPOTrainer` and `DistillationTrainer` (on-policy, β = 1: reverse KL over the full vocabulary); a step
   ends at the `on_step_end` callback, which follows its optimizer step.
+
+The work of a step, on both sides alike: the matrix-multiply FLOPs of everything from the start of the run to
+the end of its first step (warm-up, untimed), counted by `torch.utils.flop_counter.FlopCounterMode` (loading a
+model multiplies no matrices). Time ratio over work ratio says whether a side is faster by doing less (no
+padding, a shared prompt run once) or by running its FLOPs faster.
 """
 
 from __future__ import annotations
@@ -95,23 +100,55 @@ def _step_times(ends: list[tuple[float, float]], warmup: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+class FirstStepWork:
+    """Matrix-multiply FLOPs from `start()` to the first `step_end()` (later calls do nothing): a FlopCounterMode
+    entered and left by hand, because a trainer's step ends inside its own loop."""
+
+    def __init__(self):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.counter = FlopCounterMode(display=False)
+        self.gflop: float | None = None
+        self.counting = False
+
+    def start(self) -> None:
+        self.counter.__enter__()
+        self.counting = True
+
+    def step_end(self) -> None:
+        if self.counting:
+            self.counter.__exit__(None, None, None)
+            self.counting = False
+            self.gflop = self.counter.get_total_flops() / 1e9
+
+
+def _with_work(result: dict, work: FirstStepWork) -> dict:
+    work.step_end()  # a run that wrote no step: leave the counter all the same
+    return {**result, "step_gflop": work.gflop}
+
+
 @contextlib.contextmanager
 def _timed_metrics(stage_module):
-    """Record the time of every metrics line `stage_module.run` writes: the end of each of its steps."""
+    """Record the time of every metrics line `stage_module.run` writes (the end of each of its steps), and the
+    work of its first step."""
     base = stage_module.MetricsLog
     ends: list[tuple[float, float]] = []
     rows: list[dict] = []
+    work = FirstStepWork()
 
     class TimedMetricsLog(base):
         def write(self, **metrics):
             super().write(**metrics)
             ends.append(_marks())
+            work.step_end()
             rows.append(metrics)
 
     stage_module.MetricsLog = TimedMetricsLog
+    work.start()
     try:
-        yield ends, rows
+        yield ends, rows, work
     finally:
+        work.step_end()
         stage_module.MetricsLog = base
 
 
@@ -121,9 +158,11 @@ def _trl_timer():
     class StepEnds(hf_trainer_callback()):
         def __init__(self):
             self.ends: list[tuple[float, float]] = []
+            self.work = FirstStepWork()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(_marks())
+            self.work.step_end()
 
     return StepEnds()
 
@@ -163,9 +202,9 @@ def grpo_pluribus(root: Path, s: BenchSettings) -> dict:
             "inner_updates": 1, "minibatches": 1, "kl_coef": 0.0, "sampling": {"max_new_tokens": s.max_new_tokens},
             "optim": {"lr": s.lr, "warmup_steps": 0, "schedule": "constant"},
             "checkpoint_every": s.warmup + s.steps, "seed": s.seed}, "bench.grpo")
-        with _timed_metrics(stage) as (ends, rows):
+        with _timed_metrics(stage) as (ends, rows, work):
             stage.run(cfg, records=records)
-    result = _step_times(ends, s.warmup)
+    result = _with_work(_step_times(ends, s.warmup), work)
     result["response_tokens"] = statistics.median(r["response_len"] * s.prompts * s.group for r in rows[s.warmup:])
     return result
 
@@ -195,8 +234,9 @@ def grpo_trl(root: Path, s: BenchSettings) -> dict:
                           num_generations=s.group, beta=0.0, num_iterations=1)
         trainer = GRPOTrainer(model=load_causal_lm(root / "student"), reward_funcs=world_reward, args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+        timer.work.start()
         trainer.train()
-    return _step_times(timer.ends, s.warmup)
+    return _with_work(_step_times(timer.ends, s.warmup), timer.work)
 
 
 # --- OPD, one teacher -----------------------------------------------------------------------------------
@@ -215,9 +255,9 @@ def opd_pluribus(root: Path, s: BenchSettings) -> dict:
             "sampling": {"max_new_tokens": s.max_new_tokens},
             "optim": {"lr": s.lr, "warmup_steps": 0, "schedule": "constant"}, "reward_every": 0,
             "checkpoint_every": s.warmup + s.steps, "seed": s.seed}, "bench.opd")
-        with _timed_metrics(stage) as (ends, rows):
+        with _timed_metrics(stage) as (ends, rows, work):
             stage.run(cfg, records=records)
-    result = _step_times(ends, s.warmup)
+    result = _with_work(_step_times(ends, s.warmup), work)
     for part in ("sample_s", "teacher_s", "student_s"):
         result[part] = statistics.median(r[part] for r in rows[s.warmup:] if part in r) \
             if all(part in r for r in rows) else None
@@ -241,8 +281,9 @@ def opd_trl(root: Path, s: BenchSettings) -> dict:
         trainer = DistillationTrainer(model=load_causal_lm(root / "student"),
                                       teacher_model=load_causal_lm(root / "teacher"), args=args,
                                       train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+        timer.work.start()
         trainer.train()
-    return _step_times(timer.ends, s.warmup)
+    return _with_work(_step_times(timer.ends, s.warmup), timer.work)
 
 
 # --- rollout throughput --------------------------------------------------------------------------------
