@@ -176,6 +176,15 @@ def _trl_common(s: BenchSettings, out: str) -> dict:
                 dataloader_num_workers=0, disable_tqdm=True, seed=s.seed)
 
 
+def _train_counted(trainer, timer) -> None:
+    """`trainer.train()` with its first step's work counted; a failed run does not leave the counter on."""
+    timer.work.start()
+    try:
+        trainer.train()
+    finally:
+        timer.work.step_end()
+
+
 def _check_trl_prompts(tokenizer, records: list) -> None:
     """TRL renders conversations itself: it must get the very token ids pluribus samples from."""
     from pluribus.errors import PluribusError
@@ -234,8 +243,7 @@ def grpo_trl(root: Path, s: BenchSettings) -> dict:
                           num_generations=s.group, beta=0.0, num_iterations=1)
         trainer = GRPOTrainer(model=load_causal_lm(root / "student"), reward_funcs=world_reward, args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
-        timer.work.start()
-        trainer.train()
+        _train_counted(trainer, timer)
     return _with_work(_step_times(timer.ends, s.warmup), timer.work)
 
 
@@ -281,8 +289,7 @@ def opd_trl(root: Path, s: BenchSettings) -> dict:
         trainer = DistillationTrainer(model=load_causal_lm(root / "student"),
                                       teacher_model=load_causal_lm(root / "teacher"), args=args,
                                       train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
-        timer.work.start()
-        trainer.train()
+        _train_counted(trainer, timer)
     return _with_work(_step_times(timer.ends, s.warmup), timer.work)
 
 
