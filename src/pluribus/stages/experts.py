@@ -62,12 +62,18 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
     return expert
 
 
+def has_rl(cfg: ExpertsConfig, domain: str, reward_fn=None) -> bool:
+    """Whether the domain's expert gets RL after its SFT: a rubric domain without a reward function gets it only
+    through `rubric_rl` (grm or hidden_checker); with `none` its expert is its SFT checkpoint."""
+    return not (DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "none")
+
+
 def _train(cfg: ExpertsConfig, domain: str, sft_out: Path, expert_out: Path, reward_fn) -> Path:
     lora = None if cfg.lora is None else cfg.lora.model_dump()
     data = {"domains": [domain], "n_per_domain": cfg.n_demos, "seed": cfg.seed}
     sft_cfg = validate(SFTConfig, {"seed": cfg.seed, **cfg.section("sft", domain), "model": cfg.model,
                                    "out": str(sft_out), "data": data, "lora": lora}, f"experts.sft ({domain})")
-    rl = not (DOMAINS[domain].rubric_domain and reward_fn is None and cfg.rubric_rl == "none")
+    rl = has_rl(cfg, domain, reward_fn)
     mistakes = cfg.demo_mistakes if rl else 0.0  # imperfect demonstrations only where RL follows to fix them
     demos = with_mistakes(generate(domain, "train", cfg.n_demos, seed=cfg.seed), mistakes, cfg.seed)
     sft.run(sft_cfg, records=demos, meta={"domain": domain, "expert_stage": "sft"})
@@ -114,7 +120,7 @@ def expected_cost(cfg: ExpertsConfig, domain: str, sample: int = 64) -> float:
         return section.get(name, config.model_fields[name].default)
 
     cost = field(sft_section, SFTConfig, "steps") * field(sft_section, SFTConfig, "batch_size") * (prompt + answer)
-    if not DOMAINS[domain].rubric_domain or cfg.rubric_rl != "none":
+    if has_rl(cfg, domain):
         rollouts = field(rl_section, GRPOConfig, "steps") * field(rl_section, GRPOConfig, "prompts_per_step") * \
             field(rl_section, GRPOConfig, "group_size")
         cost += rollouts * (prompt + 3 * answer)
@@ -142,7 +148,7 @@ def report(cfg: ExpertsConfig, base: str | None = None) -> dict:
         out["base"] = scores["base"]
     for d in cfg.domains or every:
         out["experts"][d] = {"sft": scores[f"{d}/sft"], "final": scores[f"{d}/final"],
-                             "rl": not (DOMAINS[d].rubric_domain and cfg.rubric_rl == "none")}
+                             "rl": has_rl(cfg, d)}
     path = Path(cfg.out_dir) / "report.json"
     path.write_text(json.dumps(out, indent=2))
     return out
