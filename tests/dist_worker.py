@@ -143,10 +143,10 @@ class SeededJudgements:
                                       for s in request_seeds])
 
 
-def grm_update(model: str, batch: str, out: str, mode: str, steps: int = 2) -> None:
+def grm_update(model: str, batch: str, out: str, mode: str, steps: int = 2, dtype: str = "float32") -> None:
     """`grm.joint_update` on the same episodes and rollouts, each rank its share (`grm.share_of`): the judge's
     verdicts on its generation rows (`SeededJudgements`), its judged items' labels, then μ=2 passes of 2
-    minibatches with KL to a frozen copy."""
+    minibatches with KL to a frozen copy; the policy in `dtype`."""
     from pluribus import dist
     from pluribus.config import GRMConfig, OptimConfig, SamplingConfig
     from pluribus.models import load
@@ -159,7 +159,7 @@ def grm_update(model: str, batch: str, out: str, mode: str, steps: int = 2) -> N
     cfg = GRMConfig(model=model, out=out, judge_domains=["sort"], gen_prompts=4, judge_items=4, group_size=2,
                     judge_k=2, minibatches=2, inner_updates=2, kl_coef=0.05, sampling=SamplingConfig(max_new_tokens=6),
                     optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), distributed=mode)
-    policy, tokenizer = load(model)
+    policy, tokenizer = load(model, dtype=getattr(torch, dtype))
     reference = grpo.reference_policy(policy, False, mode)
     trainer = dist.wrap(policy, mode)
     optimizer, scheduler = make_optimizer(policy, cfg.optim, 100)

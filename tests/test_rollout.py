@@ -89,3 +89,25 @@ def test_a_resumed_truncating_batch_keeps_the_samplers_masks(tiny_llama, tmp_pat
     for rollout in (resumed, replayed):
         assert torch.equal(rollout.response_ids_B_T, reference.response_ids_B_T)
         assert torch.equal(rollout.keep_mask_B_T_V, reference.keep_mask_B_T_V)
+
+
+def test_gumbel_noise_depends_on_the_request_and_the_position_alone():
+    from pluribus.rollout import NOISE_BLOCK, _GumbelNoise
+
+    seeds, V = [11, 12, 13], 1000  # 4 positions a block: steps 0-11 cross two block boundaries
+    in_order = _GumbelNoise(seeds, V)
+    rows = {t: in_order([0, 1, 2], [t] * 3) for t in range(12)}
+    late = _GumbelNoise(seeds, V)  # request 1 alone, resumed mid-block at position 6
+    for t in range(6, 12):
+        assert torch.equal(late([1], [t])[0], rows[t][1])
+    mixed = _GumbelNoise(seeds, V)  # rows at different positions in one call (a resumed batch)
+    assert torch.equal(mixed([2, 0], [9, 3]), torch.stack([rows[9][2], rows[3][0]]))
+    assert not torch.equal(rows[0][0], rows[0][1]) and not torch.equal(rows[0][0], rows[1][0])
+    everything = torch.cat(list(rows.values())).flatten()  # standard Gumbel: mean γ ≈ 0.5772, variance π²/6
+    assert abs(everything.mean().item() - 0.5772) < 0.03 and abs(everything.var().item() - 1.6449) < 0.1
+
+    big = NOISE_BLOCK  # one position a block: a generator seeded per (request, position), as before blocks
+    generator = torch.Generator().manual_seed(12 * 1_000_003 + 5)
+    expected = -torch.log(-torch.log(torch.rand(big, generator=generator).clamp(1e-20, 1.0)))
+    large = _GumbelNoise(seeds, big)
+    assert torch.equal(large([1], [5])[0], expected) and large.blocks.numel() == 0  # nothing kept between steps
