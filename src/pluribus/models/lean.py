@@ -529,16 +529,16 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         v = project(attn.v_proj, h).view(N, Hkv, d)
         outputs = []
         for queries, keys, mask in calls:  # [B, heads, Q or K, d] each
-            out = F.scaled_dot_product_attention(q[queries].transpose(1, 2), k[keys].transpose(1, 2),
-                                                 v[keys].transpose(1, 2), attn_mask=mask, dropout_p=dropout,
+            out = F.scaled_dot_product_attention(_rows(q, queries).transpose(1, 2), _rows(k, keys).transpose(1, 2),
+                                                 _rows(v, keys).transpose(1, 2), attn_mask=mask, dropout_p=dropout,
                                                  enable_gqa=H != Hkv)
             outputs.append(out.transpose(1, 2).reshape(-1, H * d))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         if index == last:  # only the predicting positions' output is read; the others' keys and values were all
             # the last layer needed of them: its output projection and MLP run on M tokens, not N
-            x, attended, slices = x[predict], attended[owner[predict]], layout.adapter_predicting
+            x, attended, slices = _rows(x, predict), _rows(attended, owner[predict]), layout.adapter_predicting
         else:
-            attended = attended[owner]
+            attended = _rows(attended, owner)
         x = x + project(attn.o_proj, attended)
         h = _norm(block.post_attention_layernorm, x)
         if slices is None:
@@ -546,6 +546,14 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         else:  # transformers' Llama/Qwen2 MLP, its projections adapter by adapter
             x = x + project(mlp.down_proj, F.silu(project(mlp.gate_proj, h)) * project(mlp.up_proj, h))
     return _norm(decoder.norm, x)
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """`x[index]` along the first dimension (shape `[*index.shape, *x.shape[1:]]`) by `index_select`, whose
+    backward adds the gradients of repeated rows (a prompt shared by a GRPO group's rows, the first token every
+    pretraining text starts with) in index order. `x[index]`'s backward adds them in parallel in whatever order
+    the threads reach them, so with two or more threads the same batch gave other gradients from run to run."""
+    return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
 
 
 def _norm(module, x: Tensor) -> Tensor:
