@@ -37,15 +37,18 @@ def test_rubric_domain_without_a_judge_keeps_its_sft_checkpoint(trained):
     assert (final_path / "adapter_model.safetensors").read_bytes() == (sft_path / "adapter_model.safetensors").read_bytes()
 
 
-def test_report_scores_every_checkpoint_on_every_domain(trained):
+def test_report_scores_final_experts_everywhere_and_sft_checkpoints_on_their_own_domain(trained):
     cfg, _ = trained
     rep = experts.report(cfg)
     assert set(rep["general"]) == set(DOMAINS)
     for d in ("max", "describe"):
-        for stage in ("sft", "final"):
-            assert set(rep["experts"][d][stage]) == set(DOMAINS)
-            assert all(0.0 <= v <= 1.0 for v in rep["experts"][d][stage].values())
+        assert set(rep["experts"][d]["final"]) == set(DOMAINS)
+        assert set(rep["experts"][d]["sft"]) == {d}
+        assert all(0.0 <= v <= 1.0 for e in rep["experts"][d].values() if isinstance(e, dict) for v in e.values())
     assert rep["experts"]["max"]["rl"] and not rep["experts"]["describe"]["rl"]
+    assert rep["experts"]["max"]["sft"]["max"] == experts.pass1(experts.expert_paths(cfg.out_dir, "max")[0], ["max"],
+                                                               cfg.report_n, cfg.seed)["max"]
+    assert rep["experts"]["describe"]["sft"]["describe"] == rep["experts"]["describe"]["final"]["describe"]  # one model
     assert json.loads((experts.Path(cfg.out_dir) / "report.json").read_text()) == rep
     table = experts.report_table(rep)
     assert table.row_count == 3 and [c.header for c in table.columns][4] == "expert GRPO"

@@ -40,6 +40,19 @@ def test_smoke_run_completes_every_stage(smoke_run):
     assert "| reverse |" in headline and (run_dir / "compare" / "headline.png").stat().st_size > 1000
 
 
+def test_students_scores_are_kept_in_their_stage_folders_and_the_comparison_reads_them(smoke_run):
+    from pluribus.pipeline import _student_scores
+
+    _, run_dir = smoke_run
+    compared = json.loads((run_dir / "compare" / "scores.json").read_text())
+    scoring = (["reverse", "max", "case"], 10, 0)
+    for label in ("opd", "mixed_rl", "merge_linear", "merge_ties", "offpolicy"):
+        assert json.loads((run_dir / label / "scores.json").read_text()) == compared[label], label
+        assert _student_scores(run_dir / label, run_dir / label / "model", *scoring, compute=False) == compared[label]
+    stale = (["reverse", "max"], 10, 0)  # another evaluation: not taken for this one, recomputed on demand
+    assert _student_scores(run_dir / "opd", run_dir / "opd" / "model", *stale, compute=False) is None
+
+
 def test_finished_stages_are_skipped(smoke_run, capsys):
     config, run_dir = smoke_run
     before = (run_dir / "sft" / "model" / "model.safetensors").stat().st_mtime_ns

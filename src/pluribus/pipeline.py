@@ -245,11 +245,12 @@ def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
            lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))),
            reusable=lambda previous: previous.get("input") == start)
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
-    todo = [(run_dir, label, scfg, experts_key) for label, scfg in plan.students.items()
+    n, seed = plan.eval.n, plan.config.seed
+    scoring = (domains, n, seed)
+    todo = [(run_dir, label, scfg, experts_key, scoring) for label, scfg in plan.students.items()
             if not _done(run_dir, label, _student_snapshot(scfg, experts_key))]  # skipped without a process
     run_all(_student_stage, todo, workers)
 
-    n, seed = plan.eval.n, plan.config.seed
     compared = models | {label: Path(scfg.out) for label, scfg in plan.students.items()}
 
     def compare(stage_dir: Path):
@@ -257,9 +258,12 @@ def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
         report = json.loads((run_dir / "experts" / "report.json").read_text())
         scores = {label: {s["domain"]: s["pass1_greedy"] for s in evaluated[label]} for label in ("base", "sft")}
         scores["expert"] = {d: report["experts"][d]["final"][d] for d in domains}
-        students = list(plan.students)
-        scores |= dict(zip(students, run_all(experts.pass1, [(Path(plan.students[label].out), domains, n, seed)
-                                                             for label in students], workers)))
+        students = {label: _student_scores(run_dir / label, Path(scfg.out), *scoring, compute=False)
+                    for label, scfg in plan.students.items()}
+        missing = [label for label, s in students.items() if s is None]  # a student trained by an earlier run
+        students |= dict(zip(missing, run_all(_student_scores, [(run_dir / label, Path(plan.students[label].out),
+                                                                 *scoring) for label in missing], workers)))
+        scores |= students
         durable.write_text(stage_dir / "scores.json", json.dumps(scores, indent=2))
         md, _ = headline(scores, "expert", student_label(scores), out_dir=stage_dir)
         Console(width=160).print(md.read_text(), markup=False)
@@ -272,12 +276,36 @@ def _student_snapshot(scfg: BaseModel, experts_key: str) -> dict:
     return scfg.model_dump() | {"input": experts_key}
 
 
-def _student_stage(run_dir: Path, label: str, scfg: BaseModel, experts_key: str) -> None:
-    """One stage that starts from the general SFT model and the experts: OPD or a baseline."""
+def _student_stage(run_dir: Path, label: str, scfg: BaseModel, experts_key: str,
+                   scoring: tuple[list[str], int, int]) -> None:
+    """One stage that starts from the general SFT model and the experts: OPD or a baseline; then its scores for
+    the comparison, in the same worker (`scoring`: domains, n, seed): the baselines finish before the OPD
+    student, and their scoring takes time their worker would otherwise idle."""
     from pluribus.stages import grpo, merge, offpolicy, opd
 
     run = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run, OffPolicyConfig: offpolicy.run}[type(scfg)]
     _stage(run_dir, label, _student_snapshot(scfg, experts_key), lambda d: run(scfg))
+    _student_scores(run_dir / label, Path(scfg.out), *scoring)
+
+
+def _student_scores(stage_dir: Path, model: Path, domains: list[str], n: int, seed: int,
+                    compute: bool = True) -> dict[str, float] | None:
+    """A student's greedy pass@1 on the compared domains, kept as stage_dir/scores.json, and scores.key (the
+    model's and the evaluation's key, written last), so the comparison reads them back; computed when missing
+    or stale (None instead with compute=False)."""
+    from pluribus.stages import experts
+
+    path, key_path = stage_dir / "scores.json", stage_dir / "scores.key"
+    key = durable.fingerprint({"model": _fingerprint_dir(model), "domains": domains, "n": n, "seed": seed})
+    if key_path.is_file() and key_path.read_text() == key:
+        return json.loads(path.read_text())
+    if not compute:
+        return None
+    key_path.unlink(missing_ok=True)
+    scores = experts.pass1(model, domains, n, seed)
+    durable.write_text(path, json.dumps(scores, indent=2))
+    durable.write_text(key_path, key)
+    return scores
 
 
 def _fingerprint_dir(path: Path) -> str:

@@ -312,7 +312,7 @@ def _experts_section(run_dir: Path, fig_dir: Path) -> list[str]:
         started = (run_dir / "experts" / "config.json").is_file()
         return lines + [("Training: experts/report.json is written once every expert is done." if started
                          else "Not run yet."), ""]
-    experts = report["experts"]  # domain -> {sft, final: every domain's score}: keep each expert's own domain
+    experts = report["experts"]  # domain -> {sft: its own domain, final: every domain}: keep each expert's own domain
     scores = {label: {d: report[key][d] for d in experts}
               for label, key in (("base", "base"), ("general sft", "general")) if report.get(key)}
     scores["expert after sft"] = {d: e["sft"][d] for d, e in experts.items()}
