@@ -44,7 +44,7 @@ def test_report_scores_final_experts_everywhere_and_sft_checkpoints_on_their_own
     for d in ("max", "describe"):
         assert set(rep["experts"][d]["final"]) == set(DOMAINS)
         assert set(rep["experts"][d]["sft"]) == {d}
-        assert all(0.0 <= v <= 1.0 for e in rep["experts"][d].values() if isinstance(e, dict) for v in e.values())
+        assert all(0.0 <= v <= 1.0 for stage in ("sft", "final") for v in rep["experts"][d][stage].values())
     assert rep["experts"]["max"]["rl"] and not rep["experts"]["describe"]["rl"]
     assert rep["experts"]["max"]["sft"]["max"] == experts.pass1(experts.expert_paths(cfg.out_dir, "max")[0], ["max"],
                                                                cfg.report_n, cfg.seed)["max"]
