@@ -322,6 +322,9 @@ class PolicyUpdateConfig(Distributed):
     kl_estimator: Literal["k3", "k3_unbiased"] = "k3_unbiased"
     off_policy_delta: float | None = Field(None, gt=0, description="V3.2 off-policy sequence masking threshold δ")
     aggregation: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    skip_zero_advantage: bool = Field(True, description="with kl_coef 0, rows whose advantage is 0 (a group's "
+                                      "rewards all equal) carry no gradient: no forward or backward for them, "
+                                      "the same update")
     optim: OptimConfig = OptimConfig(lr=2e-4, warmup_steps=5, schedule="constant")
 
 

@@ -209,6 +209,9 @@ def grpo_pluribus(root: Path, s: BenchSettings) -> dict:
             "lora": None, "steps": s.warmup + s.steps, "prompts_per_step": s.prompts, "group_size": s.group,
             "inner_updates": 1, "minibatches": 1, "kl_coef": 0.0, "sampling": {"max_new_tokens": s.max_new_tokens},
             "optim": {"lr": s.lr, "warmup_steps": 0, "schedule": "constant"},
+            # The random model earns 0 on every sample, so every group's advantage is 0: with the skip on, no
+            # forward or backward would run at all. The bench measures the update, as TRL computes it.
+            "skip_zero_advantage": False,
             "checkpoint_every": s.warmup + s.steps, "seed": s.seed}, "bench.grpo")
         with _timed_metrics(stage) as (ends, rows, work):
             stage.run(cfg, records=records)

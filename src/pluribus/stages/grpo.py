@@ -158,7 +158,14 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
     A minibatch is a slice of one permutation of the global batch (rank 0's draw); each rank trains on
     the rows of it that it holds (`rows_N` places them), its loss scaled to its share of the minibatch's
     global normaliser. A rank that holds none of a minibatch still runs it with a zero mask, so the
-    gradient all-reduce meets every rank."""
+    gradient all-reduce meets every rank.
+
+    Rows whose advantage is exactly 0 (a group whose rewards are all equal, an invalid reward) carry no
+    gradient when nothing but the policy term is in the loss (kl_coef = 0): with `skip_zero_advantage` they
+    count in the normaliser but get no forward or backward, and a minibatch with no other row gets a zero
+    gradient and its AdamW step (momentum and weight decay act as they would). The update is the same, to
+    float rounding; `clip_frac`, `kl`, `entropy` and `masked_seq_frac` describe the rows trained.
+    """
     world = dist.world()
     N = adv_N.shape[0]
     # Row bookkeeping on the host: the permutation comes from the CPU generator, as on every device (the same
@@ -167,25 +174,35 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
     mine = torch.arange(N, device="cpu")
     local[mine + world.rank * N if rows_N is None else rows_N] = mine
     mask = rollout.response_mask_B_T
+    zero = (adv_N == 0).tolist()
+    signal = [not z for z in zero] if cfg.skip_zero_advantage and cfg.kl_coef == 0 else [True] * N
+    by_tokens = cfg.aggregation == "token_mean"
+    counts = (mask.sum(-1) if by_tokens else (mask.sum(-1) > 0)).tolist()  # each row's share of the normaliser
     ref_logprobs = None
     if reference is not None:
         with torch.no_grad(), reference() as ref_model:
             ref_logprobs, _ = response_logprobs(ref_model or model, rollout.prompt_ids, rollout.response_ids_B_T,
                                                 mask, pad_id, cfg.sampling.temperature, rollout.keep_mask_B_T_V)
     sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "masked_seq_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-    skipped = updates = 0
+    skipped = updates = trained = 0
     size = N * world.size // cfg.minibatches
     model.train()
     for _ in range(cfg.inner_updates):
         order = dist.broadcast(torch.randperm(N * world.size, device="cpu"))
         for m in range(cfg.minibatches):
             picked = [i for i in local[order[m * size:(m + 1) * size]].tolist() if i >= 0]
-            held = bool(picked)
-            picked = picked or [0]  # a rank holding none of the minibatch runs row 0, masked out
-            idx = torch.tensor(picked, dtype=torch.long, device=mask.device)
+            live = [i for i in picked if signal[i]]
+            if dist.all_true(not live):  # no rank holds a row with an advantage
+                updates += 1
+                norm, stepped = _zero_gradient_step(model, optimizer, scheduler, cfg.optim.grad_clip)
+                skipped += not stepped
+                continue
+            held = bool(live)
+            live = live or [0]  # a rank holding no live row of the minibatch runs row 0, masked out
+            idx = torch.tensor(live, dtype=torch.long, device=mask.device)
             rows_mask = mask[idx] if held else torch.zeros_like(mask[idx])
             keep = None if rollout.keep_mask_B_T_V is None else rollout.keep_mask_B_T_V[idx]
-            logprobs, entropy = response_logprobs(model, [rollout.prompt_ids[i] for i in picked],
+            logprobs, entropy = response_logprobs(model, [rollout.prompt_ids[i] for i in live],
                                                   rollout.response_ids_B_T[idx], rows_mask, pad_id,
                                                   cfg.sampling.temperature, keep)
             loss, stats = grpo_loss(logprobs, rollout.sampler_logprobs_B_T[idx], adv_N[idx], rows_mask,
@@ -193,9 +210,10 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
                                     kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.eps_low,
                                     eps_high=cfg.eps_high, off_policy_delta=cfg.off_policy_delta,
                                     aggregation=cfg.aggregation)
-            if world.size > 1:  # this rank's share: its terms over the minibatch's global normaliser
-                count = stats["tokens" if cfg.aggregation == "token_mean" else "sequences"]
-                loss = loss * (count / dist.all_sum(count).clamp_min(1))
+            count = stats["tokens" if by_tokens else "sequences"]
+            skipped_count = sum(counts[i] for i in picked if not signal[i])
+            if world.size > 1 or skipped_count:  # this rank's terms over the minibatch's global normaliser
+                loss = loss * (count / dist.all_sum(count + skipped_count).clamp_min(1))
             if not dist.all_true(bool(torch.isfinite(loss))):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -204,6 +222,7 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
             norm, stepped = optimizer_step(model, optimizer, scheduler, cfg.optim.grad_clip)
             skipped += not stepped
             updates += 1
+            trained += 1
             sums["loss"] += float(dist.all_sum(loss.detach()))
             sums["grad_norm"] += norm if stepped else 0.0
             tokens, rows = float(stats["tokens"]), float(held) * len(idx)
@@ -214,9 +233,18 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
                                          "masked_seq_frac": (float(stats["masked_seq_frac"]), rows)})
             for k, v in means.items():
                 sums[k] += v
-    out = {k: v / max(1, updates) for k, v in sums.items()}
+    out = {k: v / max(1, updates if k in ("loss", "grad_norm") else trained) for k, v in sums.items()}
     out["skipped_updates"] = skipped
+    out["zero_adv_frac"] = dist.weighted_means({"z": (sum(zero) / max(1, N), N)})["z"]
     return out
+
+
+def _zero_gradient_step(model, optimizer, scheduler, grad_clip: float) -> tuple[float, bool]:
+    """The optimizer step of a minibatch whose gradient is zero: AdamW still moves the weights (momentum, decay)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    return optimizer_step(model, optimizer, scheduler, grad_clip)
 
 
 def greedy_pass1(model, tokenizer, records: list[Record], max_new_tokens: int, batch_size: int = 256) -> float:
