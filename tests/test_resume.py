@@ -301,3 +301,16 @@ def test_a_stage_folder_is_reused_only_by_its_own_snapshot(tmp_path, capsys):
     _stage(tmp_path, "s", {"lr": 2, "checkpoint_every": 2}, body)  # another snapshot: a fresh folder
     assert not (tmp_path / "s" / "partial").exists() and (tmp_path / "s" / "out.txt").read_text() == "x"
     assert json.loads((tmp_path / "s" / "config.json").read_text()) == {"lr": 2, "checkpoint_every": 2}
+
+
+def test_a_marker_holds_only_the_key_written_into_it(tmp_path):
+    from pluribus.durable import holds, write_text
+
+    marker = tmp_path / "DONE"
+    assert not holds(marker, "k1")  # missing: holds nothing
+    write_text(marker, "k1")
+    assert holds(marker, "k1") and not holds(marker, "k2") and not holds(marker, "")
+    marker.write_text("k1\n")  # written by hand with a newline: the same key
+    assert holds(marker, "k1")
+    (tmp_path / "folder").mkdir()
+    assert not holds(tmp_path / "folder", "k1")  # a folder is no marker

@@ -59,6 +59,13 @@ def publish_dir(tmp: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+def holds(marker: str | Path, key: str) -> bool:
+    """Whether the marker file holds `key` (as `write_text(marker, key)` left it): a stage's or an expert's DONE, a
+    checkpoint folder's key, a score file's key. A missing marker holds nothing."""
+    marker = Path(marker)
+    return marker.is_file() and marker.read_text().strip() == key
+
+
 def fingerprint(obj) -> str:
     """A short stable key of a JSON-able value (anything else by its str): what a marker says was written."""
     import hashlib

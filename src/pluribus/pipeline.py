@@ -166,8 +166,7 @@ def _identity(snapshot: Any) -> Any:
 
 def _done(run_dir: Path, name: str, snapshot: dict) -> bool:
     """Whether the stage's DONE marker says this snapshot finished (and say so)."""
-    done = run_dir / name / "DONE"
-    if done.is_file() and done.read_text().strip() == durable.fingerprint(_identity(snapshot)):
+    if durable.holds(run_dir / name / "DONE", durable.fingerprint(_identity(snapshot))):
         print(f"[{name}] done earlier, skipped")
         return True
     return False
@@ -297,7 +296,7 @@ def _student_scores(stage_dir: Path, model: Path, domains: list[str], n: int, se
 
     path, key_path = stage_dir / "scores.json", stage_dir / "scores.key"
     key = durable.fingerprint({"model": _fingerprint_dir(model), "domains": domains, "n": n, "seed": seed})
-    if key_path.is_file() and key_path.read_text() == key:
+    if durable.holds(key_path, key):
         return json.loads(path.read_text())
     if not compute:
         return None

@@ -40,7 +40,7 @@ import torch
 
 from pluribus import dist
 from pluribus.crash import armed, crash_point, kill
-from pluribus.durable import fingerprint, publish_dir, write_text
+from pluribus.durable import fingerprint, holds, publish_dir, write_text
 from pluribus.errors import PluribusError
 from pluribus.models import load_weights, save, saved_weights
 from pluribus.rollout import Rollout, SamplingParams, sample
@@ -109,7 +109,7 @@ class Checkpointer:
 
     def _clear_unless_ours(self) -> None:
         key_file = self.dir / "key"
-        if not (key_file.is_file() and key_file.read_text().strip() == self.key):
+        if not holds(key_file, self.key):
             shutil.rmtree(self.dir, ignore_errors=True)  # another run's, or none
             self.dir.mkdir(parents=True)
             write_text(key_file, self.key)

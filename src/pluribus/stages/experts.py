@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pluribus.config import EvalConfig, ExpertsConfig, GRMConfig, GRPOConfig, SFTConfig, validate
 from pluribus.dist import resolve_device
-from pluribus.durable import fingerprint, publish_dir, write_text
+from pluribus.durable import fingerprint, holds, publish_dir, write_text
 from pluribus.models import load
 from pluribus.parallel import run_all
 from pluribus.stages import evaluate, grm, grpo, sft
@@ -53,7 +53,7 @@ def run_one(cfg: ExpertsConfig, domain: str, reward_fn=None) -> Path:
     sft_out, expert_out = expert_paths(cfg.out_dir, domain)
     done = sft_out.parent / "DONE"
     key = domain_key(cfg, domain)
-    if done.is_file() and done.read_text().strip() == key:
+    if holds(done, key):
         print(f"[experts] {domain} done earlier, skipped")
         return expert_out
     done.unlink(missing_ok=True)
