@@ -66,8 +66,10 @@ def sft_run(model: str, out: str, mode: str) -> None:
     sft.run(cfg, records=generate("add", "train", 16))
 
 
-def grpo_update(model: str, rollout: str, out: str, mode: str, steps: int = 2) -> None:
-    """`grpo.policy_step` on the same rollouts, each rank its half: μ=2 passes of 2 minibatches, KL to a reference."""
+def grpo_update(model: str, rollout: str, out: str, mode: str, steps: int = 2, kl_coef: float = 0.05) -> None:
+    """`grpo.policy_step` on the same rollouts, each rank its half: μ=2 passes of 2 minibatches, KL to a reference
+    (none with kl_coef 0: then rows without an advantage are skipped). The file's `raw_steps`, when present, gives
+    each step its own rewards."""
     from pluribus import dist
     from pluribus.config import DataConfig, GRPOConfig, OptimConfig, SamplingConfig
     from pluribus.models import load
@@ -77,18 +79,19 @@ def grpo_update(model: str, rollout: str, out: str, mode: str, steps: int = 2) -
     dist.init()
     torch.manual_seed(0)
     data = torch.load(rollout, weights_only=False)
-    part = my_rows(len(data["raw"]))
+    part = my_rows(len(data["rollout"].prompt_ids))
     cfg = GRPOConfig(model=model, out=out, data=DataConfig(domains=["add"]), group_size=4, prompts_per_step=4,
-                     minibatches=2, inner_updates=2, kl_coef=0.05, off_policy_delta=0.05, lora=None,
+                     minibatches=2, inner_updates=2, kl_coef=kl_coef, off_policy_delta=0.05, lora=None,
                      sampling=SamplingConfig(max_new_tokens=6, top_p=0.9),
                      optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), distributed=mode)
     policy, tokenizer = load(model)
-    reference = grpo.reference_policy(policy, False, mode)
+    reference = grpo.reference_policy(policy, False, mode) if kl_coef > 0 else None
     trainer = dist.wrap(policy, mode)
     optimizer, scheduler = make_optimizer(policy, cfg.optim, 100)
     losses = []
-    for _ in range(steps):
-        _, _, stats = grpo.policy_step(trainer, cfg, rows(data["rollout"], part), data["raw"][part], reference,
+    for step in range(steps):
+        raw = data["raw_steps"][step] if "raw_steps" in data else data["raw"]
+        _, _, stats = grpo.policy_step(trainer, cfg, rows(data["rollout"], part), raw[part], reference,
                                        optimizer, scheduler, tokenizer.pad_token_id)
         losses.append(stats["loss"])
     _finish(policy, tokenizer, out, losses, stats=stats)

@@ -102,6 +102,11 @@ def runs(tmp_path_factory, models, one_thread):
     raw = [(len(t) * 7 % 5) / 4 for t in grpo_batch.texts]  # varied within groups
     raw[3] = None  # an invalid reward: masked out of its group
     torch.save({"rollout": grpo_batch, "raw": raw}, tmp / "grpo.pt")
+    # Without a KL term, rows without an advantage are skipped: in the first step rank 0's group has none (it runs
+    # its masked stand-in row while rank 1 trains); in the second no row has one (a zero-gradient AdamW step).
+    half = len(raw) // 2  # rank 0's rows: two groups
+    torch.save({"rollout": grpo_batch, "raw_steps": [[1.0] * 4 + [0.0] * (half - 4) + raw[half:], [0.5] * len(raw),
+                                                     [0.5] * len(raw)]}, tmp / "grpo-skip.pt")
     opd_batch = _rollout(models["student"], ["add", "reverse"], group=3, top_p=1.0)  # ordered by teacher
     torch.save({"rollout": opd_batch, "teacher_index": [0] * 6 + [1] * 6}, tmp / "opd.pt")
     torch.save(_grm_batch(models["student"], group=2), tmp / "grm.pt")
@@ -111,6 +116,8 @@ def runs(tmp_path_factory, models, one_thread):
                                 "out": f"{tmp}/{where}/stages", "mode": mode}]] * (where != "one") + [["sft_run", {"model": models["student"], "out": f"{tmp}/{where}/sft", "mode": mode}],
                 ["grpo_update", {"model": models["student"], "rollout": f"{tmp}/grpo.pt",
                                  "out": f"{tmp}/{where}/grpo", "mode": mode}],
+                ["grpo_update", {"model": models["student"], "rollout": f"{tmp}/grpo-skip.pt",
+                                 "out": f"{tmp}/{where}/grpo-skip", "mode": mode, "steps": 3, "kl_coef": 0.0}],
                 ["opd_update", {"model": models["student"], "teachers": models["teachers"],
                                 "rollout": f"{tmp}/opd.pt", "out": f"{tmp}/{where}/opd", "mode": mode}],
                 ["grm_update", {"model": models["student"], "batch": f"{tmp}/grm.pt", "out": f"{tmp}/{where}/grm",
@@ -173,6 +180,20 @@ def test_rl_updates_on_the_same_rollouts_equal_one_process(runs, models, scenari
     else:
         assert one["tokens_E"] == two["tokens_E"] and min(one["tokens_E"]) > 0  # both teachers scored
         assert max(abs(a - b) for x, y in zip(one["kl_E"], two["kl_E"]) for a, b in zip(x, y)) < TOL
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_skipping_rows_without_an_advantage_gives_one_process_update(runs, models, mode):
+    """A rank with no row to train runs its masked stand-in, and a step with none anywhere is AdamW on a zero
+    gradient on every rank: the same losses and weights as one process."""
+    from pluribus.models import saved_weights
+
+    one, two = _result(runs, "one", "grpo-skip"), _result(runs, mode, "grpo-skip")
+    assert one["losses"][1:] == [0.0, 0.0] and max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < TOL
+    assert one["stats"]["zero_adv_frac"] == two["stats"]["zero_adv_frac"] == 1.0
+    start = saved_weights(models["student"])
+    assert max(float((one["params"][k] - v).abs().max()) for k, v in start.items()) > 1e-4
+    assert _max_param_diff(one["params"], two["params"]) < TOL
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
