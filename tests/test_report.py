@@ -10,7 +10,8 @@ import pytest
 from matplotlib.image import imread
 
 from pluribus.errors import PluribusError
-from pluribus.report import headline, judge_panels, read_metrics, series, smooth, teacher_panels, write_report
+from pluribus.report import (grpo_panels, headline, judge_panels, read_metrics, series, smooth, teacher_panels,
+                             write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -190,6 +191,13 @@ def test_opd_figure_has_one_line_per_teacher(tmp_path):
     assert list(kl.lines) == ["add", "sort"] and list(reward.lines) == ["add", "sort"]
     steps, values = kl.lines["add"]
     assert steps[:2] == [0.0, 1.0] and values[:2] == [1.2, 1.19] and len(values) == 40
+
+
+def test_grpo_figure_shows_the_rows_without_an_advantage_where_they_are_logged():
+    runs = {"add": _grpo_rows(3, 0.2, zero_adv_frac=0.5), "old": _grpo_rows(3, 0.4)}  # "old": before the metric
+    reward, kl, zero = grpo_panels(runs)
+    assert reward.lines["add"][1] == pytest.approx([0.2, 0.21, 0.22])
+    assert zero.lines["add"] == ([0.0, 1.0, 2.0], [0.5, 0.5, 0.5]) and zero.lines["old"] == ([], [])
 
 
 def test_judge_keys_are_found_in_any_metrics_file(tmp_path):

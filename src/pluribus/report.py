@@ -325,9 +325,13 @@ def _experts_section(run_dir: Path, fig_dir: Path) -> list[str]:
     return lines + [f"![experts]({fig_dir.name}/experts.png)", ""]
 
 
-def _grpo_panels(runs: dict[str, list[dict]]) -> list[Panel]:
+def grpo_panels(runs: dict[str, list[dict]]) -> list[Panel]:
+    """GRPO runs (label → metrics records): reward, KL, and the share of rows without an advantage (a group whose
+    rewards are all equal teaches nothing: high on both ends of learning, and where the reward says too little)."""
     return [Panel("reward (mean over rollouts)", "reward", {k: series(r, "reward_mean") for k, r in runs.items()}),
-            Panel("KL to the reference", "KL", {k: series(r, "kl") for k, r in runs.items()})]
+            Panel("KL to the reference", "KL", {k: series(r, "kl") for k, r in runs.items()}),
+            Panel("rows without an advantage (no gradient)", "share",
+                  {k: series(r, "zero_adv_frac") for k, r in runs.items()})]
 
 
 def _zero_kl_note(runs: dict[str, list[dict]]) -> list[str]:
@@ -362,7 +366,7 @@ def _curves_section(run_dir: Path, fig_dir: Path) -> list[str]:
     expert_runs = {p.parent.name: read_metrics(p) for p in sorted((run_dir / "experts").glob("*/expert.metrics.jsonl"))}
     lines += ["### GRPO of each expert", ""]
     if expert_runs:
-        lines += _figure_lines(_grpo_panels(expert_runs), "Experts: GRPO on their own domain", fig_dir,
+        lines += _figure_lines(grpo_panels(expert_runs), "Experts: GRPO on their own domain", fig_dir,
                                "grpo_experts.png", "GRPO of each expert") + _zero_kl_note(expert_runs)
         sft_only = sorted(p.parent.name for p in (run_dir / "experts").glob("*/sft.metrics.jsonl")
                           if p.parent.name not in expert_runs)
@@ -375,7 +379,7 @@ def _curves_section(run_dir: Path, fig_dir: Path) -> list[str]:
     lines += ["### Mixed RL baseline (one GRPO run on every domain)", ""]
     if mixed.is_file():
         runs = {"mixed_rl": read_metrics(mixed)}
-        lines += _figure_lines(_grpo_panels(runs), "Mixed RL: GRPO on every domain", fig_dir, "grpo_mixed_rl.png",
+        lines += _figure_lines(grpo_panels(runs), "Mixed RL: GRPO on every domain", fig_dir, "grpo_mixed_rl.png",
                                "Mixed RL") + _zero_kl_note(runs)
     else:
         lines += ["Not run yet.", ""]
