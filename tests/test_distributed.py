@@ -102,7 +102,7 @@ def runs(tmp_path_factory, models, one_thread):
     raw = [(len(t) * 7 % 5) / 4 for t in grpo_batch.texts]  # varied within groups
     raw[3] = None  # an invalid reward: masked out of its group
     torch.save({"rollout": grpo_batch, "raw": raw}, tmp / "grpo.pt")
-    # Without a KL term, rows without an advantage are skipped: in the first step rank 0's group has none (it runs
+    # Without a KL term, rows without an advantage are skipped: in the first step rank 0's groups have none (it runs
     # its masked stand-in row while rank 1 trains); in the second no row has one (a zero-gradient AdamW step).
     half = len(raw) // 2  # rank 0's rows: two groups
     torch.save({"rollout": grpo_batch, "raw_steps": [[1.0] * 4 + [0.0] * (half - 4) + raw[half:], [0.5] * len(raw),

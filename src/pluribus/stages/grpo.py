@@ -175,7 +175,8 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
     local[mine + world.rank * N if rows_N is None else rows_N] = mine
     mask = rollout.response_mask_B_T
     zero = (adv_N == 0).tolist()
-    signal = [not z for z in zero] if cfg.skip_zero_advantage and cfg.kl_coef == 0 else [True] * N
+    skipping = cfg.skip_zero_advantage and cfg.kl_coef == 0
+    signal = [not z for z in zero] if skipping else [True] * N
     by_tokens = cfg.aggregation == "token_mean"
     counts = (mask.sum(-1) if by_tokens else (mask.sum(-1) > 0)).tolist()  # each row's share of the normaliser
     ref_logprobs = None
@@ -192,7 +193,7 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
         for m in range(cfg.minibatches):
             picked = [i for i in local[order[m * size:(m + 1) * size]].tolist() if i >= 0]
             live = [i for i in picked if signal[i]]
-            if dist.all_true(not live):  # no rank holds a row with an advantage
+            if skipping and dist.all_true(not live):  # no rank holds a row with an advantage
                 updates += 1
                 norm, stepped = _zero_gradient_step(model, optimizer, scheduler, cfg.optim.grad_clip)
                 skipped += not stepped
