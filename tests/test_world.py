@@ -2,6 +2,7 @@
 exports follow the data contract and are right when checked independently of the project's code."""
 
 import json
+import random
 import re
 
 import pytest
@@ -185,3 +186,47 @@ def test_with_mistakes_replaces_the_given_share_with_wrong_answers(name):
     assert all(n.answer == DOMAINS[name].wrong(instance_of(r)) for n, r in flipped)  # and always the systematic one
     assert all(n == r for n, r in zip(noisy, records) if not n.meta.get("demo_mistake"))
     assert with_mistakes(records, 0.5, seed=0) == noisy and with_mistakes(records, 0.0) == records
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def test_find_examples_mark_exactly_the_queries_that_occur():
+    """The general skill in the base's corpus: one mark per query, `y` exactly when it is a whole word of the
+    passage; both layouts occur; a good share of the absent queries are one edit from a passage word."""
+    from pluribus.world.skills import find_example
+
+    rng = random.Random(3)
+    layouts, absent, near = set(), 0, 0
+    for _ in range(2000):
+        prompt, answer = find_example(rng)
+        head, rest = prompt.split(" ", 1)
+        layouts.add(head)
+        if head == "find":
+            queries, passage = rest.split(" in ")
+        else:
+            passage, queries = rest.split(" find ")
+        queries, passage = queries.split(), passage.split()
+        assert 1 <= len(queries) <= 4 and 2 <= len(passage) <= 7 and len(prompt) + len(answer) <= 100
+        assert answer.split() == ["y" if q in passage else "n" for q in queries]
+        for q in queries:
+            if q not in passage:
+                absent += 1
+                near += min(_edit_distance(q, w) for w in passage) == 1
+    assert layouts == {"find", "in"}
+    assert 0.5 < near / absent < 0.9  # 60% of misses are drawn as near misses (a few land on another word)
+    assert find_example(random.Random(7)) == find_example(random.Random(7))
+
+
+def test_the_find_share_is_left_out_of_a_pretraining_key_when_zero():
+    """An old pretraining stage's key (its config dump) holds when the new field keeps its default."""
+    from pluribus.config import PretrainConfig
+
+    assert "p_find" not in PretrainConfig(out="x").model_dump()
+    assert PretrainConfig(out="x", p_find=0.1).model_dump()["p_find"] == 0.1

@@ -133,6 +133,9 @@ class PretrainConfig(Distributed):
     p_mistake: float = Field(0.5, ge=0, le=1, description="share that follow the domain's systematic mistake")
     shares_by_domain: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="domain -> (p_correct, p_mistake), for domains whose answers are long")
+    p_find: float = Field(0.0, ge=0, lt=1, exclude_if=lambda p: p == 0,  # left out at 0: earlier stage keys hold
+                          description="share of the corpus that practises a general skill, word membership "
+                                      "(pluribus.world.skills.find_example), instead of a world task")
     checkpoint_every: int = Field(250, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0
 

@@ -22,6 +22,7 @@ from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import (MetricsLog, global_lm_loss, length_buckets, make_optimizer, optimizer_step,
                                     progress, seed_everything)
 from pluribus.world import DOMAINS, Instance, generate, instance_of
+from pluribus.world.skills import find_example
 
 POOL_PER_DOMAIN = 4000
 BUCKET_BATCHES = 8  # draw this many batches at once and bucket them by length
@@ -63,10 +64,13 @@ def run(cfg: PretrainConfig) -> Path:
             if not batches:
                 texts = []
                 for _ in range(cfg.batch_size * BUCKET_BATCHES):
-                    d = rng.choice(domains)
-                    inst = rng.choice(pools[d])
-                    answer = corpus_answer(rng, inst, pools[d], DOMAINS[d], *cfg.shares(d))
-                    texts.append(render_example(tokenizer, [{"role": "user", "content": inst.prompt}], answer)[0])
+                    if cfg.p_find and rng.random() < cfg.p_find:
+                        prompt, answer = find_example(rng)
+                    else:
+                        d = rng.choice(domains)
+                        inst = rng.choice(pools[d])
+                        prompt, answer = inst.prompt, corpus_answer(rng, inst, pools[d], DOMAINS[d], *cfg.shares(d))
+                    texts.append(render_example(tokenizer, [{"role": "user", "content": prompt}], answer)[0])
                 batches = length_buckets(texts, len, cfg.batch_size, rng)
             seqs = world.shard(batches.pop())
             loss, _ = global_lm_loss(trainer, world, seqs, [1] * len(seqs), tokenizer.pad_token_id)
