@@ -186,3 +186,50 @@ def test_word_rubric_items_are_labelled_by_rules_in_the_rubric_domains_shape():
             expected = (answer_met, rubric[1].criterion in words, rubric[2].criterion in words, not answer_met)
             assert worded.label.judgement.verdicts == expected
             assert worded.label.text.startswith(WORLD_TEMPLATE.judgement(expected, 0)[:12])
+
+
+def test_online_labels_are_part_of_the_label_budget():
+    base = {"model": "m", "out": "o"}
+    with pytest.raises(ConfigError) as err:
+        validate(GRMConfig, {**base, "rubric_labels": 100, "online_labels": 101}, "grm.yaml")
+    assert str(err.value) == ("grm.yaml: online_labels: 101 exceeds rubric_labels 100 (the labels spent during RL are "
+                              "part of the annotated set's budget)")
+    with pytest.raises(ConfigError, match="online_labels: needs the world's hidden checker"):
+        validate(GRMConfig, {**base, "online_labels": 8, "data": {"jsonl": ["x.jsonl"]},
+                             "domains": ["mine"], "judge_domains": []}, "grm.yaml")
+    assert "online_labels" not in GRMConfig(**base).model_dump()  # earlier stage keys hold
+
+
+def _old_draw(rng, gen_records, n_gen, annotated, n_annotated, fresh):
+    """draw_episodes as it was before labels could be spent during RL (the reference for the default path)."""
+    return grm.Episodes(rng.sample(list(gen_records), min(n_gen, len(gen_records))),
+                        rng.sample(list(annotated), min(n_annotated, len(annotated))) + list(fresh))
+
+
+def test_half_the_labelled_episodes_come_from_labels_spent_during_rl():
+    records = generate("describe", "train", 40, seed=9)
+    annotated = labelled(records[:20], ["odd s1"] * 20)
+    online = labelled(records[20:23], ["even s2"] * 3)
+    for n in (4, 5):  # without online labels: the draws of before, rng state and all
+        a, b = random.Random(n), random.Random(n)
+        assert grm.draw_episodes(a, records, 3, annotated, n, []) == _old_draw(b, records, 3, annotated, n, [])
+        assert a.getstate() == b.getstate()
+    episodes = grm.draw_episodes(random.Random(1), records, 3, annotated, 4, [], online)
+    assert len(episodes.judging) == 4 and sum(i in online for i in episodes.judging) == 2
+    assert all(i in annotated for i in episodes.judging[:2])
+    episodes = grm.draw_episodes(random.Random(1), records, 3, annotated, 8, [], online[:1])
+    assert sum(i in online for i in episodes.judging) == 1 and len(episodes.judging) == 8
+
+
+def test_an_online_round_labels_the_policys_current_responses_within_the_budget(tiny_llama, one_thread):
+    model, tokenizer = load(tiny_llama, trainable=False)
+    cfg = GRMConfig(model="m", out="o", rubric_labels=10, online_labels=5, online_per_round=3,
+                    sampling={"max_new_tokens": 6})
+    prompts = generate("describe", "train", 5, seed=3)
+    data = grm.StageData([], [], [], grm.HeldOut([], [], []), online_prompts=prompts)
+    first = grm.online_round(model, tokenizer, WORLD_TEMPLATE, data, cfg, 0, seed=1)
+    last = grm.online_round(model, tokenizer, WORLD_TEMPLATE, data, cfg, 3, seed=1)
+    assert [i.record for i in first] == prompts[:3] and [i.record for i in last] == prompts[3:]
+    assert grm.online_round(model, tokenizer, WORLD_TEMPLATE, data, cfg, 5, seed=1) == []
+    for item in first + last:  # the hidden checker's judgement of what the policy sampled
+        assert item.label == labelled([item.record], [item.response])[0].label

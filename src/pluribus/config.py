@@ -388,6 +388,13 @@ class GRMConfig(PolicyUpdateConfig):
                                  "matches and the score is within this many points of the label's")
     max_rubric_labels: int = Field(200, ge=0, description="the cap on rubric_labels: the minimal human annotations")
     rubric_labels: int = Field(200, ge=0, description="labelled judgements of rubric-domain items (the annotated set)")
+    online_labels: int = Field(0, ge=0, exclude_if=lambda n: n == 0,
+                               description="of rubric_labels, how many are spent during RL instead of up front: every "
+                                           "online_every steps, online_per_round of the policy's current responses to "
+                                           "rubric prompts are labelled (the world's hidden checker stands in for the "
+                                           "annotator), so the judge is corrected where the policy has moved to")
+    online_every: int = Field(10, gt=0, exclude_if=lambda n: n == 10, description="steps between online labelling rounds")
+    online_per_round: int = Field(8, gt=0, exclude_if=lambda n: n == 8, description="responses labelled per round")
     label_edits: float = Field(0.0, ge=0, le=1, description="share of the annotated set's second responses that "
                                "are the first with one digit changed (near misses in a number; see "
                                "grm.candidate_responses)")
@@ -441,15 +448,27 @@ class GRMConfig(PolicyUpdateConfig):
             raise ValueError(f"{n} labelled rubric judgements exceed the cap max_rubric_labels={cap}")
         return n
 
+    @field_validator("online_labels")
+    @classmethod
+    def _online_budget(cls, n, info: ValidationInfo):
+        total = info.data.get("rubric_labels")
+        if total is not None and n > total:
+            raise ValueError(f"{n} exceeds rubric_labels {total} (the labels spent during RL are part of the "
+                             "annotated set's budget)")
+        if n and info.data.get("data") is not None:
+            raise ValueError("needs the world's hidden checker to label the policy's responses; with users' data, "
+                             "label them and add them to meta.labels")
+        return n
+
     @model_validator(mode="after")
     def _batches(self):
         rollouts = (self.gen_prompts + self.judge_items) * self.group_size
         if rollouts % self.minibatches:
             raise ValueError(f"(gen_prompts + judge_items) × group_size ({rollouts}) must divide into "
                              f"{self.minibatches} minibatches")
-        if not self.judge_domains and self.rubric_labels < self.judge_items:
-            raise ValueError(f"with no judge_domains, the annotated set (rubric_labels {self.rubric_labels}) must "
-                             f"hold judge_items ({self.judge_items}) items")
+        if not self.judge_domains and self.rubric_labels - self.online_labels < self.judge_items:
+            raise ValueError(f"with no judge_domains, the annotated set (rubric_labels {self.rubric_labels} less "
+                             f"online_labels {self.online_labels}) must hold judge_items ({self.judge_items}) items")
         if self.n_train < self.gen_prompts:
             raise ValueError(f"n_train {self.n_train} is fewer than gen_prompts {self.gen_prompts}")
         if self.eval_pairs > self.eval_n:

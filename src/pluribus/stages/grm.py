@@ -76,7 +76,7 @@ from __future__ import annotations
 import random
 import string
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -447,10 +447,15 @@ class Episodes:
 
 
 def draw_episodes(rng: random.Random, gen_records: Sequence[Record], n_gen: int, annotated: Sequence[JudgeItem],
-                  n_annotated: int, fresh: Sequence[JudgeItem]) -> Episodes:
-    """`n_gen` rubric prompts; `n_annotated` items of the annotated set, then the fresh verifiable items."""
-    return Episodes(rng.sample(list(gen_records), min(n_gen, len(gen_records))),
-                    rng.sample(list(annotated), min(n_annotated, len(annotated))) + list(fresh))
+                  n_annotated: int, fresh: Sequence[JudgeItem], online: Sequence[JudgeItem] = ()) -> Episodes:
+    """`n_gen` rubric prompts; `n_annotated` labelled items, then the fresh verifiable items. Once labels were spent
+    during RL (`online`), up to half of the labelled items are drawn from those, the rest from the annotated set:
+    a few labels of what the policy writes now would otherwise be drawn about once in a run."""
+    generation = rng.sample(list(gen_records), min(n_gen, len(gen_records)))
+    n_online = min(len(online), n_annotated // 2)
+    labelled = rng.sample(list(annotated), min(n_annotated - n_online, len(annotated))) + rng.sample(list(online),
+                                                                                                      n_online)
+    return Episodes(generation, labelled + list(fresh))
 
 
 def episode_rewards(episodes: Episodes, texts: Sequence[str], group_size: int, judge: Judge,
@@ -479,15 +484,18 @@ class StageData:
     held_out: HeldOut
     verifier: Verifier = WORLD_VERIFIER
     """How the verifiable domains' rollouts are labelled."""
+    online_prompts: list[Record] = field(default_factory=list)
+    """Rubric-domain train prompts whose responses are labelled during RL (`online_labels`), in the order spent."""
 
 
 def stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> StageData:
     """Prompts, the annotated set (responses of the starting policy, labelled, capped) and the held-out items."""
     max_new = cfg.sampling.max_new_tokens
-    labelled = rubric_records(cfg.domains, "train", -(-cfg.rubric_labels // 2), cfg.seed + 2)
+    upfront = cfg.rubric_labels - cfg.online_labels
+    labelled = rubric_records(cfg.domains, "train", -(-upfront // 2), cfg.seed + 2)
     responses = candidate_responses(model, tokenizer, labelled, max_new, cfg.seed + 2, cfg.label_edits)
-    annotated = annotate([r for r in labelled for _ in range(2)][:cfg.rubric_labels], responses[:cfg.rubric_labels],
-                         cfg.max_rubric_labels, template)
+    annotated = annotate([r for r in labelled for _ in range(2)][:upfront], responses[:upfront],
+                         cfg.max_rubric_labels - cfg.online_labels, template)
     test = rubric_records(cfg.domains, "test", cfg.eval_n, cfg.seed)
     per_domain = -(-cfg.eval_n // len(cfg.judge_domains)) if cfg.judge_domains else 0
     checkable_test = [r for d in cfg.judge_domains for r in generate(d, "test", per_domain, seed=cfg.seed)]
@@ -499,7 +507,8 @@ def stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> Sta
         test)
     return StageData(rubric_records(cfg.domains, "train", cfg.n_train, cfg.seed + 1),
                      [r for d in cfg.judge_domains for r in generate(d, "train", cfg.n_train, seed=cfg.seed + 1)],
-                     annotated, held_out)
+                     annotated, held_out, online_prompts=rubric_records(cfg.domains, "train", cfg.online_labels,
+                                                                        cfg.seed + 6) if cfg.online_labels else [])
 
 
 def users_stage_data(model, tokenizer, template: JudgeTemplate, cfg: GRMConfig) -> StageData:
@@ -547,6 +556,18 @@ def labelled_items(records: Sequence[Record], template: JudgeTemplate, cap: int)
     if len(items) > cap:
         raise PluribusError(f"annotated set: {len(items)} labelled rubric judgements exceed the cap of {cap}")
     return items
+
+
+def online_round(model, tokenizer, template: JudgeTemplate, data: StageData, cfg: GRMConfig, spent: int,
+                 seed: int) -> list[JudgeItem]:
+    """The next `online_per_round` labels of the `online_labels` budget (fewer at its end): the policy's current
+    sampled response to each of the next rubric prompts, labelled by the hidden checker (the annotator)."""
+    records = data.online_prompts[spent:min(spent + cfg.online_per_round, cfg.online_labels)]
+    if not records:
+        return []
+    with dist.gathered(model):
+        texts = spread_texts(model, tokenizer, records, _rollout_params(cfg), seed)
+    return _hidden_checker_items(records, [t[0] for t in texts], template)
 
 
 def _rollout_params(cfg: GRMConfig, max_new_tokens: int | None = None) -> SamplingParams:
@@ -678,13 +699,14 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     rng, G = random.Random(cfg.seed), cfg.group_size
     n_annotated = min(round(cfg.judge_items * cfg.annotated_share) if data.checkable else cfg.judge_items,
                       len(data.annotated))
+    online: list[JudgeItem] = []  # labels spent during RL so far
     n_fresh = cfg.judge_items - n_annotated if data.checkable else 0
     bar, task = progress("grm", cfg.steps)
     with bar:
         for step in range(cfg.steps):
             t0 = time.time()
             fresh_prompts = rng.sample(data.checkable, n_fresh)
-            episodes = draw_episodes(rng, data.gen_records, cfg.gen_prompts, data.annotated, n_annotated, [])
+            episodes = draw_episodes(rng, data.gen_records, cfg.gen_prompts, data.annotated, n_annotated, [], online)
             engine.sync_weights(model)  # the rollouts and the reward's judgements come from this step's weights
             with dist.gathered(model):  # fsdp2: whole weights while the HF sampler runs
                 fresh = verifiable_pairs(model, tokenizer, fresh_prompts, template, _rollout_params(cfg),
@@ -700,6 +722,12 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
             row = dict(step=step + 1, **joint_update(trainer, cfg, share, rollout, reward_judge, reference, optimizer,
                                                      scheduler, tokenizer.pad_token_id),
                        lr=scheduler.get_last_lr()[0], step_s=time.time() - t0)
+            if cfg.online_labels and (step + 1) % cfg.online_every == 0 and step + 1 < cfg.steps:
+                labelled = online_round(model, tokenizer, template, data, cfg, len(online), cfg.seed * 7_919 + step)
+                online += labelled
+                if labelled:
+                    row |= {"online_labels": len(online),
+                            "online_label_score": _share(i.label.judgement.value for i in labelled)}
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
                 row |= evaluate(model, tokenizer, template, data.held_out, cfg)
             metrics.write(**row)
