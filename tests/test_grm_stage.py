@@ -233,3 +233,19 @@ def test_an_online_round_labels_the_policys_current_responses_within_the_budget(
     assert grm.online_round(model, tokenizer, WORLD_TEMPLATE, data, cfg, 5, seed=1) == []
     for item in first + last:  # the hidden checker's judgement of what the policy sampled
         assert item.label == labelled([item.record], [item.response])[0].label
+
+
+def test_a_joint_run_spends_its_online_labels_during_rl(tiny_llama, tmp_path, one_thread):
+    cfg = validate(GRMConfig, {
+        "model": str(tiny_llama), "out": str(tmp_path / "grm"), "judge_domains": ["sort"], "n_train": 8,
+        "steps": 3, "gen_prompts": 2, "judge_items": 2, "group_size": 2, "judge_k": 1, "rubric_labels": 6,
+        "online_labels": 3, "online_every": 1, "online_per_round": 2, "warmup_steps": 1, "warmup_batch_size": 2,
+        "warmup_verifiable": 2, "eval_every": 0, "eval_n": 2, "eval_pairs": 1, "sampling": {"max_new_tokens": 6}},
+        "test")
+    out = grm.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "grm.metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["annotated_labels"] == 3  # 6 in all, 3 of them spent during RL
+    assert [r.get("online_labels") for r in rows[1:]] == [2, 3, None]  # a round after steps 1 and 2, none after the last
+    assert all(0.0 <= r["online_label_score"] <= 1.0 for r in rows[1:3])
+    meta = json.loads((out / "pluribus.json").read_text())
+    assert (meta["annotated_labels"], meta["online_labels"]) == (3, 3)

@@ -735,5 +735,6 @@ def run(cfg: GRMConfig, meta: dict | None = None) -> Path:
     metrics.close()
     engine.close()
     model.eval()
-    return dist.save(model, tokenizer, out, {"stage": "grm", "annotated_labels": len(data.annotated), **(meta or {}),
-                                             "config": cfg.model_dump()})
+    spent = {"online_labels": len(online)} if cfg.online_labels else {}  # labels used in all: annotated + online
+    return dist.save(model, tokenizer, out, {"stage": "grm", "annotated_labels": len(data.annotated), **spent,
+                                             **(meta or {}), "config": cfg.model_dump()})
