@@ -21,6 +21,11 @@ Labels come from
 - the annotated set: at most `max_rubric_labels` (200) labelled judgements of rubric-domain items,
   `label_judgements` (the hidden checker) on a fixed set of train prompts with two responses each
   (`candidate_responses`). `annotate` counts them and refuses more than the cap.
+- labels spent during RL (`online_labels`, part of the same budget, off by default): every `online_every` steps
+  the policy's current responses to `online_per_round` new rubric prompts are labelled (`online_round`), and up
+  to half of each step's labelled judging items are drawn from them. The annotated set shows the judge the
+  starting policy's responses only; a policy that moves to responses its judge misrates (a bare number rated
+  high, docs/grm.md) is otherwise never judged against a label.
 
 Users' data (`cfg.data`, see `users_stage_data`): the rubric domains' JSONL records are the prompts, and
 the judgements people wrote of example responses (`meta.labels`) are the annotated set; the verifiable
