@@ -195,7 +195,7 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
             live = [i for i in picked if signal[i]]
             if skipping and dist.all_true(not live):  # no rank holds a row with an advantage
                 updates += 1
-                norm, stepped = _zero_gradient_step(model, optimizer, scheduler, cfg.optim.grad_clip)
+                _, stepped = _zero_gradient_step(model, optimizer, scheduler, cfg.optim.grad_clip)
                 skipped += not stepped
                 continue
             held = bool(live)
