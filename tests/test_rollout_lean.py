@@ -1,6 +1,8 @@
 """The lean decode path (pluribus.models.lean): the HF forward's logits, the HF path's tokens, and a clean
 refusal of what it does not reproduce."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -31,7 +33,10 @@ def _lora(model):
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
 @pytest.mark.parametrize("lora", [False, True])
-def test_lean_logits_equal_the_hf_forward(request, fixture, lora, one_thread):
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_lean_logits_equal_the_hf_forward(request, fixture, lora, kernels, one_thread, monkeypatch):
+    """With the native decode kernels (where a compiler is) and with PyTorch ops alone."""
+    monkeypatch.setenv("PLURIBUS_KERNELS", kernels)
     model, tok = load(request.getfixturevalue(fixture), trainable=False)
     model = _lora(model) if lora else model
     prompts = _prompts(tok, 5)
@@ -40,6 +45,7 @@ def test_lean_logits_equal_the_hf_forward(request, fixture, lora, one_thread):
     with torch.no_grad():
         decoder = LeanDecoder.build(model)
         assert decoder is not None
+        assert (decoder.kernels is not None) == (kernels == "1" and shutil.which("c++") is not None)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         hf, cache = out.logits[:, -1].float(), out.past_key_values
         lean = decoder.prefill(prompts, 6)

@@ -7,7 +7,8 @@ attention, the SiLU-gated MLP) without either:
 
 - `LeanDecoder` (sampling, no grad): the model's weights read once per batch (a LoRA adapter folded in,
   `W + s·B·A`), fused q/k/v and gate/up matmuls, a KV cache allocated once, identical contexts prefilled once
-  and distinct ones packed without padding, finished rows dropped from the cache.
+  and distinct ones packed without padding, finished rows dropped from the cache. In float32 on a CPU its decode
+  step runs through three fused native kernels a layer (`pluribus.models.kernels`) beside PyTorch's matmuls.
 - `predicting_hidden_states` (training and teachers, grad flows): the model's own modules on each distinct
   token once, no padding: a prompt shared by a GRPO group's G rows runs once (its keys and values serve all
   G; their gradients add up, as if it ran G times), and only attention sees the rows laid out side by side.
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pluribus.models import kernels as native
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Fused weights are copies; above this many parameters the copy's memory outweighs the saved op calls.
 MAX_FUSED_PARAMETERS = 200_000_000
@@ -37,6 +40,8 @@ MAX_FUSED_PARAMETERS = 200_000_000
 MAX_MASK_ELEMENTS = 1 << 25
 # Positions per packed prefill row: attention within a pack costs its length squared, so packs stay short.
 PACK_TOKENS = 64
+# Longest cache the native decode kernels take (their scores of one head live on the stack): beyond, PyTorch ops.
+KERNEL_MAX_CONTEXT = 16_384
 
 
 @dataclass
@@ -171,6 +176,10 @@ class LeanDecoder:
         self.head_V_D, self.head_bias_V = head_V_D, head_bias_V
         self.inv_freq = _inv_freq(theta, self.head_dim, embed_V_D.device)
         self.dtype = embed_V_D.dtype
+        # Float32 on the CPU: a decode step through the native kernels (pluribus.models.kernels), which keep the
+        # keys transposed, `[B, Hkv, d, L]`; elsewhere, or without a compiler, PyTorch ops and keys `[B, Hkv, L, d]`.
+        self.kernels = native.decode_kernels(self.head_dim) if (
+            embed_V_D.device.type == "cpu" and self.dtype == torch.float32) else None
 
     @classmethod
     def build(cls, model) -> "LeanDecoder | None":
@@ -279,13 +288,20 @@ class LeanDecoder:
                                for j in range(len(contexts[c]))], device="cpu")
         dest_row = torch.repeat_interleave(torch.arange(B, device="cpu"), torch.tensor(lengths, device="cpu"))
         dest_col = torch.tensor([longest - n + j for n in lengths for j in range(n)], device="cpu")
-        shape = (B, self.kv_heads, longest + max_new_tokens, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        columns = longest + max_new_tokens
+        if self.kernels is not None and columns > KERNEL_MAX_CONTEXT:
+            self.kernels = None
+        if self.kernels is not None:
+            columns = -(-columns // native.BLOCK) * native.BLOCK
+        shape = (B, self.kv_heads, columns, self.head_dim)
+        key_shape = shape if self.kernels is None else (B, self.kv_heads, self.head_dim, columns)
+        self.k_cache = [torch.zeros(key_shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         source, dest_row, dest_col = source.to(device), dest_row.to(device), dest_col.to(device)
 
         def keys_values(layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            for cache, new in ((self.k_cache[layer], k), (self.v_cache[layer], v)):
+            keys = self.k_cache[layer] if self.kernels is None else self.k_cache[layer].transpose(2, 3)
+            for cache, new in ((keys, k), (self.v_cache[layer], v)):  # cache: [B, Hkv, L, d] (a view)
                 flat = new.transpose(1, 2).reshape(-1, self.kv_heads, self.head_dim)
                 cache.transpose(1, 2)[dest_row, dest_col] = flat[source]
             return k, v
@@ -302,14 +318,17 @@ class LeanDecoder:
                                    keys_values, keep=last)
         # Keys a position may see: the row's context, then everything generated.
         seen = torch.arange(longest, device=device)[None] >= longest - torch.tensor(lengths, device=device)[:, None]
-        self.mask_B_K = _additive(torch.cat([seen, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)],
-                                            dim=1), self.dtype)
+        self.mask_B_K = _additive(torch.cat([seen, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device),
+                                             torch.zeros(B, columns - longest - max_new_tokens, dtype=torch.bool,
+                                                         device=device)], dim=1), self.dtype)
         self.next_position_B = torch.tensor(lengths, device=device)
         self.length = longest
         return self._logits(hidden_C_D[torch.tensor(row_context, device=device)])
 
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed one token per cached row; logits `[B, V]` for the next."""
+        if self.kernels is not None:
+            return self._native_step(tokens_B)
         start = self.length
 
         def keys_values(layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -323,6 +342,25 @@ class LeanDecoder:
         self.length += 1
         self.next_position_B = self.next_position_B + 1
         return self._logits(hidden[:, 0])
+
+    def _native_step(self, tokens_B: Tensor) -> Tensor:
+        """`step` through the native kernels: per layer four matmuls (PyTorch's) and three fused calls (RoPE, cache
+        write and attention; residual add and RMSNorm; SiLU·up), the residual add folded into the next norm."""
+        kernels, column = self.kernels, self.length
+        x = F.embedding(tokens_B, self.embed_V_D)  # the residual stream [B, D], updated in place
+        normed = kernels.add_rms_norm(x, None, self.layers[0].norm_attn_D, self.eps, torch.empty_like(x))
+        for index, layer in enumerate(self.layers):
+            qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)
+            attended = kernels.attention(qkv, self.cos_table, self.sin_table, self.next_position_B,
+                                         self.k_cache[index], self.v_cache[index], self.mask_B_K, column, self.heads)
+            kernels.add_rms_norm(x, F.linear(attended, layer.o_weight, layer.o_bias), layer.norm_mlp_D, self.eps,
+                                 normed)
+            up = kernels.silu_mul(F.linear(normed, layer.gate_up_weight, layer.gate_up_bias))
+            following = self.layers[index + 1].norm_attn_D if index + 1 < len(self.layers) else self.norm_D
+            kernels.add_rms_norm(x, F.linear(up, layer.down_weight, layer.down_bias), following, self.eps, normed)
+        self.length += 1
+        self.next_position_B = self.next_position_B + 1
+        return F.linear(normed, self.head_V_D, self.head_bias_V)
 
     def keep_rows(self, rows: Tensor) -> None:
         """Drop every cached row but `rows` (indices, in their new order): finished rows stop costing compute."""

@@ -1,0 +1,147 @@
+// Fused CPU kernels for one decode step of pluribus.models.lean.LeanDecoder: float32, one thread, called through
+// ctypes by pluribus.models.kernels, which compiles this file at first use with HEAD_DIM set to the model's head
+// size. Each replaces several small PyTorch ops whose per-op cost, not their arithmetic, dominates a decode step
+// of a small model on a CPU. The matrix multiplies stay PyTorch's.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifndef HEAD_DIM
+#error "compile with -DHEAD_DIM=<the model's head size>"
+#endif
+#if HEAD_DIM % 2
+#error "HEAD_DIM must be even (RoPE turns pairs of halves)"
+#endif
+#define W 16            // floats a vector (GCC vector extensions: the compiler maps them to this CPU's registers)
+#define BLOCK (4 * W)   // keys scored at a time; the cache's width is a multiple of it
+typedef float vf __attribute__((vector_size(W * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
+
+static inline vf vload(const float *p) { vf x; std::memcpy(&x, p, sizeof x); return x; }
+static inline void vstore(float *p, vf x) { std::memcpy(p, &x, sizeof x); }
+static inline vf splat(float a) { return (vf){} + a; }
+static inline float hsum(vf x) { float s = 0.f; for (int i = 0; i < W; i++) s += x[i]; return s; }
+
+// e^x for x <= 0: 2^n · 2^f with |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error < 2e-7);
+// 0 below -87, where float32 turns subnormal.
+static inline vf vexp_nonpos(vf x) {
+    vf y = x * 1.4426950408889634f;
+    y = y < -126.f ? splat(-126.f) : y;
+    vf n = __builtin_convertvector(__builtin_convertvector(y + (y < 0 ? splat(-0.5f) : splat(0.5f)), vi), vf);
+    vf f = y - n;
+    vf p = splat(1.5403530393381606e-4f);
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910072e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return x < -87.f ? splat(0.f) : p * scale;
+}
+
+// With `residual`, x += residual (in place: the decoder's residual stream); then out = RMSNorm(x) · weight, float32
+// statistics. Rows of D floats.
+extern "C" void add_rms_norm(float *__restrict x, const float *__restrict residual, const float *__restrict weight,
+                             float *__restrict out, int rows, int D, float eps) {
+    for (int r = 0; r < rows; r++) {
+        float *xr = x + (long)r * D;
+        if (residual) {
+            const float *a = residual + (long)r * D;
+            for (int i = 0; i < D; i++) xr[i] += a[i];
+        }
+        vf squares = {};
+        int i = 0;
+        for (; i + W <= D; i += W) { vf v = vload(xr + i); squares += v * v; }
+        float ss = hsum(squares);
+        for (; i < D; i++) ss += xr[i] * xr[i];
+        float inv = 1.f / std::sqrt(ss / D + eps);
+        float *o = out + (long)r * D;
+        for (i = 0; i < D; i++) o[i] = xr[i] * inv * weight[i];
+    }
+}
+
+// out[r, i] = silu(gate_up[r, i]) · gate_up[r, I + i]: the gated MLP's activation, rows of 2·I floats (gate, up).
+extern "C" void silu_mul(const float *__restrict gate_up, float *__restrict out, int rows, int I) {
+    for (int r = 0; r < rows; r++) {
+        const float *g = gate_up + (long)r * 2 * I, *u = g + I;
+        float *o = out + (long)r * I;
+        int i = 0;
+        for (; i + W <= I; i += W) {
+            vf x = vload(g + i);
+            vf e = vexp_nonpos(x < 0 ? x : -x);  // e^-|x|: the sigmoid without overflow on either side
+            vf sigmoid = x < 0 ? e / (1.f + e) : 1.f / (1.f + e);
+            vstore(o + i, x * sigmoid * vload(u + i));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+}
+
+// RoPE of one head: x·cos + rotate_half(x)·sin, with the sine's first half negated (lean._rope_table's tables).
+static inline void rope(const float *x, const float *cos, const float *signed_sin, float *out) {
+    const int half = HEAD_DIM / 2;
+    for (int i = 0; i < half; i++) {
+        out[i] = x[i] * cos[i] + x[i + half] * signed_sin[i];
+        out[i + half] = x[i + half] * cos[i + half] + x[i] * signed_sin[i + half];
+    }
+}
+
+// One new token per row. RoPE turns its queries and keys; its key and value go to column `col` of the row's cache;
+// each query head then attends over columns 0..col of its key head (scaled scores, additive mask, softmax).
+//   qkv: [B, (H + 2·Hkv)·d], rows qkv_row apart (query heads, key heads, value heads); cos, signed_sin: [P, d];
+//   position: [B]; keys_t: [B, Hkv, d, L] (keys transposed: a query's scores are contiguous vector FMAs);
+//   values: [B, Hkv, L, d]; mask: [B, L], rows mask_row apart (0 or -inf); out: [B, H·d]. L % BLOCK == 0.
+extern "C" void decode_attention(const float *__restrict qkv, long qkv_row, const float *__restrict cos,
+                                 const float *__restrict signed_sin, const int64_t *__restrict position,
+                                 float *__restrict keys_t, float *__restrict values, long L,
+                                 const float *__restrict mask, long mask_row, float *__restrict out,
+                                 int B, int H, int Hkv, int col, float scale) {
+    const int d = HEAD_DIM, group = H / Hkv, K = col + 1, Kb = (K + BLOCK - 1) / BLOCK * BLOCK;
+    float s[Kb];  // one head's scores, then its weights (L <= lean.KERNEL_MAX_CONTEXT keeps this small)
+    float q[HEAD_DIM], k[HEAD_DIM];
+    for (int b = 0; b < B; b++) {
+        const float *row = qkv + b * qkv_row, *c = cos + position[b] * d, *sn = signed_sin + position[b] * d;
+        for (int g = 0; g < Hkv; g++) {
+            rope(row + (H + g) * d, c, sn, k);
+            float *kt = keys_t + ((long)b * Hkv + g) * d * L;
+            for (int t = 0; t < d; t++) kt[(long)t * L + col] = k[t];
+            std::memcpy(values + (((long)b * Hkv + g) * L + col) * d, row + (H + Hkv + g) * d, d * sizeof(float));
+        }
+        const float *m = mask + b * mask_row;
+        for (int h = 0; h < H; h++) {
+            rope(row + h * d, c, sn, q);
+            const float *kt = keys_t + ((long)b * Hkv + h / group) * d * L;
+            const float *v = values + ((long)b * Hkv + h / group) * L * d;
+            for (int jb = 0; jb < K; jb += BLOCK) {  // four independent accumulators hide the FMA latency
+                vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+                for (int t = 0; t < d; t++) {
+                    const float *kt_t = kt + (long)t * L + jb;
+                    float qt = q[t] * scale;
+                    a0 += qt * vload(kt_t);
+                    a1 += qt * vload(kt_t + W);
+                    a2 += qt * vload(kt_t + 2 * W);
+                    a3 += qt * vload(kt_t + 3 * W);
+                }
+                vstore(s + jb, a0); vstore(s + jb + W, a1); vstore(s + jb + 2 * W, a2); vstore(s + jb + 3 * W, a3);
+            }
+            float mx = -INFINITY;
+            for (int j = 0; j < K; j++) { s[j] += m[j]; mx = s[j] > mx ? s[j] : mx; }
+            for (int j = K; j < Kb; j++) s[j] = -INFINITY;
+            vf sums = {};
+            for (int j = 0; j < Kb; j += W) { vf e = vexp_nonpos(vload(s + j) - mx); vstore(s + j, e); sums += e; }
+            float inv = 1.f / hsum(sums);
+            float o0[HEAD_DIM] = {}, o1[HEAD_DIM] = {};  // two partial sums: half the dependency chain
+            int j = 0;
+            for (; j + 1 < K; j += 2) {
+                const float *va = v + (long)j * d, *vb = va + d;
+                for (int t = 0; t < d; t++) { o0[t] += s[j] * va[t]; o1[t] += s[j + 1] * vb[t]; }
+            }
+            if (j < K)
+                for (int t = 0; t < d; t++) o0[t] += s[j] * v[(long)j * d + t];
+            float *o = out + ((long)b * H + h) * d;
+            for (int t = 0; t < d; t++) o[t] = (o0[t] + o1[t]) * inv;
+        }
+    }
+}

@@ -1,0 +1,156 @@
+"""Native CPU kernels for the lean decoder's decode step, compiled at first use.
+
+A decode step of a small model on a CPU is dozens of tiny ops a layer, and ATen's cost per op, not their arithmetic,
+dominates it: RMSNorm runs as six ops, RoPE as four, and the one-query attention over the KV cache as two batched
+matrix products of B·H matrices of one row each (ATen multiplies them one by one). `decode_kernels.cc`, next to
+this file, does in one call each:
+
+- `attention`: RoPE on the new queries and keys, the new key and value written into the cache, and each query
+  head's scaled, masked softmax attention over its key head's cached columns;
+- `add_rms_norm`: the residual add and the RMSNorm after it;
+- `silu_mul`: the gated MLP's SiLU(gate)·up.
+
+The matrix multiplies stay PyTorch's. On the world's model (hidden 128, 4 heads of 32) a 32-row decode step runs
+~1.3-1.45× faster (docs/performance.md, session 13); logits agree with the PyTorch ops to float rounding (~1e-6).
+
+The source is compiled for this CPU (`-march=native`) with the head size built in, by `$CXX` (else `c++`), once
+per source, head size and CPU, into `$PLURIBUS_KERNEL_CACHE` (default `~/.cache/pluribus/kernels`); each process
+then loads the built library (milliseconds). No compiler, a failed build, or `PLURIBUS_KERNELS=0` give None, and
+the decoder keeps its PyTorch ops. Float32 on the CPU only; the caller (`LeanDecoder`) checks that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("decode_kernels.cc")
+# Keys scored at a time by `decode_attention` (its BLOCK): a cache's width must be a multiple of it.
+BLOCK = 64
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+MAX_HEAD_DIM = 512
+
+
+class DecodeKernels:
+    """The compiled kernels for one head size. Every tensor is float32, contiguous, on the CPU; shapes below."""
+
+    def __init__(self, library: ctypes.CDLL, head_dim: int):
+        self.head_dim = head_dim
+        p, n, i, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+        self._attention = library.decode_attention
+        self._attention.argtypes = [p, n, p, p, p, p, p, n, p, n, p, i, i, i, i, f]
+        self._add_rms_norm = library.add_rms_norm
+        self._add_rms_norm.argtypes = [p, p, p, p, i, i, f]
+        self._silu_mul = library.silu_mul
+        self._silu_mul.argtypes = [p, p, i, i]
+        for function in (self._attention, self._add_rms_norm, self._silu_mul):
+            function.restype = None
+
+    def attention(self, qkv_B_X: Tensor, cos_P_d: Tensor, signed_sin_P_d: Tensor, position_B: Tensor,
+                  keys_t_B_Hkv_d_L: Tensor, values_B_Hkv_L_d: Tensor, mask_B_L: Tensor, column: int,
+                  heads: int) -> Tensor:
+        """Attention output `[B, H·d]` of one new token per row, whose fused projection is `qkv_B_X`
+        (`X = (H + 2·Hkv)·d`: queries, keys, values); writes its key and value at `column` of the caches first.
+
+        cos/signed_sin: `_rope_table`'s, indexed by `position_B` (int64). keys_t: keys transposed, `[B, Hkv, d, L]`;
+        values `[B, Hkv, L, d]`; mask_B_L additive (0 or -inf), columns ≤ `column` read; L a multiple of BLOCK.
+        """
+        B, kv_heads, d, L = keys_t_B_Hkv_d_L.shape
+        out = torch.empty(B, heads * d, dtype=torch.float32)
+        self._attention(qkv_B_X.data_ptr(), qkv_B_X.shape[-1], cos_P_d.data_ptr(), signed_sin_P_d.data_ptr(),
+                        position_B.data_ptr(), keys_t_B_Hkv_d_L.data_ptr(), values_B_Hkv_L_d.data_ptr(), L,
+                        mask_B_L.data_ptr(), mask_B_L.shape[-1], out.data_ptr(), B, heads, kv_heads, column,
+                        d ** -0.5)
+        return out
+
+    def add_rms_norm(self, x_B_D: Tensor, residual_B_D: Tensor | None, weight_D: Tensor, eps: float,
+                     out_B_D: Tensor) -> Tensor:
+        """`x += residual` in place (when given), then `out = RMSNorm(x)·weight` (float32 statistics)."""
+        rows, D = x_B_D.shape
+        self._add_rms_norm(x_B_D.data_ptr(), None if residual_B_D is None else residual_B_D.data_ptr(),
+                           weight_D.data_ptr(), out_B_D.data_ptr(), rows, D, eps)
+        return out_B_D
+
+    def silu_mul(self, gate_up_B_2I: Tensor) -> Tensor:
+        """SiLU(gate)·up `[B, I]` of the gated MLP's fused projection `[B, 2·I]` (gate columns first)."""
+        rows, width = gate_up_B_2I.shape
+        out = torch.empty(rows, width // 2, dtype=torch.float32)
+        self._silu_mul(gate_up_B_2I.data_ptr(), out.data_ptr(), rows, width // 2)
+        return out
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` compiles for: the CPU's model and feature flags (a library built for one CPU may not run
+    on another, e.g. a home directory shared between machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return "\n".join(sorted(set(keep))) or platform.machine()
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PLURIBUS_KERNEL_CACHE"):
+        return Path(os.environ["PLURIBUS_KERNEL_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pluribus" / "kernels"
+
+
+def _build(head_dim: int) -> Path:
+    """The built library for `head_dim`: from the cache, or compiled into it (atomically: concurrent processes
+    each write a file of their own and rename it into place)."""
+    compiler = os.environ.get("CXX", "c++")
+    flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *flags]).encode(), _cpu_signature().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache: a private folder in the temp directory
+        folder = Path(tempfile.gettempdir()) / f"pluribus-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+    library = folder / f"decode-d{head_dim}-{key}.so"
+    if library.exists():
+        return library
+    partial = folder / f".{library.name}.{os.getpid()}"
+    result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(f"{compiler} failed: {lines[-1] if lines else 'no output'}")
+    os.replace(partial, library)
+    return library
+
+
+def decode_kernels(head_dim: int) -> DecodeKernels | None:
+    """The kernels for models with heads of `head_dim`, or None: turned off (`PLURIBUS_KERNELS=0`, read at each
+    call), an odd or outsized head, Windows, or no working compiler (warned once per head size and process)."""
+    if os.environ.get("PLURIBUS_KERNELS", "1") == "0" or head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
+        return None
+    if sys.platform == "win32":  # MSVC takes none of the flags: Windows keeps the PyTorch ops
+        return None
+    return _load(head_dim)
+
+
+@functools.cache
+def _load(head_dim: int) -> DecodeKernels | None:
+    try:
+        return DecodeKernels(ctypes.CDLL(str(_build(head_dim))), head_dim)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # OSError: no compiler, or no loading
+        warnings.warn(f"pluribus: the native decode kernels are unavailable ({error}); decoding uses PyTorch ops, "
+                      f"slower on a CPU (set PLURIBUS_KERNELS=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+        return None

@@ -1,0 +1,181 @@
+"""The native decode kernels (pluribus.models.kernels): each against a float64 reference written with loops, the
+decoder's logits with them against transformers' forward, and the fallbacks (turned off, no compiler)."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from pluribus.models import kernels as native
+from pluribus.models import lean as lean_module
+from pluribus.models.lean import LeanDecoder
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
+
+
+def _kernels(head_dim: int) -> native.DecodeKernels:
+    kernels = native.decode_kernels(head_dim)
+    assert kernels is not None
+    return kernels
+
+
+def _rope_reference(x, cos_d, signed_sin_d):
+    """HF RoPE of one head in float64 by loops: x·cos + rotate_half(x)·sin, the angles' cosines and sines read from
+    the float32 tables the decoder uses (their second halves hold cos and +sin of each frequency)."""
+    d = len(x)
+    out = torch.empty(d, dtype=torch.float64)
+    for i in range(d // 2):
+        c, s = float(cos_d[i + d // 2]), float(signed_sin_d[i + d // 2])
+        out[i] = x[i] * c - x[i + d // 2] * s
+        out[i + d // 2] = x[i + d // 2] * c + x[i] * s
+    return out
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads,kv_heads,d,column", [(4, 4, 32, 9), (4, 2, 32, 70), (2, 1, 64, 127)])
+def test_attention_equals_a_float64_reference(heads, kv_heads, d, column):
+    """RoPE, the cache write and masked softmax attention over columns 0..column, per row and head by loops; GQA
+    (two query heads a key head); scores crossing the kernel's 64-key blocks; masked columns."""
+    gen = torch.Generator().manual_seed(0)
+    B, L = 3, native.BLOCK * 2
+    qkv = torch.randn(B, (heads + 2 * kv_heads) * d, generator=gen)
+    keys_t = torch.randn(B, kv_heads, d, L, generator=gen)
+    values = torch.randn(B, kv_heads, L, d, generator=gen)
+    keys_before, values_before = keys_t.clone(), values.clone()
+    mask = torch.zeros(B, L)
+    mask[0, :3] = float("-inf")  # row 0 does not see its first three columns
+    mask[2, column // 2] = float("-inf")
+    position = torch.tensor([column, column - 3, 5], dtype=torch.long)
+    cos, sin = lean_module._rope_table(lean_module._inv_freq(10000.0, d, "cpu"), 200, torch.float32)
+
+    out = _kernels(d).attention(qkv, cos, sin, position, keys_t, values, mask, column, heads)
+
+    q64, new = qkv.double(), {}
+    for b in range(B):
+        for g in range(kv_heads):
+            new[b, g] = (_rope_reference(q64[b, (heads + g) * d:(heads + g + 1) * d], cos[position[b]],
+                                         sin[position[b]]),
+                         q64[b, (heads + kv_heads + g) * d:(heads + kv_heads + g + 1) * d])
+            # the new key and value landed in column `column`, nothing else moved
+            assert torch.allclose(keys_t[b, g, :, column].double(), new[b, g][0], atol=1e-6)
+            assert torch.equal(values[b, g, column], qkv[b, (heads + kv_heads + g) * d:(heads + kv_heads + g + 1) * d])
+    others = torch.ones(L, dtype=torch.bool)
+    others[column] = False
+    assert torch.equal(keys_t[..., others], keys_before[..., others])
+    assert torch.equal(values[:, :, others], values_before[:, :, others])
+    for b in range(B):
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            q = _rope_reference(q64[b, h * d:(h + 1) * d], cos[position[b]], sin[position[b]])
+            scores = []
+            for j in range(column + 1):
+                k = new[b, g][0] if j == column else keys_before[b, g, :, j].double()
+                scores.append(float(q @ k) / math.sqrt(d) + float(mask[b, j]))
+            top = max(scores)
+            weights = [math.exp(s - top) for s in scores]
+            expected = sum(w * (new[b, g][1] if j == column else values_before[b, g, j].double())
+                           for j, w in enumerate(weights)) / sum(weights)
+            assert torch.allclose(out[b, h * d:(h + 1) * d].double(), expected, atol=2e-6), (b, h)
+
+
+@needs_compiler
+@pytest.mark.parametrize("D", [128, 40])
+def test_add_rms_norm_equals_a_float64_reference(D):
+    gen = torch.Generator().manual_seed(1)
+    x, residual, weight = (torch.randn(5, D, generator=gen), 3 * torch.randn(5, D, generator=gen),
+                           torch.randn(D, generator=gen))
+    expected_x = x.double() + residual.double()
+    expected = torch.stack([row / math.sqrt(float((row ** 2).mean()) + 1e-6) for row in expected_x]) * weight.double()
+    out = _kernels(32).add_rms_norm(x, residual, weight, 1e-6, torch.empty(5, D))
+    assert torch.allclose(x.double(), expected_x, atol=1e-6)  # the residual stream, updated in place
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-6)
+    alone = _kernels(32).add_rms_norm(x.clone(), None, weight, 1e-6, torch.empty(5, D))
+    assert torch.allclose(alone.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("I", [384, 40])
+def test_silu_mul_equals_a_float64_reference_without_overflow(I):
+    gen = torch.Generator().manual_seed(2)
+    gate_up = 4 * torch.randn(3, 2 * I, generator=gen)
+    gate_up[0, :4] = torch.tensor([-1e4, -100.0, 100.0, 1e4])  # e^±x overflows float32 here
+    out = _kernels(32).silu_mul(gate_up)
+    g, u = gate_up[:, :I].double(), gate_up[:, I:].double()
+    expected = g * torch.sigmoid(g) * u
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_decoder_with_kernels_equals_the_hf_forward_with_grouped_heads(one_thread):
+    """A Qwen2 with 4 query heads over 2 key heads, biases on q/k/v: prefill and 70 decode steps (past one 64-key
+    block), rows dropped midway; logits within 1e-5 of transformers' forward."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).eval()
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14], [15]]
+    with torch.no_grad():
+        decoder = LeanDecoder.build(model)
+        assert decoder.kernels is not None
+        logits = decoder.prefill(prompts, 70)
+        assert decoder.k_cache[0].shape == (4, 2, 16, 128)  # keys transposed, width a multiple of 64
+        rows = [list(p) for p in prompts]
+        for step in range(70):
+            token = logits.argmax(-1)
+            for row, t in zip(rows, token.tolist()):
+                row.append(t)
+            if step == 30:  # rows 0 and 2 go on
+                decoder.keep_rows(torch.tensor([0, 2]))
+                rows, token = [rows[0], rows[2]], token[[0, 2]]
+            logits = decoder.step(token)
+            reference = torch.stack([model(torch.tensor([row])).logits[0, -1] for row in rows])
+            assert (logits - reference).abs().max() < 1e-5, step
+
+
+def test_kernels_off_keeps_the_pytorch_ops(monkeypatch, tiny_qwen2):
+    from pluribus.models import load
+
+    monkeypatch.setenv("PLURIBUS_KERNELS", "0")
+    assert native.decode_kernels(32) is None
+    model, _ = load(tiny_qwen2, trainable=False)
+    decoder = LeanDecoder.build(model)
+    assert decoder.kernels is None
+    with torch.no_grad():
+        decoder.prefill([[3, 4, 5]], 4)
+    assert decoder.k_cache[0].shape == (1, 2, 7, 32)  # keys by position, no padding to a block
+
+
+def test_unsupported_head_sizes_get_none():
+    assert native.decode_kernels(33) is None
+    assert native.decode_kernels(native.MAX_HEAD_DIM + 2) is None
+
+
+def test_a_missing_compiler_warns_once_and_decoding_falls_back(monkeypatch, tmp_path, tiny_qwen2):
+    from pluribus.models import load
+
+    monkeypatch.setenv("PLURIBUS_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native decode kernels are unavailable"):
+            assert native.decode_kernels(32) is None
+        model, _ = load(tiny_qwen2, trainable=False)
+        decoder = LeanDecoder.build(model)  # the failure is remembered: no second warning, no second attempt
+        assert decoder.kernels is None
+        assert list((tmp_path / "cache").iterdir()) == []  # no partial library left behind
+    finally:
+        native._load.cache_clear()
+
+
+@needs_compiler
+def test_a_built_library_is_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("PLURIBUS_KERNEL_CACHE", str(tmp_path))
+    first = native._build(32)
+    assert first.parent == tmp_path and first.exists()
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("compiled twice"))
+    assert native._build(32) == first
