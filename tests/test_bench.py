@@ -35,7 +35,8 @@ def _check_pluribus_side(results):
     assert results["rollout"]["grpo_batch"]["rows"] == SMOKE.prompts * SMOKE.group
     teachers = results["opd_teachers"]
     assert sorted(int(k) for k in teachers["by_count"]) == sorted(SMOKE.teacher_counts)
-    assert all(t["peak_mib"] > 0 and t["tokens"] > 0 for t in teachers["by_count"].values())
+    assert all(t["peak_mib"] > 0 and t["tokens"] > 0 and t["processes"] == SMOKE.rounds
+               for t in teachers["by_count"].values())
     assert teachers["by_count"][str(max(SMOKE.teacher_counts))]["loads"] == 1  # LoRA teachers share one base
     kl = results["chunked_kl"]
     assert kl["vocab"] == SMOKE.kl_vocab and kl["mean_kl"] > 0
@@ -101,3 +102,20 @@ def test_first_step_work_counts_the_matmuls_of_the_first_step_only():
     a @ b  # the second step: not counted
     work.step_end()
     assert work.gflop == pytest.approx(2 * 4 * 8 * 16 / 1e9)
+
+
+def test_teacher_counts_pool_their_processes():
+    """Each count's processes (run in alternating order) pool into one median; memory takes the highest peak."""
+    from pluribus.bench import _teachers
+
+    def process(steps, peak):
+        return {"steps_s": steps, "cpu_steps_s": steps, "threads": 1, "tokens": 10, "loads": 1, "peak_mib": peak,
+                "above_baseline_mib": peak - 100}
+
+    pooled = _teachers({1: [process([1.0, 1.2], 300), process([1.1, 5.0], 310)],
+                        12: [process([1.3, 1.3], 320), process([1.2, 1.4], 305)]})
+    assert pooled["by_count"]["1"]["step_s"] == pytest.approx(1.15)  # median of 1.0, 1.1, 1.2, 5.0
+    assert pooled["by_count"]["12"]["processes"] == 2 and pooled["by_count"]["12"]["timed_steps"] == 4
+    assert pooled["step_time_ratio"] == pytest.approx(1.3 / 1.15)
+    assert pooled["peak_rss_ratio"] == pytest.approx(320 / 310)
+    assert pooled["peak_above_baseline_ratio"] == pytest.approx(220 / 210)

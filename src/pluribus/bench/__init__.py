@@ -72,10 +72,13 @@ def run(settings: BenchSettings = BenchSettings(), *, with_trl: bool | None = No
                     runs[task][side].append(call(f"{task}_{side}"))
         echo("rollout throughput")
         rollout = call("rollout")
-        teachers = {}
-        for count in settings.teacher_counts:
-            echo(f"OPD step with {count} teacher(s)")
-            teachers[count] = call("opd_teachers", count)
+        # each count in `rounds` processes, the order reversed every round (as the two sides above alternate):
+        # a slow stretch of a shared machine falls on every count, not on the one that ran then
+        teachers: dict[int, list[dict]] = {count: [] for count in settings.teacher_counts}
+        for r in range(settings.rounds):
+            for count in (settings.teacher_counts if r % 2 == 0 else settings.teacher_counts[::-1]):
+                echo(f"round {r + 1}/{settings.rounds}: OPD step with {count} teacher(s)")
+                teachers[count].append(call("opd_teachers", count))
         echo("chunked KL peak memory")
         kl = call("chunked_kl")
     results = {"machine": machine(settings.threads), "settings": asdict(settings), "model": model,
@@ -171,7 +174,13 @@ def _rollout(measured: dict) -> dict:
     return out
 
 
-def _teachers(by_count: dict[int, dict]) -> dict:
+def _teachers(runs_by_count: dict[int, list[dict]]) -> dict:
+    """Per teacher count: medians over every timed step of its processes, the highest peak memory of them."""
+    by_count = {count: {**runs[0], **_pooled(runs), "processes": len(runs),
+                        "peak_mib": max(r["peak_mib"] for r in runs),
+                        "above_baseline_mib": None if any(r["above_baseline_mib"] is None for r in runs)
+                        else max(r["above_baseline_mib"] for r in runs)}
+                for count, runs in runs_by_count.items()}
     fewest, most = by_count[min(by_count)], by_count[max(by_count)]
     above = [r["above_baseline_mib"] for r in (most, fewest)]
     return {"by_count": {str(k): v for k, v in by_count.items()}, "most": max(by_count), "fewest": min(by_count),
