@@ -1,10 +1,13 @@
 """The packed training forward (pluribus.models.lean.predicting_hidden_states) against the HF forward: the same
 logits and the same gradients, with shared prompts run once, LoRA and grouped-query attention."""
 
+import shutil
+
 import pytest
 import torch
 
 from pluribus.models import add_lora, load, response_logits
+from pluribus.models import kernels as native
 from pluribus.models.lean import predicting_hidden_states
 from pluribus.teachers import output_head
 
@@ -39,7 +42,14 @@ def _grads(model, logits_M_V):
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
 @pytest.mark.parametrize("variant", ["full", "lora", "gqa"])
-def test_packed_forward_equals_the_hf_forward(request, fixture, variant, one_thread):
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_packed_forward_equals_the_hf_forward(request, fixture, variant, kernels, one_thread, monkeypatch):
+    """With the native attention kernel (where a compiler is) and with SDPA."""
+    monkeypatch.setenv("PLURIBUS_KERNELS", kernels)
+    calls = []
+    monkeypatch.setattr(native.DecodeKernels, "packed_attention",
+                        lambda self, *args, _real=native.DecodeKernels.packed_attention: (calls.append(1),
+                                                                                          _real(self, *args))[1])
     model, _ = load(request.getfixturevalue(fixture))
     if variant == "gqa":  # two query heads share one key head: rebuild the model with one KV head
         from transformers import AutoModelForCausalLM
@@ -72,6 +82,7 @@ def test_packed_forward_equals_the_hf_forward(request, fixture, variant, one_thr
     full = response_logits(model, prompt_ids, response, mask, 0)
     assert torch.equal(full[mask], logits.detach()) or (full[mask] - reference).abs().max() < 1e-5
     assert not full[~mask].any()
+    assert bool(calls) == (kernels == "1" and shutil.which("c++") is not None)
 
 
 def test_what_the_packed_forward_does_not_reproduce_gets_none(tiny_llama, monkeypatch):
@@ -124,11 +135,13 @@ def test_the_lm_loss_is_the_padded_forwards(tiny_qwen2, monkeypatch):
 
 
 
-def test_two_threads_give_the_same_gradients_every_time(tiny_llama):
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_two_threads_give_the_same_gradients_every_time(tiny_llama, kernels, monkeypatch):
     """A prompt shared by rows runs once, so its keys and values are gathered into every row and their gradients
     add up in the backward. They must add up in one order: with `x[index]` two threads added them in whatever
     order the threads reached them, and the same batch gave other gradients from run to run (pretraining's
     texts all share their first token; at this size 64 rows of up to 40 tokens showed it every time)."""
+    monkeypatch.setenv("PLURIBUS_KERNELS", kernels)
     model, _ = load(tiny_llama)
     model.train()
     gen = torch.Generator().manual_seed(0)

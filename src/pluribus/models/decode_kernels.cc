@@ -4,7 +4,9 @@
 // of a small model on a CPU. The matrix multiplies stay PyTorch's.
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<the model's head size>"
@@ -144,4 +146,155 @@ extern "C" void decode_attention(const float *__restrict qkv, long qkv_row, cons
             for (int t = 0; t < d; t++) o[t] = (o0[t] + o1[t]) * inv;
         }
     }
+}
+
+// --- the packed training forward's attention (pluribus.models.lean.predicting_hidden_states) -------------------
+// Tokens are packed, each once: q [N, H, d], k and v [N, Hkv, d] (after RoPE). A group of rows attends as a
+// [G, Q, K] block: query i of row g is token queries[g·Q + i], its key j token keys[g·K + j], under an additive mask
+// [G, Q, K] (0 or -inf; every query sees at least one key). Output [G·Q, H·d] and the log-sum-exp of each (row,
+// head, query) [G, H, Q], from which the backward recomputes the weights (no [G, H, Q, K] buffer is kept).
+// Per row and key head the row's keys and values are first gathered into contiguous buffers, keys and values
+// transposed ([d, K]): a query's scores against every key are then vertical vector FMAs, as in decode_attention.
+
+static inline float dot(const float *__restrict a, const float *__restrict b) {
+#if HEAD_DIM % W == 0
+    vf acc = {};
+    for (int c = 0; c < HEAD_DIM; c += W) acc += vload(a + c) * vload(b + c);
+    return hsum(acc);
+#else
+    float acc = 0.f;
+    for (int t = 0; t < HEAD_DIM; t++) acc += a[t] * b[t];
+    return acc;
+#endif
+}
+
+namespace {
+
+struct Gathered {  // one row's keys and values for one key head
+    int K, Kb;
+    std::vector<float> kt, vt, k, v;  // [d, Kb] transposed (zero past K), and [K, d]
+    explicit Gathered(int K_) : K(K_), Kb((K_ + BLOCK - 1) / BLOCK * BLOCK), kt(HEAD_DIM * Kb), vt(HEAD_DIM * Kb),
+                                k(K_ * HEAD_DIM), v(K_ * HEAD_DIM) {}
+    void load(const float *key_src, const float *value_src, const int64_t *key, int Hkv, int kv_head) {
+        for (int j = 0; j < K; j++) {
+            const float *kj = key_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
+            const float *vj = value_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
+            std::memcpy(&k[j * HEAD_DIM], kj, HEAD_DIM * sizeof(float));
+            std::memcpy(&v[j * HEAD_DIM], vj, HEAD_DIM * sizeof(float));
+            for (int t = 0; t < HEAD_DIM; t++) { kt[t * Kb + j] = kj[t]; vt[t * Kb + j] = vj[t]; }
+        }
+    }
+};
+
+// out[0:Kb] = Σ_t x[t] · rows_t[t·Kb : t·Kb + Kb] (x scaled by `scale`): a vector against every column
+inline void against_columns(const float *x, const float *rows, int Kb, float scale, float *out) {
+    for (int jb = 0; jb < Kb; jb += BLOCK) {
+        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int t = 0; t < HEAD_DIM; t++) {
+            const float *r = rows + t * Kb + jb;
+            float xt = x[t] * scale;
+            a0 += xt * vload(r); a1 += xt * vload(r + W); a2 += xt * vload(r + 2 * W); a3 += xt * vload(r + 3 * W);
+        }
+        vstore(out + jb, a0); vstore(out + jb + W, a1); vstore(out + jb + 2 * W, a2); vstore(out + jb + 3 * W, a3);
+    }
+}
+
+// s[j] += mask[j] (padding columns past K: -inf); then s[j] = e^(s[j] - shift), where shift is `*shift` if given,
+// else the largest s (written to *largest); returns Σ s.
+inline float weights(float *s, const float *mask, int K, int Kb, const float *shift, float *largest) {
+    vf top = splat(-INFINITY);
+    int j = 0;
+    for (; j + W <= K; j += W) { vf x = vload(s + j) + vload(mask + j); vstore(s + j, x); top = x > top ? x : top; }
+    float mx = -INFINITY;
+    for (int l = 0; l < W; l++) mx = top[l] > mx ? top[l] : mx;
+    for (; j < K; j++) { s[j] += mask[j]; mx = s[j] > mx ? s[j] : mx; }
+    for (; j < Kb; j++) s[j] = -INFINITY;
+    if (largest) *largest = mx;
+    float m = shift ? *shift : mx;
+    vf sums = {};
+    for (j = 0; j < Kb; j += W) { vf e = vexp_nonpos(vload(s + j) - m); vstore(s + j, e); sums += e; }
+    return hsum(sums);
+}
+
+}  // namespace
+
+extern "C" void packed_attention_forward(const float *__restrict q, const float *__restrict k,
+                                         const float *__restrict v, int H, int Hkv, const int64_t *__restrict queries,
+                                         const int64_t *__restrict keys, const float *__restrict mask, int G, int Q,
+                                         int K, float scale, float *__restrict out, float *__restrict lse) {
+    const int d = HEAD_DIM, group = H / Hkv;
+    Gathered row(K);
+    std::vector<float> s(row.Kb);
+    for (int g = 0; g < G; g++)
+        for (int kv_head = 0; kv_head < Hkv; kv_head++) {
+            row.load(k, v, keys + (long)g * K, Hkv, kv_head);
+            for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
+                for (int i = 0; i < Q; i++) {
+                    against_columns(q + (queries[g * Q + i] * H + h) * d, row.kt.data(), row.Kb, scale, s.data());
+                    float mx;
+                    float total = weights(s.data(), mask + ((long)g * Q + i) * K, K, row.Kb, nullptr, &mx);
+                    float o0[HEAD_DIM] = {}, o1[HEAD_DIM] = {};  // two partial sums: half the dependency chain
+                    int j = 0;
+                    for (; j + 1 < K; j += 2) {
+                        const float *va = &row.v[j * d], *vb = va + d;
+                        for (int t = 0; t < d; t++) { o0[t] += s[j] * va[t]; o1[t] += s[j + 1] * vb[t]; }
+                    }
+                    if (j < K)
+                        for (int t = 0; t < d; t++) o0[t] += s[j] * row.v[j * d + t];
+                    float *o = out + ((long)g * Q + i) * H * d + h * d;
+                    for (int t = 0; t < d; t++) o[t] = (o0[t] + o1[t]) / total;
+                    lse[((long)g * H + h) * Q + i] = mx + std::log(total);
+                }
+        }
+}
+
+// Gradients of packed_attention_forward, added (+=) into dq [N, H, d], dk and dv [N, Hkv, d] in a fixed order, so a
+// key shared by several rows (a GRPO group's prompt) gets the same sum every run. dout: [G·Q, H·d].
+extern "C" void packed_attention_backward(const float *__restrict q, const float *__restrict k,
+                                          const float *__restrict v, int H, int Hkv,
+                                          const int64_t *__restrict queries, const int64_t *__restrict keys,
+                                          const float *__restrict mask, int G, int Q, int K, float scale,
+                                          const float *__restrict out, const float *__restrict lse,
+                                          const float *__restrict dout, float *__restrict dq, float *__restrict dk,
+                                          float *__restrict dv) {
+    const int d = HEAD_DIM, group = H / Hkv;
+    Gathered row(K);
+    std::vector<float> p(row.Kb), dp(row.Kb), dk_row(K * d), dv_row(K * d);
+    for (int g = 0; g < G; g++)
+        for (int kv_head = 0; kv_head < Hkv; kv_head++) {
+            const int64_t *key = keys + (long)g * K;
+            row.load(k, v, key, Hkv, kv_head);
+            std::fill(dk_row.begin(), dk_row.end(), 0.f);
+            std::fill(dv_row.begin(), dv_row.end(), 0.f);
+            for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
+                for (int i = 0; i < Q; i++) {
+                    const float *doi = dout + ((long)g * Q + i) * H * d + h * d;
+                    bool zero = true;
+                    for (int t = 0; t < d; t++) zero &= doi[t] == 0.f;
+                    if (zero) continue;  // a padding query, or one whose output is not read: no gradient
+                    const float *qi = q + (queries[g * Q + i] * H + h) * d;
+                    against_columns(qi, row.kt.data(), row.Kb, scale, p.data());
+                    weights(p.data(), mask + ((long)g * Q + i) * K, K, row.Kb, &lse[((long)g * H + h) * Q + i], nullptr);
+                    against_columns(doi, row.vt.data(), row.Kb, 1.f, dp.data());
+                    float D = dot(doi, out + ((long)g * Q + i) * H * d + h * d);
+                    float dqi[HEAD_DIM] = {};
+                    for (int j = 0; j < K; j++) {
+                        if (p[j] == 0.f) continue;
+                        float dS = p[j] * (dp[j] - D) * scale;
+                        const float *kj = &row.k[j * d];
+                        float *dkj = &dk_row[j * d], *dvj = &dv_row[j * d];
+                        for (int t = 0; t < d; t++) {
+                            dqi[t] += dS * kj[t];
+                            dkj[t] += dS * qi[t];
+                            dvj[t] += p[j] * doi[t];
+                        }
+                    }
+                    float *dqp = dq + (queries[g * Q + i] * H + h) * d;
+                    for (int t = 0; t < d; t++) dqp[t] += dqi[t];
+                }
+            for (int j = 0; j < K; j++) {
+                float *dkp = dk + (key[j] * Hkv + kv_head) * d, *dvp = dv + (key[j] * Hkv + kv_head) * d;
+                for (int t = 0; t < d; t++) { dkp[t] += dk_row[j * d + t]; dvp[t] += dv_row[j * d + t]; }
+            }
+        }
 }

@@ -11,7 +11,8 @@ attention, the SiLU-gated MLP) without either:
   step runs through three fused native kernels a layer (`pluribus.models.kernels`) beside PyTorch's matmuls.
 - `predicting_hidden_states` (training and teachers, grad flows): the model's own modules on each distinct
   token once, no padding: a prompt shared by a GRPO group's G rows runs once (its keys and values serve all
-  G; their gradients add up, as if it ran G times), and only attention sees the rows laid out side by side.
+  G; their gradients add up, as if it ran G times), and only attention sees the rows laid out side by side
+  (in float32 on a CPU through the native `packed_attention` kernel, elsewhere SDPA).
 
 Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, tests/test_models_lean.py: logits
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
@@ -553,6 +554,8 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
     N = ids.shape[0]
     slices = layout.adapter_tokens
+    # float32 on a CPU: attention through the native kernel (one call a group, its backward too); else SDPA
+    kernels = native.decode_kernels(d) if device.type == "cpu" and dtype == torch.float32 and not dropout else None
 
     def project(module, x):
         return _project(module, x, slices)
@@ -567,6 +570,9 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         v = project(attn.v_proj, h).view(N, Hkv, d)
         outputs = []
         for queries, keys, mask in calls:  # [B, heads, Q or K, d] each
+            if kernels is not None:
+                outputs.append(kernels.packed_attention(q, k, v, queries, keys, mask))
+                continue
             out = F.scaled_dot_product_attention(_rows(q, queries).transpose(1, 2), _rows(k, keys).transpose(1, 2),
                                                  _rows(v, keys).transpose(1, 2), attn_mask=mask, dropout_p=dropout,
                                                  enable_gqa=H != Hkv)
