@@ -14,8 +14,8 @@ from pluribus.models.lean import LeanDecoder
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
 
 
-def _kernels(head_dim: int) -> native.DecodeKernels:
-    kernels = native.decode_kernels(head_dim)
+def _kernels(head_dim: int) -> native.CpuKernels:
+    kernels = native.cpu_kernels(head_dim)
     assert kernels is not None
     return kernels
 
@@ -141,7 +141,7 @@ def test_kernels_off_keeps_the_pytorch_ops(monkeypatch, tiny_qwen2):
     from pluribus.models import load
 
     monkeypatch.setenv("PLURIBUS_KERNELS", "0")
-    assert native.decode_kernels(32) is None
+    assert native.cpu_kernels(32) is None
     model, _ = load(tiny_qwen2, trainable=False)
     decoder = LeanDecoder.build(model)
     assert decoder.kernels is None
@@ -151,8 +151,8 @@ def test_kernels_off_keeps_the_pytorch_ops(monkeypatch, tiny_qwen2):
 
 
 def test_unsupported_head_sizes_get_none():
-    assert native.decode_kernels(33) is None
-    assert native.decode_kernels(native.MAX_HEAD_DIM + 2) is None
+    assert native.cpu_kernels(33) is None
+    assert native.cpu_kernels(native.MAX_HEAD_DIM + 2) is None
 
 
 def test_a_missing_compiler_warns_once_and_decoding_falls_back(monkeypatch, tmp_path, tiny_qwen2):
@@ -163,7 +163,7 @@ def test_a_missing_compiler_warns_once_and_decoding_falls_back(monkeypatch, tmp_
     native._load.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="native decode kernels are unavailable"):
-            assert native.decode_kernels(32) is None
+            assert native.cpu_kernels(32) is None
         model, _ = load(tiny_qwen2, trainable=False)
         decoder = LeanDecoder.build(model)  # the failure is remembered: no second warning, no second attempt
         assert decoder.kernels is None
@@ -228,3 +228,56 @@ def test_packed_attention_and_its_gradients_equal_a_float64_reference(heads, kv_
         assert (got.double() - leaf.grad).abs().max() < 1e-5
     again_out, again = run()
     assert torch.equal(again_out, out) and all(torch.equal(a, b) for a, b in zip(again, grads))
+
+
+@needs_compiler
+@pytest.mark.parametrize("D", [128, 40])
+def test_training_rms_norm_and_its_gradients_equal_float64(D):
+    gen = torch.Generator().manual_seed(4)
+    x, grad = 3 * torch.randn(7, D, generator=gen), torch.randn(7, D, generator=gen)
+    weight = torch.randn(D, generator=gen)
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    out = _kernels(32).rms_norm(*leaves, 1e-6)
+    out.backward(grad)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    expected = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    expected.backward(grad.double())
+    assert (out.double() - expected).abs().max() < 1e-5
+    assert (leaves[0].grad.double() - x64.grad).abs().max() < 1e-5
+    assert (leaves[1].grad.double() - w64.grad).abs().max() < 1e-4  # a sum over 7 rows of values up to ~10
+
+
+@needs_compiler
+def test_training_rope_and_its_gradient_equal_float64():
+    gen = torch.Generator().manual_seed(5)
+    N, H, d = 6, 3, 32
+    cos, sin = lean_module._rope_table(lean_module._inv_freq(10000.0, d, "cpu"), 50, torch.float32)
+    position = torch.tensor([0, 3, 7, 20, 41, 49])
+    x, grad = torch.randn(N, H, d, generator=gen), torch.randn(N, H, d, generator=gen)
+    leaf = x.clone().requires_grad_()
+    out = _kernels(d).rope(leaf, cos[position][:, None], sin[position][:, None])
+    out.backward(grad)
+    x64 = x.double().requires_grad_()
+    expected = torch.stack([torch.stack([_rope_reference(x64[n, h], cos[position[n]], sin[position[n]])
+                                         for h in range(H)]) for n in range(N)])
+    expected.backward(grad.double())
+    assert (out.double() - expected).abs().max() < 1e-5
+    assert (leaf.grad.double() - x64.grad).abs().max() < 1e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("I", [96, 40])
+def test_training_silu_mul_and_its_gradients_equal_float64(I):
+    gen = torch.Generator().manual_seed(6)
+    gate, up, grad = (4 * torch.randn(5, I, generator=gen) for _ in range(3))
+    gate[0, :4] = torch.tensor([-1e4, -100.0, 100.0, 1e4])
+    leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    out = _kernels(32).silu_mul_split(*leaves)
+    out.backward(grad)
+    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    expected = torch.nn.functional.silu(g64) * u64
+    expected.backward(grad.double())
+    assert torch.isfinite(out).all() and torch.isfinite(leaves[0].grad).all()
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for leaf, ref in zip(leaves, (g64, u64)):
+        assert torch.allclose(leaf.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)

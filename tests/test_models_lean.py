@@ -47,8 +47,8 @@ def test_packed_forward_equals_the_hf_forward(request, fixture, variant, kernels
     """With the native attention kernel (where a compiler is) and with SDPA."""
     monkeypatch.setenv("PLURIBUS_KERNELS", kernels)
     calls = []
-    monkeypatch.setattr(native.DecodeKernels, "packed_attention",
-                        lambda self, *args, _real=native.DecodeKernels.packed_attention: (calls.append(1),
+    monkeypatch.setattr(native.CpuKernels, "packed_attention",
+                        lambda self, *args, _real=native.CpuKernels.packed_attention: (calls.append(1),
                                                                                           _real(self, *args))[1])
     model, _ = load(request.getfixturevalue(fixture))
     if variant == "gqa":  # two query heads share one key head: rebuild the model with one KV head
@@ -135,13 +135,11 @@ def test_the_lm_loss_is_the_padded_forwards(tiny_qwen2, monkeypatch):
 
 
 
-@pytest.mark.parametrize("kernels", ["1", "0"])
-def test_two_threads_give_the_same_gradients_every_time(tiny_llama, kernels, monkeypatch):
+def test_two_threads_give_the_same_gradients_every_time(tiny_llama):
     """A prompt shared by rows runs once, so its keys and values are gathered into every row and their gradients
     add up in the backward. They must add up in one order: with `x[index]` two threads added them in whatever
     order the threads reached them, and the same batch gave other gradients from run to run (pretraining's
     texts all share their first token; at this size 64 rows of up to 40 tokens showed it every time)."""
-    monkeypatch.setenv("PLURIBUS_KERNELS", kernels)
     model, _ = load(tiny_llama)
     model.train()
     gen = torch.Generator().manual_seed(0)
@@ -157,3 +155,22 @@ def test_two_threads_give_the_same_gradients_every_time(tiny_llama, kernels, mon
         torch.set_num_threads(threads)
     for other in runs[1:]:
         assert all(torch.equal(other[name], runs[0][name]) for name in runs[0])
+
+
+def test_the_training_kernels_run_on_one_thread_only(tiny_qwen2, monkeypatch):
+    """They are single-threaded: with more torch threads PyTorch's parallel ops run the packed forward."""
+    calls = []
+    monkeypatch.setattr(native.CpuKernels, "packed_attention",
+                        lambda self, *args, _real=native.CpuKernels.packed_attention: (calls.append(1),
+                                                                                       _real(self, *args))[1])
+    model, _ = load(tiny_qwen2)
+    prompt_ids, response, mask = _batch(G=2)
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            calls.clear()
+            predicting_hidden_states(model, prompt_ids, response, mask)
+            assert bool(calls) == (n == 1 and shutil.which("c++") is not None), n
+    finally:
+        torch.set_num_threads(threads)

@@ -1,27 +1,26 @@
-"""Native CPU kernels for the lean decoder's decode step, compiled at first use.
+"""Native CPU kernels for the lean forwards (`pluribus.models.lean`), compiled at first use.
 
-A decode step of a small model on a CPU is dozens of tiny ops a layer, and ATen's cost per op, not their arithmetic,
-dominates it: RMSNorm runs as six ops, RoPE as four, and the one-query attention over the KV cache as two batched
-matrix products of B·H matrices of one row each (ATen multiplies them one by one). `decode_kernels.cc`, next to
-this file, does in one call each:
+On a small model a CPU step spends much of its time outside the matrix multiplies: in ATen's cost per op (a decode
+step's dozens of tiny ops a layer; RMSNorm runs as six of them, RoPE as four) and in memory passes (a training
+step's elementwise chains and their backward). `cpu_kernels.cc`, next to this file, does in one call each:
 
-- `attention`: RoPE on the new queries and keys, the new key and value written into the cache, and each query
-  head's scaled, masked softmax attention over its key head's cached columns;
-- `add_rms_norm`: the residual add and the RMSNorm after it;
-- `silu_mul`: the gated MLP's SiLU(gate)·up.
+- for decoding (`LeanDecoder.step`): RoPE on the new token's queries and keys, its key and value written into the
+  cache, and each head's masked softmax attention over the cache (`attention`; ATen ran it as two batched products
+  of B·H one-row matrices, multiplied one by one); the residual add and the RMSNorm after it (`add_rms_norm`);
+  the gated MLP's SiLU(gate)·up (`silu_mul`);
+- for training (`predicting_hidden_states` with one torch thread; forward and backward, as autograd functions):
+  the packed attention (`packed_attention`, in place of SDPA on the gathered rows), RMSNorm, RoPE and SiLU·up.
 
-The matrix multiplies stay PyTorch's. On the world's model (hidden 128, 4 heads of 32) a 32-row decode step runs
-~1.3-1.45× faster (docs/performance.md, session 13); logits agree with the PyTorch ops to float rounding (~1e-6).
-
-One more, for training: `packed_attention`, the packed forward's attention (`lean.predicting_hidden_states`) with
-its backward, in place of SDPA's flash kernel on the gathered rows: each row's keys and values gathered once into
-contiguous buffers, the gradients of keys shared by several rows added in a fixed order. An OPD update on the
-bench's batch: ~4% faster on one thread, ~2% on two (it runs on one).
+The matrix multiplies stay PyTorch's, and the kernels run on one thread. Measured on the bench's model
+(docs/performance.md, session 13): a 32-row decode step 1.3-1.5× faster (with two threads too), an OPD update
+after the rollout -10% and pretraining -3% on one thread; with two threads PyTorch's parallel ops trained faster
+(+8% with the kernels), so training keeps them there. Results agree with PyTorch's ops to float rounding (~1e-6),
+and every backward adds in a fixed order (the same gradients every run).
 
 The source is compiled for this CPU (`-march=native`) with the head size built in, by `$CXX` (else `c++`), once
 per source, head size and CPU, into `$PLURIBUS_KERNEL_CACHE` (default `~/.cache/pluribus/kernels`); each process
 then loads the built library (milliseconds). No compiler, a failed build, or `PLURIBUS_KERNELS=0` give None, and
-the decoder keeps its PyTorch ops. Float32 on the CPU only; the caller (`LeanDecoder`) checks that.
+the lean forwards keep PyTorch's ops. Float32 on the CPU only; the callers check that.
 """
 
 from __future__ import annotations
@@ -40,14 +39,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("decode_kernels.cc")
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # Keys scored at a time by `decode_attention` (its BLOCK): a cache's width must be a multiple of it.
 BLOCK = 64
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
 MAX_HEAD_DIM = 512
 
 
-class DecodeKernels:
+class CpuKernels:
     """The compiled kernels for one head size. Every tensor is float32, contiguous, on the CPU; shapes below."""
 
     def __init__(self, library: ctypes.CDLL, head_dim: int):
@@ -57,15 +56,16 @@ class DecodeKernels:
         self._attention.argtypes = [p, n, p, p, p, p, p, n, p, n, p, i, i, i, i, f]
         self._add_rms_norm = library.add_rms_norm
         self._add_rms_norm.argtypes = [p, p, p, p, i, i, f]
-        self._silu_mul = library.silu_mul
-        self._silu_mul.argtypes = [p, p, i, i]
-        self._packed_forward = library.packed_attention_forward
-        self._packed_forward.argtypes = [p, p, p, i, i, p, p, p, i, i, i, f, p, p]
-        self._packed_backward = library.packed_attention_backward
-        self._packed_backward.argtypes = [p, p, p, i, i, p, p, p, i, i, i, f, p, p, p, p, p, p]
-        for function in (self._attention, self._add_rms_norm, self._silu_mul, self._packed_forward,
-                         self._packed_backward):
-            function.restype = None
+        signatures = {"decode_attention": [p, n, p, p, p, p, p, n, p, n, p, i, i, i, i, f],
+                      "add_rms_norm": [p, p, p, p, i, i, f], "silu_mul": [p, p, n, p, i, i],
+                      "silu_mul_backward": [p, p, p, p, p, n], "rms_norm_forward": [p, p, p, p, i, i, f],
+                      "rms_norm_backward": [p, p, p, p, p, p, i, i], "rope_rows": [p, p, p, p, i, i, i],
+                      "packed_attention_forward": [p, p, p, i, i, p, p, p, i, i, i, f, p, p],
+                      "packed_attention_backward": [p, p, p, i, i, p, p, p, i, i, i, f, p, p, p, p, p, p]}
+        for name, argtypes in signatures.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, None
+            setattr(self, f"_{name}", function)
 
     def attention(self, qkv_B_X: Tensor, cos_P_d: Tensor, signed_sin_P_d: Tensor, position_B: Tensor,
                   keys_t_B_Hkv_d_L: Tensor, values_B_Hkv_L_d: Tensor, mask_B_L: Tensor, column: int,
@@ -77,11 +77,11 @@ class DecodeKernels:
         values `[B, Hkv, L, d]`; mask_B_L additive (0 or -inf), columns ≤ `column` read; L a multiple of BLOCK.
         """
         B, kv_heads, d, L = keys_t_B_Hkv_d_L.shape
-        out = torch.empty(B, heads * d, dtype=torch.float32)
-        self._attention(qkv_B_X.data_ptr(), qkv_B_X.shape[-1], cos_P_d.data_ptr(), signed_sin_P_d.data_ptr(),
-                        position_B.data_ptr(), keys_t_B_Hkv_d_L.data_ptr(), values_B_Hkv_L_d.data_ptr(), L,
-                        mask_B_L.data_ptr(), mask_B_L.shape[-1], out.data_ptr(), B, heads, kv_heads, column,
-                        d ** -0.5)
+        out = torch.empty(B, heads * d, dtype=torch.float32, device="cpu")
+        self._decode_attention(qkv_B_X.data_ptr(), qkv_B_X.shape[-1], cos_P_d.data_ptr(), signed_sin_P_d.data_ptr(),
+                               position_B.data_ptr(), keys_t_B_Hkv_d_L.data_ptr(), values_B_Hkv_L_d.data_ptr(), L,
+                               mask_B_L.data_ptr(), mask_B_L.shape[-1], out.data_ptr(), B, heads, kv_heads, column,
+                               d ** -0.5)
         return out
 
     def add_rms_norm(self, x_B_D: Tensor, residual_B_D: Tensor | None, weight_D: Tensor, eps: float,
@@ -95,10 +95,24 @@ class DecodeKernels:
     def silu_mul(self, gate_up_B_2I: Tensor) -> Tensor:
         """SiLU(gate)·up `[B, I]` of the gated MLP's fused projection `[B, 2·I]` (gate columns first)."""
         rows, width = gate_up_B_2I.shape
-        out = torch.empty(rows, width // 2, dtype=torch.float32)
-        self._silu_mul(gate_up_B_2I.data_ptr(), out.data_ptr(), rows, width // 2)
+        out = torch.empty(rows, width // 2, dtype=torch.float32, device="cpu")
+        self._silu_mul(gate_up_B_2I.data_ptr(), gate_up_B_2I.data_ptr() + 4 * (width // 2), width, out.data_ptr(),
+                       rows, width // 2)
         return out
 
+    # --- training (differentiable) -------------------------------------------------------------------------
+
+    def rms_norm(self, x_N_D: Tensor, weight_D: Tensor, eps: float) -> Tensor:
+        """RMSNorm(x)·weight with float32 statistics, differentiable in x and weight."""
+        return _RMSNorm.apply(x_N_D, weight_D, eps, self)
+
+    def rope(self, x_N_H_d: Tensor, cos_N_d: Tensor, signed_sin_N_d: Tensor) -> Tensor:
+        """RoPE of every head of each row with that row's `_rope_table` rows, differentiable in x."""
+        return _Rope.apply(x_N_H_d, cos_N_d, signed_sin_N_d, self)
+
+    def silu_mul_split(self, gate_N_I: Tensor, up_N_I: Tensor) -> Tensor:
+        """SiLU(gate)·up, differentiable in both."""
+        return _SiluMul.apply(gate_N_I, up_N_I, self)
 
     def packed_attention(self, q_N_H_d: Tensor, k_N_Hkv_d: Tensor, v_N_Hkv_d: Tensor, queries_G_Q: Tensor,
                          keys_G_K: Tensor, mask_G_1_Q_K: Tensor) -> Tensor:
@@ -112,13 +126,14 @@ class DecodeKernels:
 class _PackedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, queries: Tensor, keys: Tensor, mask: Tensor,
-                kernels: DecodeKernels) -> Tensor:
+                kernels: CpuKernels) -> Tensor:
         q, k, v, queries, keys, mask = (t.contiguous() for t in (q, k, v, queries, keys, mask))
         (N, H, d), Hkv, (G, Q), K = q.shape, k.shape[1], queries.shape, keys.shape[1]
-        out = torch.empty(G * Q, H * d, dtype=torch.float32)
-        lse = torch.empty(G, H, Q, dtype=torch.float32)
-        kernels._packed_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, queries.data_ptr(),
-                                keys.data_ptr(), mask.data_ptr(), G, Q, K, d ** -0.5, out.data_ptr(), lse.data_ptr())
+        out = torch.empty(G * Q, H * d, dtype=torch.float32, device="cpu")
+        lse = torch.empty(G, H, Q, dtype=torch.float32, device="cpu")
+        kernels._packed_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, queries.data_ptr(),
+                                          keys.data_ptr(), mask.data_ptr(), G, Q, K, d ** -0.5, out.data_ptr(),
+                                          lse.data_ptr())
         ctx.save_for_backward(q, k, v, queries, keys, mask, out, lse)
         ctx.kernels = kernels
         return out
@@ -130,10 +145,77 @@ class _PackedAttention(torch.autograd.Function):
         dout = dout.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         (N, H, d), Hkv, (G, Q), K = q.shape, k.shape[1], queries.shape, keys.shape[1]
-        ctx.kernels._packed_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, queries.data_ptr(),
-                                     keys.data_ptr(), mask.data_ptr(), G, Q, K, d ** -0.5, out.data_ptr(),
-                                     lse.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+        ctx.kernels._packed_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, queries.data_ptr(),
+                                               keys.data_ptr(), mask.data_ptr(), G, Q, K, d ** -0.5, out.data_ptr(),
+                                               lse.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                                               dv.data_ptr())
         return dq, dk, dv, None, None, None, None
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, kernels: CpuKernels) -> Tensor:
+        x2, weight = x.contiguous().view(-1, x.shape[-1]), weight.contiguous()
+        y, rstd = torch.empty_like(x2), torch.empty(x2.shape[0], dtype=torch.float32, device="cpu")
+        kernels._rms_norm_forward(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), x2.shape[0],
+                                  x2.shape[1], eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.kernels, ctx.shape = kernels, x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dweight = torch.empty_like(x2), torch.zeros_like(weight)
+        ctx.kernels._rms_norm_backward(dy.data_ptr(), x2.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
+                                       dx.data_ptr(), dweight.data_ptr(), x2.shape[0], x2.shape[1])
+        return dx.view(ctx.shape), dweight, None, None
+
+
+def _rope_rows(kernels: CpuKernels, x: Tensor, cos: Tensor, signed_sin: Tensor, inverse: bool) -> Tensor:
+    out = torch.empty_like(x)
+    kernels._rope_rows(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                       int(inverse))
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, signed_sin: Tensor, kernels: CpuKernels) -> Tensor:
+        cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
+        ctx.save_for_backward(cos, signed_sin)
+        ctx.kernels = kernels
+        return _rope_rows(kernels, x.contiguous(), cos, signed_sin, inverse=False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):  # the rotation's transpose: the sine negated
+        cos, signed_sin = ctx.saved_tensors
+        return _rope_rows(ctx.kernels, dy.contiguous(), cos, signed_sin, inverse=True), None, None, None
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, kernels: CpuKernels) -> Tensor:
+        gate, up = gate.contiguous(), up.contiguous()
+        I = gate.shape[-1]
+        out = torch.empty_like(gate)
+        kernels._silu_mul(gate.data_ptr(), up.data_ptr(), I, out.data_ptr(), gate.numel() // I, I)
+        ctx.save_for_backward(gate, up)
+        ctx.kernels = kernels
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor):
+        gate, up = ctx.saved_tensors
+        dout = dout.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        ctx.kernels._silu_mul_backward(gate.data_ptr(), up.data_ptr(), dout.data_ptr(), dgate.data_ptr(),
+                                       dup.data_ptr(), gate.numel())
+        return dgate, dup, None
 
 
 def _cpu_signature() -> str:
@@ -168,7 +250,7 @@ def _build(head_dim: int) -> Path:
     except OSError:  # no writable cache: a private folder in the temp directory
         folder = Path(tempfile.gettempdir()) / f"pluribus-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
         folder.mkdir(mode=0o700, exist_ok=True)
-    library = folder / f"decode-d{head_dim}-{key}.so"
+    library = folder / f"cpu-kernels-d{head_dim}-{key}.so"
     if library.exists():
         return library
     partial = folder / f".{library.name}.{os.getpid()}"
@@ -182,7 +264,7 @@ def _build(head_dim: int) -> Path:
     return library
 
 
-def decode_kernels(head_dim: int) -> DecodeKernels | None:
+def cpu_kernels(head_dim: int) -> CpuKernels | None:
     """The kernels for models with heads of `head_dim`, or None: turned off (`PLURIBUS_KERNELS=0`, read at each
     call), an odd or outsized head, Windows, or no working compiler (warned once per head size and process)."""
     if os.environ.get("PLURIBUS_KERNELS", "1") == "0" or head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
@@ -193,9 +275,9 @@ def decode_kernels(head_dim: int) -> DecodeKernels | None:
 
 
 @functools.cache
-def _load(head_dim: int) -> DecodeKernels | None:
+def _load(head_dim: int) -> CpuKernels | None:
     try:
-        return DecodeKernels(ctypes.CDLL(str(_build(head_dim))), head_dim)
+        return CpuKernels(ctypes.CDLL(str(_build(head_dim))), head_dim)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # OSError: no compiler, or no loading
         warnings.warn(f"pluribus: the native decode kernels are unavailable ({error}); decoding uses PyTorch ops, "
                       f"slower on a CPU (set PLURIBUS_KERNELS=0 to skip the attempt)", RuntimeWarning, stacklevel=3)

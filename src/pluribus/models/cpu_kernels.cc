@@ -1,7 +1,7 @@
-// Fused CPU kernels for one decode step of pluribus.models.lean.LeanDecoder: float32, one thread, called through
-// ctypes by pluribus.models.kernels, which compiles this file at first use with HEAD_DIM set to the model's head
-// size. Each replaces several small PyTorch ops whose per-op cost, not their arithmetic, dominates a decode step
-// of a small model on a CPU. The matrix multiplies stay PyTorch's.
+// Fused CPU kernels for pluribus.models.lean (float32, one thread): the decoder's decode step and the packed training
+// forward. Called through ctypes by pluribus.models.kernels, which compiles this file at first use with HEAD_DIM set
+// to the model's head size. Each replaces several PyTorch ops whose per-op cost and memory passes, not their
+// arithmetic, dominate a small model's step on a CPU. The matrix multiplies stay PyTorch's.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -44,6 +44,20 @@ static inline vf vexp_nonpos(vf x) {
     return x < -87.f ? splat(0.f) : p * scale;
 }
 
+// out = x · rstd · weight for one row of D floats, rstd = 1 / sqrt(mean(x²) + eps) (returned): RMSNorm, float32
+// statistics.
+static inline float normalize_row(const float *__restrict x, const float *__restrict weight, float *__restrict out,
+                                  int D, float eps) {
+    vf squares = {};
+    int i = 0;
+    for (; i + W <= D; i += W) { vf v = vload(x + i); squares += v * v; }
+    float ss = hsum(squares);
+    for (; i < D; i++) ss += x[i] * x[i];
+    float rstd = 1.f / std::sqrt(ss / D + eps);
+    for (i = 0; i < D; i++) out[i] = x[i] * rstd * weight[i];
+    return rstd;
+}
+
 // With `residual`, x += residual (in place: the decoder's residual stream); then out = RMSNorm(x) · weight, float32
 // statistics. Rows of D floats.
 extern "C" void add_rms_norm(float *__restrict x, const float *__restrict residual, const float *__restrict weight,
@@ -54,21 +68,16 @@ extern "C" void add_rms_norm(float *__restrict x, const float *__restrict residu
             const float *a = residual + (long)r * D;
             for (int i = 0; i < D; i++) xr[i] += a[i];
         }
-        vf squares = {};
-        int i = 0;
-        for (; i + W <= D; i += W) { vf v = vload(xr + i); squares += v * v; }
-        float ss = hsum(squares);
-        for (; i < D; i++) ss += xr[i] * xr[i];
-        float inv = 1.f / std::sqrt(ss / D + eps);
-        float *o = out + (long)r * D;
-        for (i = 0; i < D; i++) o[i] = xr[i] * inv * weight[i];
+        normalize_row(xr, weight, out + (long)r * D, D, eps);
     }
 }
 
-// out[r, i] = silu(gate_up[r, i]) · gate_up[r, I + i]: the gated MLP's activation, rows of 2·I floats (gate, up).
-extern "C" void silu_mul(const float *__restrict gate_up, float *__restrict out, int rows, int I) {
+// out[r, i] = silu(gate[r, i]) · up[r, i], rows `stride` floats apart in gate and up (the decoder's fused [gate, up]
+// rows: up = gate + I, stride 2·I), I apart in out: the gated MLP's activation.
+extern "C" void silu_mul(const float *__restrict gate, const float *__restrict up, long stride, float *__restrict out,
+                         int rows, int I) {
     for (int r = 0; r < rows; r++) {
-        const float *g = gate_up + (long)r * 2 * I, *u = g + I;
+        const float *g = gate + r * stride, *u = up + r * stride;
         float *o = out + (long)r * I;
         int i = 0;
         for (; i + W <= I; i += W) {
@@ -81,12 +90,77 @@ extern "C" void silu_mul(const float *__restrict gate_up, float *__restrict out,
     }
 }
 
+// Its gradients over n elements of contiguous gate, up and dout:
+// dgate = dout·up·σ(g)·(1 + g·(1 - σ(g))), dup = dout·silu(g).
+extern "C" void silu_mul_backward(const float *__restrict g, const float *__restrict u, const float *__restrict dout,
+                                  float *__restrict dg, float *__restrict du, long n) {
+    long i = 0;
+    for (; i + W <= n; i += W) {
+        vf x = vload(g + i), dy = vload(dout + i);
+        vf e = vexp_nonpos(x < 0 ? x : -x);
+        vf sigmoid = x < 0 ? e / (1.f + e) : 1.f / (1.f + e);
+        vstore(dg + i, dy * vload(u + i) * sigmoid * (1.f + x * (1.f - sigmoid)));
+        vstore(du + i, dy * x * sigmoid);
+    }
+    for (; i < n; i++) {
+        float sigmoid = 1.f / (1.f + std::exp(-g[i]));
+        dg[i] = dout[i] * u[i] * sigmoid * (1.f + g[i] * (1.f - sigmoid));
+        du[i] = dout[i] * g[i] * sigmoid;
+    }
+}
+
+// RMSNorm of rows of D floats for training: y = x · rstd · weight, rstd = 1 / sqrt(mean(x²) + eps) kept per row.
+extern "C" void rms_norm_forward(const float *__restrict x, const float *__restrict weight, float *__restrict y,
+                                 float *__restrict rstd, int rows, int D, float eps) {
+    for (int r = 0; r < rows; r++) {
+        rstd[r] = normalize_row(x + (long)r * D, weight, y + (long)r * D, D, eps);
+    }
+}
+
+// Its gradients: dx = rstd · (g - x · rstd² · mean(g · x)) with g = dy · weight;
+// dweight += Σ_rows dy · x · rstd (rows in order: the same sum every run).
+extern "C" void rms_norm_backward(const float *__restrict dy, const float *__restrict x, const float *__restrict weight,
+                                  const float *__restrict rstd, float *__restrict dx, float *__restrict dweight,
+                                  int rows, int D) {
+    for (int r = 0; r < rows; r++) {
+        const float *dyr = dy + (long)r * D, *xr = x + (long)r * D;
+        float inv = rstd[r];
+        vf acc = {};
+        int i = 0;
+        for (; i + W <= D; i += W) acc += vload(dyr + i) * vload(weight + i) * vload(xr + i);
+        float gx = hsum(acc);
+        for (; i < D; i++) gx += dyr[i] * weight[i] * xr[i];
+        float c = inv * inv * gx / D;
+        float *dxr = dx + (long)r * D;
+        for (i = 0; i < D; i++) {
+            dxr[i] = inv * (dyr[i] * weight[i] - xr[i] * c);
+            dweight[i] += dyr[i] * xr[i] * inv;
+        }
+    }
+}
+
 // RoPE of one head: x·cos + rotate_half(x)·sin, with the sine's first half negated (lean._rope_table's tables).
 static inline void rope(const float *x, const float *cos, const float *signed_sin, float *out) {
     const int half = HEAD_DIM / 2;
     for (int i = 0; i < half; i++) {
         out[i] = x[i] * cos[i] + x[i + half] * signed_sin[i];
         out[i + half] = x[i + half] * cos[i + half] + x[i] * signed_sin[i + half];
+    }
+}
+
+// RoPE for training, rows of `heads` heads: out[n, h] = rope(x[n, h]) with row n's cos and signed sin ([N, d]). With
+// `inverse`, the transposed rotation (the sine negated): the backward, dx from dy.
+extern "C" void rope_rows(const float *__restrict x, const float *__restrict cos, const float *__restrict signed_sin,
+                          float *__restrict out, int N, int heads, int inverse) {
+    const int d = HEAD_DIM;
+    float flipped[HEAD_DIM];
+    for (int n = 0; n < N; n++) {
+        const float *c = cos + (long)n * d, *sn = signed_sin + (long)n * d;
+        if (inverse) {
+            for (int t = 0; t < d; t++) flipped[t] = -sn[t];
+            sn = flipped;
+        }
+        for (int h = 0; h < heads; h++) rope(x + ((long)n * heads + h) * d, c, sn, out + ((long)n * heads + h) * d);
     }
 }
 
@@ -274,7 +348,8 @@ extern "C" void packed_attention_backward(const float *__restrict q, const float
                     if (zero) continue;  // a padding query, or one whose output is not read: no gradient
                     const float *qi = q + (queries[g * Q + i] * H + h) * d;
                     against_columns(qi, row.kt.data(), row.Kb, scale, p.data());
-                    weights(p.data(), mask + ((long)g * Q + i) * K, K, row.Kb, &lse[((long)g * H + h) * Q + i], nullptr);
+                    const float *shift = &lse[((long)g * H + h) * Q + i];
+                    weights(p.data(), mask + ((long)g * Q + i) * K, K, row.Kb, shift, nullptr);
                     against_columns(doi, row.vt.data(), row.Kb, 1.f, dp.data());
                     float D = dot(doi, out + ((long)g * Q + i) * H * d + h * d);
                     float dqi[HEAD_DIM] = {};
