@@ -260,17 +260,31 @@ struct Gathered {  // one row's keys and values for one key head
     }
 };
 
-// out[0:Kb] = Σ_t x[t] · rows_t[t·Kb : t·Kb + Kb] (x scaled by `scale`): a vector against every column
-inline void against_columns(const float *x, const float *rows, int Kb, float scale, float *out) {
-    for (int jb = 0; jb < Kb; jb += BLOCK) {
+// out[0:n] = Σ_t x[t] · rows[t·stride : t·stride + n] (x scaled by `scale`): a vector against n columns (n a
+// multiple of W), 4·W at a time while they last (four independent accumulators), then W at a time.
+inline void against_columns(const float *x, const float *rows, int stride, int n, float scale, float *out) {
+    int jb = 0;
+    for (; jb + BLOCK <= n; jb += BLOCK) {
         vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
         for (int t = 0; t < HEAD_DIM; t++) {
-            const float *r = rows + t * Kb + jb;
+            const float *r = rows + t * stride + jb;
             float xt = x[t] * scale;
             a0 += xt * vload(r); a1 += xt * vload(r + W); a2 += xt * vload(r + 2 * W); a3 += xt * vload(r + 3 * W);
         }
         vstore(out + jb, a0); vstore(out + jb + W, a1); vstore(out + jb + 2 * W, a2); vstore(out + jb + 3 * W, a3);
     }
+    for (; jb < n; jb += W) {
+        vf a = {};
+        for (int t = 0; t < HEAD_DIM; t++) a += (x[t] * scale) * vload(rows + t * stride + jb);
+        vstore(out + jb, a);
+    }
+}
+
+// 1 + the last column a query sees (its mask not -inf): a causal row's query skips the keys after it.
+inline int seen_extent(const float *mask, int K) {
+    int n = K;
+    while (n > 1 && mask[n - 1] == -INFINITY) n--;
+    return n;
 }
 
 // s[j] += mask[j] (padding columns past K: -inf); then s[j] = e^(s[j] - shift), where shift is `*shift` if given,
@@ -304,16 +318,19 @@ extern "C" void packed_attention_forward(const float *__restrict q, const float 
             row.load(k, v, keys + (long)g * K, Hkv, kv_head);
             for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
                 for (int i = 0; i < Q; i++) {
-                    against_columns(q + (queries[g * Q + i] * H + h) * d, row.kt.data(), row.Kb, scale, s.data());
+                    const float *m = mask + ((long)g * Q + i) * K;
+                    const int Ke = seen_extent(m, K), Kv = (Ke + W - 1) / W * W;
+                    against_columns(q + (queries[g * Q + i] * H + h) * d, row.kt.data(), row.Kb, Kv, scale,
+                                    s.data());
                     float mx;
-                    float total = weights(s.data(), mask + ((long)g * Q + i) * K, K, row.Kb, nullptr, &mx);
+                    float total = weights(s.data(), m, Ke, Kv, nullptr, &mx);
                     float o0[HEAD_DIM] = {}, o1[HEAD_DIM] = {};  // two partial sums: half the dependency chain
                     int j = 0;
-                    for (; j + 1 < K; j += 2) {
+                    for (; j + 1 < Ke; j += 2) {
                         const float *va = &row.v[j * d], *vb = va + d;
                         for (int t = 0; t < d; t++) { o0[t] += s[j] * va[t]; o1[t] += s[j + 1] * vb[t]; }
                     }
-                    if (j < K)
+                    if (j < Ke)
                         for (int t = 0; t < d; t++) o0[t] += s[j] * row.v[j * d + t];
                     float *o = out + ((long)g * Q + i) * H * d + h * d;
                     for (int t = 0; t < d; t++) o[t] = (o0[t] + o1[t]) / total;
@@ -347,13 +364,14 @@ extern "C" void packed_attention_backward(const float *__restrict q, const float
                     for (int t = 0; t < d; t++) zero &= doi[t] == 0.f;
                     if (zero) continue;  // a padding query, or one whose output is not read: no gradient
                     const float *qi = q + (queries[g * Q + i] * H + h) * d;
-                    against_columns(qi, row.kt.data(), row.Kb, scale, p.data());
-                    const float *shift = &lse[((long)g * H + h) * Q + i];
-                    weights(p.data(), mask + ((long)g * Q + i) * K, K, row.Kb, shift, nullptr);
-                    against_columns(doi, row.vt.data(), row.Kb, 1.f, dp.data());
+                    const float *m = mask + ((long)g * Q + i) * K;
+                    const int Ke = seen_extent(m, K), Kv = (Ke + W - 1) / W * W;
+                    against_columns(qi, row.kt.data(), row.Kb, Kv, scale, p.data());
+                    weights(p.data(), m, Ke, Kv, &lse[((long)g * H + h) * Q + i], nullptr);
+                    against_columns(doi, row.vt.data(), row.Kb, Kv, 1.f, dp.data());
                     float D = dot(doi, out + ((long)g * Q + i) * H * d + h * d);
                     float dqi[HEAD_DIM] = {};
-                    for (int j = 0; j < K; j++) {
+                    for (int j = 0; j < Ke; j++) {
                         if (p[j] == 0.f) continue;
                         float dS = p[j] * (dp[j] - D) * scale;
                         const float *kj = &row.k[j * d];

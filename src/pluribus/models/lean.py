@@ -12,7 +12,7 @@ attention, the SiLU-gated MLP) without either:
 - `predicting_hidden_states` (training and teachers, grad flows): the model's own modules on each distinct
   token once, no padding: a prompt shared by a GRPO group's G rows runs once (its keys and values serve all
   G; their gradients add up, as if it ran G times), and only attention sees the rows laid out side by side
-  (in float32 on a CPU through the native `packed_attention` kernel, elsewhere SDPA).
+  (SDPA; in float32 on a CPU with one torch thread, native kernels for the attention, RMSNorm, RoPE and SiLU·up).
 
 Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, tests/test_models_lean.py: logits
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
