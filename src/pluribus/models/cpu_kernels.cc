@@ -164,101 +164,9 @@ extern "C" void rope_rows(const float *__restrict x, const float *__restrict cos
     }
 }
 
-// One new token per row. RoPE turns its queries and keys; its key and value go to column `col` of the row's cache;
-// each query head then attends over columns 0..col of its key head (scaled scores, additive mask, softmax).
-//   qkv: [B, (H + 2·Hkv)·d], rows qkv_row apart (query heads, key heads, value heads); cos, signed_sin: [P, d];
-//   position: [B]; keys_t: [B, Hkv, d, L] (keys transposed: a query's scores are contiguous vector FMAs);
-//   values: [B, Hkv, L, d]; mask: [B, L], rows mask_row apart (0 or -inf); out: [B, H·d]. L % BLOCK == 0.
-extern "C" void decode_attention(const float *__restrict qkv, long qkv_row, const float *__restrict cos,
-                                 const float *__restrict signed_sin, const int64_t *__restrict position,
-                                 float *__restrict keys_t, float *__restrict values, long L,
-                                 const float *__restrict mask, long mask_row, float *__restrict out,
-                                 int B, int H, int Hkv, int col, float scale) {
-    const int d = HEAD_DIM, group = H / Hkv, K = col + 1, Kb = (K + BLOCK - 1) / BLOCK * BLOCK;
-    float s[Kb];  // one head's scores, then its weights (L <= lean.KERNEL_MAX_CONTEXT keeps this small)
-    float q[HEAD_DIM], k[HEAD_DIM];
-    for (int b = 0; b < B; b++) {
-        const float *row = qkv + b * qkv_row, *c = cos + position[b] * d, *sn = signed_sin + position[b] * d;
-        for (int g = 0; g < Hkv; g++) {
-            rope(row + (H + g) * d, c, sn, k);
-            float *kt = keys_t + ((long)b * Hkv + g) * d * L;
-            for (int t = 0; t < d; t++) kt[(long)t * L + col] = k[t];
-            std::memcpy(values + (((long)b * Hkv + g) * L + col) * d, row + (H + Hkv + g) * d, d * sizeof(float));
-        }
-        const float *m = mask + b * mask_row;
-        for (int h = 0; h < H; h++) {
-            rope(row + h * d, c, sn, q);
-            const float *kt = keys_t + ((long)b * Hkv + h / group) * d * L;
-            const float *v = values + ((long)b * Hkv + h / group) * L * d;
-            for (int jb = 0; jb < K; jb += BLOCK) {  // four independent accumulators hide the FMA latency
-                vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-                for (int t = 0; t < d; t++) {
-                    const float *kt_t = kt + (long)t * L + jb;
-                    float qt = q[t] * scale;
-                    a0 += qt * vload(kt_t);
-                    a1 += qt * vload(kt_t + W);
-                    a2 += qt * vload(kt_t + 2 * W);
-                    a3 += qt * vload(kt_t + 3 * W);
-                }
-                vstore(s + jb, a0); vstore(s + jb + W, a1); vstore(s + jb + 2 * W, a2); vstore(s + jb + 3 * W, a3);
-            }
-            float mx = -INFINITY;
-            for (int j = 0; j < K; j++) { s[j] += m[j]; mx = s[j] > mx ? s[j] : mx; }
-            for (int j = K; j < Kb; j++) s[j] = -INFINITY;
-            vf sums = {};
-            for (int j = 0; j < Kb; j += W) { vf e = vexp_nonpos(vload(s + j) - mx); vstore(s + j, e); sums += e; }
-            float inv = 1.f / hsum(sums);
-            float o0[HEAD_DIM] = {}, o1[HEAD_DIM] = {};  // two partial sums: half the dependency chain
-            int j = 0;
-            for (; j + 1 < K; j += 2) {
-                const float *va = v + (long)j * d, *vb = va + d;
-                for (int t = 0; t < d; t++) { o0[t] += s[j] * va[t]; o1[t] += s[j + 1] * vb[t]; }
-            }
-            if (j < K)
-                for (int t = 0; t < d; t++) o0[t] += s[j] * v[(long)j * d + t];
-            float *o = out + ((long)b * H + h) * d;
-            for (int t = 0; t < d; t++) o[t] = (o0[t] + o1[t]) * inv;
-        }
-    }
-}
-
-// --- the packed training forward's attention (pluribus.models.lean.predicting_hidden_states) -------------------
-// Tokens are packed, each once: q [N, H, d], k and v [N, Hkv, d] (after RoPE). A group of rows attends as a
-// [G, Q, K] block: query i of row g is token queries[g·Q + i], its key j token keys[g·K + j], under an additive mask
-// [G, Q, K] (0 or -inf; every query sees at least one key). Output [G·Q, H·d] and the log-sum-exp of each (row,
-// head, query) [G, H, Q], from which the backward recomputes the weights (no [G, H, Q, K] buffer is kept).
-// Per row and key head the row's keys and values are first gathered into contiguous buffers, keys and values
-// transposed ([d, K]): a query's scores against every key are then vertical vector FMAs, as in decode_attention.
-
-static inline float dot(const float *__restrict a, const float *__restrict b) {
-#if HEAD_DIM % W == 0
-    vf acc = {};
-    for (int c = 0; c < HEAD_DIM; c += W) acc += vload(a + c) * vload(b + c);
-    return hsum(acc);
-#else
-    float acc = 0.f;
-    for (int t = 0; t < HEAD_DIM; t++) acc += a[t] * b[t];
-    return acc;
-#endif
-}
+// --- attention helpers: scores against transposed keys, softmax weights, the weighted values ----------------
 
 namespace {
-
-struct Gathered {  // one row's keys and values for one key head
-    int K, Kb;
-    std::vector<float> kt, vt, k, v;  // [d, Kb] transposed (zero past K), and [K, d]
-    explicit Gathered(int K_) : K(K_), Kb((K_ + BLOCK - 1) / BLOCK * BLOCK), kt(HEAD_DIM * Kb), vt(HEAD_DIM * Kb),
-                                k(K_ * HEAD_DIM), v(K_ * HEAD_DIM) {}
-    void load(const float *key_src, const float *value_src, const int64_t *key, int Hkv, int kv_head) {
-        for (int j = 0; j < K; j++) {
-            const float *kj = key_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
-            const float *vj = value_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
-            std::memcpy(&k[j * HEAD_DIM], kj, HEAD_DIM * sizeof(float));
-            std::memcpy(&v[j * HEAD_DIM], vj, HEAD_DIM * sizeof(float));
-            for (int t = 0; t < HEAD_DIM; t++) { kt[t * Kb + j] = kj[t]; vt[t * Kb + j] = vj[t]; }
-        }
-    }
-};
 
 // out[0:n] = Σ_t x[t] · rows[t·stride : t·stride + n] (x scaled by `scale`): a vector against n columns (n a
 // multiple of W), 4·W at a time while they last (four independent accumulators), then W at a time.
@@ -304,6 +212,93 @@ inline float weights(float *s, const float *mask, int K, int Kb, const float *sh
     return hsum(sums);
 }
 
+// acc = Σ_j w[j] · v[j] over K value rows of HEAD_DIM floats, in two partial sums (half the dependency chain);
+// the caller normalises.
+inline void weighted_sum(const float *__restrict w, const float *__restrict v, int K, float *__restrict acc) {
+    float o0[HEAD_DIM] = {}, o1[HEAD_DIM] = {};
+    int j = 0;
+    for (; j + 1 < K; j += 2) {
+        const float *va = v + (long)j * HEAD_DIM, *vb = va + HEAD_DIM;
+        for (int t = 0; t < HEAD_DIM; t++) { o0[t] += w[j] * va[t]; o1[t] += w[j + 1] * vb[t]; }
+    }
+    if (j < K)
+        for (int t = 0; t < HEAD_DIM; t++) o0[t] += w[j] * v[(long)j * HEAD_DIM + t];
+    for (int t = 0; t < HEAD_DIM; t++) acc[t] = o0[t] + o1[t];
+}
+
+}  // namespace
+
+// One new token per row. RoPE turns its queries and keys; its key and value go to column `col` of the row's cache;
+// each query head then attends over columns 0..col of its key head (scaled scores, additive mask, softmax).
+//   qkv: [B, (H + 2·Hkv)·d], rows qkv_row apart (query heads, key heads, value heads); cos, signed_sin: [P, d];
+//   position: [B]; keys_t: [B, Hkv, d, L] (keys transposed: a query's scores are contiguous vector FMAs);
+//   values: [B, Hkv, L, d]; mask: [B, L], rows mask_row apart (0 or -inf); out: [B, H·d]. L % BLOCK == 0.
+extern "C" void decode_attention(const float *__restrict qkv, long qkv_row, const float *__restrict cos,
+                                 const float *__restrict signed_sin, const int64_t *__restrict position,
+                                 float *__restrict keys_t, float *__restrict values, long L,
+                                 const float *__restrict mask, long mask_row, float *__restrict out,
+                                 int B, int H, int Hkv, int col, float scale) {
+    const int d = HEAD_DIM, group = H / Hkv, K = col + 1, Kv = (K + W - 1) / W * W;
+    float s[Kv];  // one head's scores, then its weights (L <= lean.KERNEL_MAX_CONTEXT keeps this small)
+    float q[HEAD_DIM], k[HEAD_DIM], acc[HEAD_DIM];
+    for (int b = 0; b < B; b++) {
+        const float *row = qkv + b * qkv_row, *c = cos + position[b] * d, *sn = signed_sin + position[b] * d;
+        for (int g = 0; g < Hkv; g++) {
+            rope(row + (H + g) * d, c, sn, k);
+            float *kt = keys_t + ((long)b * Hkv + g) * d * L;
+            for (int t = 0; t < d; t++) kt[(long)t * L + col] = k[t];
+            std::memcpy(values + (((long)b * Hkv + g) * L + col) * d, row + (H + Hkv + g) * d, d * sizeof(float));
+        }
+        const float *m = mask + b * mask_row;
+        for (int h = 0; h < H; h++) {
+            rope(row + h * d, c, sn, q);
+            against_columns(q, keys_t + ((long)b * Hkv + h / group) * d * L, L, Kv, scale, s);
+            float mx, inv = 1.f / weights(s, m, K, Kv, nullptr, &mx);
+            weighted_sum(s, values + ((long)b * Hkv + h / group) * L * d, K, acc);
+            float *o = out + ((long)b * H + h) * d;
+            for (int t = 0; t < d; t++) o[t] = acc[t] * inv;
+        }
+    }
+}
+
+// --- the packed training forward's attention (pluribus.models.lean.predicting_hidden_states) -------------------
+// Tokens are packed, each once: q [N, H, d], k and v [N, Hkv, d] (after RoPE). A group of rows attends as a
+// [G, Q, K] block: query i of row g is token queries[g·Q + i], its key j token keys[g·K + j], under an additive mask
+// [G, Q, K] (0 or -inf; every query sees at least one key). Output [G·Q, H·d] and the log-sum-exp of each (row,
+// head, query) [G, H, Q], from which the backward recomputes the weights (no [G, H, Q, K] buffer is kept).
+// Per row and key head the row's keys and values are first gathered into contiguous buffers, keys and values
+// transposed ([d, K]): a query's scores against every key are then vertical vector FMAs, as in decode_attention.
+
+static inline float dot(const float *__restrict a, const float *__restrict b) {
+#if HEAD_DIM % W == 0
+    vf acc = {};
+    for (int c = 0; c < HEAD_DIM; c += W) acc += vload(a + c) * vload(b + c);
+    return hsum(acc);
+#else
+    float acc = 0.f;
+    for (int t = 0; t < HEAD_DIM; t++) acc += a[t] * b[t];
+    return acc;
+#endif
+}
+
+namespace {
+
+struct Gathered {  // one row's keys and values for one key head
+    int K, Kb;
+    std::vector<float> kt, vt, k, v;  // [d, Kb] transposed (zero past K), and [K, d]
+    explicit Gathered(int K_) : K(K_), Kb((K_ + BLOCK - 1) / BLOCK * BLOCK), kt(HEAD_DIM * Kb), vt(HEAD_DIM * Kb),
+                                k(K_ * HEAD_DIM), v(K_ * HEAD_DIM) {}
+    void load(const float *key_src, const float *value_src, const int64_t *key, int Hkv, int kv_head) {
+        for (int j = 0; j < K; j++) {
+            const float *kj = key_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
+            const float *vj = value_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
+            std::memcpy(&k[j * HEAD_DIM], kj, HEAD_DIM * sizeof(float));
+            std::memcpy(&v[j * HEAD_DIM], vj, HEAD_DIM * sizeof(float));
+            for (int t = 0; t < HEAD_DIM; t++) { kt[t * Kb + j] = kj[t]; vt[t * Kb + j] = vj[t]; }
+        }
+    }
+};
+
 }  // namespace
 
 extern "C" void packed_attention_forward(const float *__restrict q, const float *__restrict k,
@@ -324,16 +319,10 @@ extern "C" void packed_attention_forward(const float *__restrict q, const float 
                                     s.data());
                     float mx;
                     float total = weights(s.data(), m, Ke, Kv, nullptr, &mx);
-                    float o0[HEAD_DIM] = {}, o1[HEAD_DIM] = {};  // two partial sums: half the dependency chain
-                    int j = 0;
-                    for (; j + 1 < Ke; j += 2) {
-                        const float *va = &row.v[j * d], *vb = va + d;
-                        for (int t = 0; t < d; t++) { o0[t] += s[j] * va[t]; o1[t] += s[j + 1] * vb[t]; }
-                    }
-                    if (j < Ke)
-                        for (int t = 0; t < d; t++) o0[t] += s[j] * row.v[j * d + t];
+                    float acc[HEAD_DIM];
+                    weighted_sum(s.data(), row.v.data(), Ke, acc);
                     float *o = out + ((long)g * Q + i) * H * d + h * d;
-                    for (int t = 0; t < d; t++) o[t] = (o0[t] + o1[t]) / total;
+                    for (int t = 0; t < d; t++) o[t] = acc[t] / total;
                     lse[((long)g * H + h) * Q + i] = mx + std::log(total);
                 }
         }

@@ -52,10 +52,6 @@ class CpuKernels:
     def __init__(self, library: ctypes.CDLL, head_dim: int):
         self.head_dim = head_dim
         p, n, i, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-        self._attention = library.decode_attention
-        self._attention.argtypes = [p, n, p, p, p, p, p, n, p, n, p, i, i, i, i, f]
-        self._add_rms_norm = library.add_rms_norm
-        self._add_rms_norm.argtypes = [p, p, p, p, i, i, f]
         signatures = {"decode_attention": [p, n, p, p, p, p, p, n, p, n, p, i, i, i, i, f],
                       "add_rms_norm": [p, p, p, p, i, i, f], "silu_mul": [p, p, n, p, i, i],
                       "silu_mul_backward": [p, p, p, p, p, n], "rms_norm_forward": [p, p, p, p, i, i, f],

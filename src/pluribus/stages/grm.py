@@ -567,7 +567,7 @@ def online_round(model, tokenizer, template: JudgeTemplate, data: StageData, cfg
                  seed: int) -> list[JudgeItem]:
     """The next `online_per_round` labels of the `online_labels` budget (fewer at its end): the policy's current
     sampled response to each of the next rubric prompts, labelled by the hidden checker (the annotator)."""
-    records = data.online_prompts[spent:min(spent + cfg.online_per_round, cfg.online_labels)]
+    records = data.online_prompts[spent:spent + cfg.online_per_round]  # online_labels prompts in all
     if not records:
         return []
     with dist.gathered(model):
