@@ -137,6 +137,71 @@ def test_decoder_with_kernels_equals_the_hf_forward_with_grouped_heads(one_threa
             assert (logits - reference).abs().max() < 1e-5, step
 
 
+@needs_compiler
+def test_write_cache_puts_each_context_right_aligned_in_its_rows():
+    """Keys transposed and values by column, each row's context ending at column `longest`; rows sharing a context
+    (a GRPO group) each get it; k and v read through views of one fused projection (different row strides)."""
+    gen = torch.Generator().manual_seed(3)
+    Hkv, d, L, longest = 2, 32, 64, 6
+    fused = torch.randn(9, 5 * Hkv * d, generator=gen)  # 9 packed tokens, each row [.., keys, .., values]
+    k, v = fused[:, Hkv * d: 2 * Hkv * d].view(9, Hkv, d), fused[:, 4 * Hkv * d:].view(9, Hkv, d)
+    start, length = torch.tensor([0, 3, 0, 3]), torch.tensor([3, 6, 3, 6])  # rows 0 and 2 share a context
+    keys_t, values = torch.zeros(4, Hkv, d, L), torch.zeros(4, Hkv, L, d)
+    _kernels(d).write_cache(k, v, start, length, longest, keys_t, values)
+    expected_k, expected_v = torch.zeros(4, Hkv, d, L), torch.zeros(4, Hkv, L, d)
+    for b in range(4):
+        for j in range(int(length[b])):
+            col = longest - int(length[b]) + j
+            for g in range(Hkv):
+                for t in range(d):
+                    expected_k[b, g, t, col] = k[int(start[b]) + j, g, t]
+                    expected_v[b, g, col, t] = v[int(start[b]) + j, g, t]
+    assert torch.equal(keys_t, expected_k) and torch.equal(values, expected_v)
+    with pytest.raises(ValueError, match="contiguous heads"):
+        _kernels(d).write_cache(k.transpose(1, 2), v, start, length, longest, keys_t, values)
+
+
+@needs_compiler
+def test_native_prefill_equals_the_packed_prefill_and_steps_aside_for_long_contexts(monkeypatch, one_thread,
+                                                                                   tiny_qwen2):
+    """The kernels' prefill (each token once in one packed list) gives the logits and caches of the PyTorch-ops
+    prefill (contexts packed several to a padded row): distinct contexts of several lengths, one longer than a
+    pack, and a group sharing a context. Where the packed layout is refused (its dense mask too large), the packed
+    prefill runs and nothing changes."""
+    from pluribus.models import load
+
+    model, _ = load(tiny_qwen2, trainable=False)
+    prompts = [[3, 4, 5, 6], [7, 8], [9] * 3 + list(range(10, 90)), [7, 8], [7, 8], [15]]
+    native_calls, packed_calls = [], []
+    native_prefill, packed_prefill = LeanDecoder._native_prefill, LeanDecoder._packed_prefill
+    monkeypatch.setattr(LeanDecoder, "_native_prefill",
+                        lambda self, *a: native_calls.append(1) or native_prefill(self, *a))
+    monkeypatch.setattr(LeanDecoder, "_packed_prefill",
+                        lambda self, *a: packed_calls.append(1) or packed_prefill(self, *a))
+
+    def prefill():
+        decoder = LeanDecoder.build(model)
+        with torch.no_grad():
+            logits = decoder.prefill(prompts, 5)
+        return decoder, logits
+
+    with_kernels, logits = prefill()
+    assert with_kernels.kernels is not None and (len(native_calls), len(packed_calls)) == (1, 0)
+    monkeypatch.setattr(lean_module, "MAX_MASK_ELEMENTS", 0)  # the layout refuses: the packed prefill runs
+    refused, refused_logits = prefill()
+    assert (len(native_calls), len(packed_calls)) == (2, 1)
+    monkeypatch.setenv("PLURIBUS_KERNELS", "0")
+    plain, plain_logits = prefill()
+    assert plain.kernels is None and len(packed_calls) == 2
+    for other, other_logits in ((refused, refused_logits), (plain, plain_logits)):
+        assert (logits - other_logits).abs().max() < 1e-5
+        for layer in range(len(with_kernels.layers)):
+            keys = other.k_cache[layer] if other.kernels is not None else other.k_cache[layer].transpose(2, 3)
+            width = keys.shape[-1]
+            assert (with_kernels.k_cache[layer][..., :width] - keys).abs().max() < 1e-5
+            assert (with_kernels.v_cache[layer][:, :, :width] - other.v_cache[layer]).abs().max() < 1e-5
+
+
 def test_kernels_off_keeps_the_pytorch_ops(monkeypatch, tiny_qwen2):
     from pluribus.models import load
 

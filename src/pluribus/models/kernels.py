@@ -7,7 +7,9 @@ step's elementwise chains and their backward). `cpu_kernels.cc`, next to this fi
 - for decoding (`LeanDecoder.step`): RoPE on the new token's queries and keys, its key and value written into the
   cache, and each head's masked softmax attention over the cache (`attention`; ATen ran it as two batched products
   of B·H one-row matrices, multiplied one by one); the residual add and the RMSNorm after it (`add_rms_norm`);
-  the gated MLP's SiLU(gate)·up (`silu_mul`);
+  the gated MLP's SiLU(gate)·up (`silu_mul`); for the prefill (`LeanDecoder.prefill`, each context's tokens once in
+  one packed list, its attention through `packed_attention`), the keys and values written into each row's cache
+  (`write_cache`);
 - for training (`predicting_hidden_states` with one torch thread; forward and backward, as autograd functions):
   the packed attention (`packed_attention`, in place of SDPA on the gathered rows), RMSNorm, RoPE and SiLU·up.
 
@@ -56,6 +58,7 @@ class CpuKernels:
                       "add_rms_norm": [p, p, p, p, i, i, f], "silu_mul": [p, p, n, p, i, i],
                       "silu_mul_backward": [p, p, p, p, p, n], "rms_norm_forward": [p, p, p, p, i, i, f],
                       "rms_norm_backward": [p, p, p, p, p, p, i, i], "rope_rows": [p, p, p, p, i, i, i],
+                      "write_cache": [p, n, p, n, p, p, i, i, n, i, p, p],
                       "packed_attention_forward": [p, p, p, i, i, p, p, p, i, i, i, f, p, p],
                       "packed_attention_backward": [p, p, p, i, i, p, p, p, i, i, i, f, p, p, p, p, p, p]}
         for name, argtypes in signatures.items():
@@ -95,6 +98,20 @@ class CpuKernels:
         self._silu_mul(gate_up_B_2I.data_ptr(), gate_up_B_2I.data_ptr() + 4 * (width // 2), width, out.data_ptr(),
                        rows, width // 2)
         return out
+
+    def write_cache(self, k_N_Hkv_d: Tensor, v_N_Hkv_d: Tensor, start_B: Tensor, length_B: Tensor, longest: int,
+                    keys_t_B_Hkv_d_L: Tensor, values_B_Hkv_L_d: Tensor) -> None:
+        """Row b's context, packed tokens `start[b] : start[b] + length[b]` of k and v, into its cache right-aligned
+        at column `longest` (keys transposed, as `attention` reads them). k and v: rows of Hkv contiguous heads
+        (views into a fused projection are fine); start, length: int64."""
+        B, kv_heads, d, L = keys_t_B_Hkv_d_L.shape
+        for x in (k_N_Hkv_d, v_N_Hkv_d):
+            if x.shape[1:] != (kv_heads, d) or x.stride()[1:] != (d, 1):
+                raise ValueError(f"write_cache: expected rows of {kv_heads} contiguous heads of {d}, got shape "
+                                 f"{tuple(x.shape)}, strides {x.stride()}")
+        self._write_cache(k_N_Hkv_d.data_ptr(), k_N_Hkv_d.stride(0), v_N_Hkv_d.data_ptr(), v_N_Hkv_d.stride(0),
+                          start_B.data_ptr(), length_B.data_ptr(), B, kv_heads, L, longest,
+                          keys_t_B_Hkv_d_L.data_ptr(), values_B_Hkv_L_d.data_ptr())
 
     # --- training (differentiable) -------------------------------------------------------------------------
 

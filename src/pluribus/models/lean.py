@@ -256,15 +256,78 @@ class LeanDecoder:
     def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> Tensor:
         """Run each row's context (prompt, plus a resumed prefix) and allocate the cache for `max_new_tokens` more.
 
-        Identical contexts (a GRPO group's G rows) run once, and the distinct ones run packed without padding,
-        several to a row of at most PACK_TOKENS positions with a block-diagonal causal mask. Their keys and values
-        land in one cache, each row's context right-aligned at the same column. Returns logits `[B, V]`
-        predicting each row's next token.
+        Identical contexts (a GRPO group's G rows) run once, and the distinct ones without padding: through the
+        native kernels, each token once in one packed list; else several to a row of at most PACK_TOKENS positions
+        with a block-diagonal causal mask. Their keys and values land in one cache, each row's context
+        right-aligned at the same column. Returns logits `[B, V]` predicting each row's next token.
         """
         device = self.embed_V_D.device
         distinct: dict[tuple[int, ...], int] = {}
         row_context = [distinct.setdefault(tuple(seq), len(distinct)) for seq in sequences]
         contexts = list(distinct)
+        B, longest = len(sequences), max(len(c) for c in contexts)
+        lengths = [len(contexts[c]) for c in row_context]
+        self.cos_table, self.sin_table = _rope_table(self.inv_freq, longest + max_new_tokens, self.dtype)
+        columns = longest + max_new_tokens
+        if self.kernels is not None and columns > KERNEL_MAX_CONTEXT:
+            self.kernels = None
+        if self.kernels is not None:
+            columns = -(-columns // native.BLOCK) * native.BLOCK
+        shape = (B, self.kv_heads, columns, self.head_dim)
+        key_shape = shape if self.kernels is None else (B, self.kv_heads, self.head_dim, columns)
+        self.k_cache = [torch.zeros(key_shape, dtype=self.dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
+        hidden_C_D = None if self.kernels is None else self._native_prefill(contexts, row_context, longest)
+        if hidden_C_D is None:
+            hidden_C_D = self._packed_prefill(contexts, row_context, longest)
+        # Keys a position may see: the row's context, then everything generated.
+        seen = torch.arange(longest, device=device)[None] >= longest - torch.tensor(lengths, device=device)[:, None]
+        self.mask_B_K = _additive(torch.cat([seen, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device),
+                                             torch.zeros(B, columns - longest - max_new_tokens, dtype=torch.bool,
+                                                         device=device)], dim=1), self.dtype)
+        self.next_position_B = torch.tensor(lengths, device=device)
+        self.length = longest
+        return self._logits(hidden_C_D[torch.tensor(row_context, device=device)])
+
+    def _native_prefill(self, contexts: list[tuple[int, ...]], row_context: list[int], longest: int) -> Tensor | None:
+        """The distinct contexts' last hidden states `[C, D]` through the native kernels (float32, CPU), each token
+        once in one packed list (the training forward's layout, `_layout`; attention through its kernel), keys
+        and values written into the cache as they are made; None where the layout is refused (long contexts)."""
+        C = len(contexts)
+        layout = _layout([list(c) for c in contexts], torch.zeros(C, 0, dtype=torch.long, device="cpu"),
+                         torch.zeros(C, 0, dtype=torch.long, device="cpu"), self.dtype, None)
+        if layout is None:
+            return None
+        (call,) = layout.attention  # every context is distinct, so each runs its own: one call
+        kernels, (H, Hkv, d) = self.kernels, (self.heads, self.kv_heads, self.head_dim)
+        N = layout.ids_N.shape[0]
+        length_C = torch.tensor([len(c) for c in contexts], device="cpu")
+        start_C = length_C.cumsum(0) - length_C  # contexts lie one after another in the packed list
+        rows = torch.tensor(row_context, device="cpu")
+        last_C = start_C + length_C - 1
+        cos, sin = self.cos_table[layout.position_N], self.sin_table[layout.position_N]  # [N, d]
+        x = F.embedding(layout.ids_N, self.embed_V_D)
+        for index, layer in enumerate(self.layers):
+            qkv = F.linear(kernels.rms_norm(x, layer.norm_attn_D, self.eps), layer.qkv_weight, layer.qkv_bias)
+            qk = kernels.rope(qkv[:, :(H + Hkv) * d].view(N, H + Hkv, d), cos, sin)  # queries and keys turned
+            v = qkv[:, (H + Hkv) * d:].view(N, Hkv, d)
+            kernels.write_cache(qk[:, H:], v, start_C[rows], length_C[rows], longest, self.k_cache[index],
+                                self.v_cache[index])
+            attended = kernels.packed_attention(qk[:, :H], qk[:, H:], v, call.query_token_B_Q, call.key_token_B_K,
+                                                call.mask_B_1_Q_K)
+            owner = layout.owner_N
+            if index == len(self.layers) - 1:  # only each context's last position is read from here on
+                x, owner = x[last_C], owner[last_C]
+            x = x + F.linear(attended[owner], layer.o_weight, layer.o_bias)
+            up = kernels.silu_mul(F.linear(kernels.rms_norm(x, layer.norm_mlp_D, self.eps), layer.gate_up_weight,
+                                           layer.gate_up_bias))
+            x = x + F.linear(up, layer.down_weight, layer.down_bias)
+        return x
+
+    def _packed_prefill(self, contexts: list[tuple[int, ...]], row_context: list[int], longest: int) -> Tensor:
+        """The distinct contexts' last hidden states `[C, D]`, several contexts to a row of at most PACK_TOKENS
+        positions under a block-diagonal causal mask (PyTorch ops)."""
+        device = self.embed_V_D.device
         packs = _packs([len(c) for c in contexts])
         width = max(sum(len(contexts[c]) for c in pack) for pack in packs)
         # laid out on the host, then moved to the weights' device once
@@ -281,23 +344,13 @@ class LeanDecoder:
                 segment[p, column:column + n] = c
                 where[c] = (p, column)
                 column += n
-        B, longest = len(sequences), max(len(c) for c in contexts)
-        self.cos_table, self.sin_table = _rope_table(self.inv_freq, longest + max_new_tokens, self.dtype)
         # Where each row's context comes from in the packs (flattened) and goes to in the cache.
         lengths = [len(contexts[c]) for c in row_context]
         source = torch.tensor([where[c][0] * width + where[c][1] + j for c in row_context
                                for j in range(len(contexts[c]))], device="cpu")
-        dest_row = torch.repeat_interleave(torch.arange(B, device="cpu"), torch.tensor(lengths, device="cpu"))
+        dest_row = torch.repeat_interleave(torch.arange(len(row_context), device="cpu"),
+                                           torch.tensor(lengths, device="cpu"))
         dest_col = torch.tensor([longest - n + j for n in lengths for j in range(n)], device="cpu")
-        columns = longest + max_new_tokens
-        if self.kernels is not None and columns > KERNEL_MAX_CONTEXT:
-            self.kernels = None
-        if self.kernels is not None:
-            columns = -(-columns // native.BLOCK) * native.BLOCK
-        shape = (B, self.kv_heads, columns, self.head_dim)
-        key_shape = shape if self.kernels is None else (B, self.kv_heads, self.head_dim, columns)
-        self.k_cache = [torch.zeros(key_shape, dtype=self.dtype, device=device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
         source, dest_row, dest_col = source.to(device), dest_row.to(device), dest_col.to(device)
 
         def keys_values(layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -315,16 +368,8 @@ class LeanDecoder:
         # Each distinct context's last position: the only hidden states read (the others' keys and values are)
         last = torch.tensor([where[c][0] * width + where[c][1] + len(contexts[c]) - 1 for c in range(len(contexts))],
                             device=device)
-        hidden_C_D = self._forward(ids.to(device), position.to(device), _additive(mask[:, None], self.dtype),
-                                   keys_values, keep=last)
-        # Keys a position may see: the row's context, then everything generated.
-        seen = torch.arange(longest, device=device)[None] >= longest - torch.tensor(lengths, device=device)[:, None]
-        self.mask_B_K = _additive(torch.cat([seen, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device),
-                                             torch.zeros(B, columns - longest - max_new_tokens, dtype=torch.bool,
-                                                         device=device)], dim=1), self.dtype)
-        self.next_position_B = torch.tensor(lengths, device=device)
-        self.length = longest
-        return self._logits(hidden_C_D[torch.tensor(row_context, device=device)])
+        return self._forward(ids.to(device), position.to(device), _additive(mask[:, None], self.dtype),
+                             keys_values, keep=last)
 
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed one token per cached row; logits `[B, V]` for the next."""
