@@ -7,10 +7,11 @@ import torch
 from test_teachers import batch, make_adapter, make_full, spec
 
 from pluribus.config import DataConfig, OptimConfig, OPDConfig, SamplingConfig, TeacherConfig, validate
-from pluribus.core import reverse_kl, weighted_teacher_loss
+from pluribus.core import reverse_kl, reverse_kl_chunked, weighted_teacher_loss
 from pluribus.errors import ConfigError, PluribusError
 from pluribus.models import load, response_logits
 from pluribus.stages import opd
+from pluribus.teachers import loss as loss_module
 from pluribus.teachers import (TeacherGroup, TeacherHead, TeacherPool, TeacherStates, distill_backward, output_head,
                                response_hidden_states)
 from pluribus.world import generate
@@ -38,10 +39,17 @@ def perturbed_student(path, seed=7):
     return student.train(), tok
 
 
-def test_scheduled_loss_equals_naive_loss_in_value_and_gradient(tiny_llama, teachers):
+@pytest.mark.parametrize("names,passes", [(("add", "max", "sort"), 3), (("add", "sort", "max"), 2)])
+def test_scheduled_loss_equals_naive_loss_in_value_and_gradient(tiny_llama, teachers, names, passes, monkeypatch):
+    """Two LoRA teachers over one base and a full one; in the second order the LoRA teachers are neighbours,
+    share their base's head, and are scored in one chunked pass."""
     student, tok = perturbed_student(tiny_llama)
     weights = {"add": 1.0, "max": 0.5, "sort": 2.0}
+    teachers = {d: teachers[d] for d in names}
     pool = TeacherPool([spec(d, teachers[d], [d], weights[d]) for d in teachers], tok, vocab_size=len(tok))
+    chunked_passes = []
+    monkeypatch.setattr(loss_module, "reverse_kl_chunked",
+                        lambda *a, **k: chunked_passes.append(1) or reverse_kl_chunked(*a, **k))
     domains = ["sort", "add", "max", "sort", "add", "max", "add"]
     index = pool.route(domains)
     order = pool.order(index)
@@ -73,6 +81,7 @@ def test_scheduled_loss_equals_naive_loss_in_value_and_gradient(tiny_llama, teac
     torch.testing.assert_close(loss.float(), naive_loss.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(means.float(), naive_means, rtol=1e-5, atol=1e-5)
     assert tokens.tolist() == [int(mask[[i == e for i in index]].sum()) for e in range(3)]
+    assert len(chunked_passes) == passes
     for name, p in student.named_parameters():
         torch.testing.assert_close(p.grad, naive_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
