@@ -1,5 +1,5 @@
-// Fused CPU kernels for pluribus.models.lean (float32, one thread): the decoder's decode step and the packed training
-// forward. Called through ctypes by pluribus.models.kernels, which compiles this file at first use with HEAD_DIM set
+// Fused CPU kernels for pluribus.models.lean (float32, one thread): the decoder's prefill and decode step, and the packed
+// training forward. Called through ctypes by pluribus.models.kernels, which compiles this file at first use with HEAD_DIM set
 // to the model's head size. Each replaces several PyTorch ops whose per-op cost and memory passes, not their
 // arithmetic, dominate a small model's step on a CPU. The matrix multiplies stay PyTorch's.
 #include <cmath>
@@ -170,8 +170,7 @@ namespace {
 
 // out[0:n] = Σ_t x[t] · rows[t·stride : t·stride + n] (x scaled by `scale`): a vector against n columns (n a
 // multiple of W), 4·W at a time while they last (four independent sums), then W at a time with even and odd t in
-// two sums (one chain of HEAD_DIM dependent FMAs left the core waiting on their latency: the packed forward of the
-// bench's OPD batch -23% with both changes below).
+// two sums (in one, a short row's HEAD_DIM dependent FMAs left the core waiting on their latency).
 inline void against_columns(const float *x, const float *rows, int stride, int n, float scale, float *out) {
     int jb = 0;
     for (; jb + BLOCK <= n; jb += BLOCK) {
