@@ -14,6 +14,15 @@ from pluribus.models.lean import LeanDecoder
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """The training kernels split their rows over torch's threads (OpenMP): each test runs on one thread and two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def _kernels(head_dim: int) -> native.CpuKernels:
     kernels = native.cpu_kernels(head_dim)
     assert kernels is not None
@@ -263,9 +272,10 @@ def _packed_reference(q, k, v, queries, keys, mask):
 
 @needs_compiler
 @pytest.mark.parametrize("heads,kv_heads,K", [(2, 2, 9), (4, 2, 70)])
-def test_packed_attention_and_its_gradients_equal_a_float64_reference(heads, kv_heads, K):
-    """Rows sharing their first keys (a GRPO group's prompt), masked keys, keys past one 64-key block, grouped
-    heads, and output rows whose gradient is zero (padding queries): values and q/k/v gradients, twice the same."""
+def test_packed_attention_and_its_gradients_equal_a_float64_reference(heads, kv_heads, K, threads):
+    """Rows sharing their first keys (a GRPO group's prompt, on two threads split between them), masked keys, keys
+    past one 64-key block, grouped heads, and output rows whose gradient is zero (padding queries): values and q/k/v
+    gradients, twice the same."""
     gen = torch.Generator().manual_seed(3)
     G, Q, d, N = 3, 5, 32, 90
     q, k, v = (torch.randn(N, h, d, generator=gen) for h in (heads, kv_heads, kv_heads))
@@ -297,9 +307,10 @@ def test_packed_attention_and_its_gradients_equal_a_float64_reference(heads, kv_
 
 @needs_compiler
 @pytest.mark.parametrize("D", [128, 40])
-def test_training_rms_norm_and_its_gradients_equal_float64(D):
+def test_training_rms_norm_and_its_gradients_equal_float64(D, threads):
     gen = torch.Generator().manual_seed(4)
-    x, grad = 3 * torch.randn(7, D, generator=gen), torch.randn(7, D, generator=gen)
+    rows = 300  # enough floats for the kernels to use both threads
+    x, grad = 3 * torch.randn(rows, D, generator=gen), torch.randn(rows, D, generator=gen)
     weight = torch.randn(D, generator=gen)
     leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
     out = _kernels(32).rms_norm(*leaves, 1e-6)
@@ -309,15 +320,15 @@ def test_training_rms_norm_and_its_gradients_equal_float64(D):
     expected.backward(grad.double())
     assert (out.double() - expected).abs().max() < 1e-5
     assert (leaves[0].grad.double() - x64.grad).abs().max() < 1e-5
-    assert (leaves[1].grad.double() - w64.grad).abs().max() < 1e-4  # a sum over 7 rows of values up to ~10
+    assert (leaves[1].grad.double() - w64.grad).abs().max() < 1e-4  # a sum over 300 rows of values up to ~10
 
 
 @needs_compiler
-def test_training_rope_and_its_gradient_equal_float64():
+def test_training_rope_and_its_gradient_equal_float64(threads):
     gen = torch.Generator().manual_seed(5)
-    N, H, d = 6, 3, 32
+    N, H, d = 360, 3, 32
     cos, sin = lean_module._rope_table(lean_module._inv_freq(10000.0, d, "cpu"), 50, torch.float32)
-    position = torch.tensor([0, 3, 7, 20, 41, 49])
+    position = torch.tensor([0, 3, 7, 20, 41, 49] * 60)
     x, grad = torch.randn(N, H, d, generator=gen), torch.randn(N, H, d, generator=gen)
     leaf = x.clone().requires_grad_()
     out = _kernels(d).rope(leaf, cos[position][:, None], sin[position][:, None])
@@ -332,9 +343,9 @@ def test_training_rope_and_its_gradient_equal_float64():
 
 @needs_compiler
 @pytest.mark.parametrize("I", [96, 40])
-def test_training_silu_mul_and_its_gradients_equal_float64(I):
+def test_training_silu_mul_and_its_gradients_equal_float64(I, threads):
     gen = torch.Generator().manual_seed(6)
-    gate, up, grad = (4 * torch.randn(5, I, generator=gen) for _ in range(3))
+    gate, up, grad = (4 * torch.randn(900, I, generator=gen) for _ in range(3))
     gate[0, :4] = torch.tensor([-1e4, -100.0, 100.0, 1e4])
     leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
     out = _kernels(32).silu_mul_split(*leaves)

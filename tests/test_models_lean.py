@@ -157,20 +157,34 @@ def test_two_threads_give_the_same_gradients_every_time(tiny_llama):
         assert all(torch.equal(other[name], runs[0][name]) for name in runs[0])
 
 
-def test_the_training_kernels_run_on_one_thread_only(tiny_qwen2, monkeypatch):
-    """They are single-threaded: with more torch threads PyTorch's parallel ops run the packed forward."""
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
+def test_the_training_kernels_give_one_threads_results_on_two(tiny_qwen2, monkeypatch):
+    """With two torch threads the kernels split their rows over both (OpenMP, torch's runtime): the hidden states and
+    gradients of one thread (the kernels' sums run in one order on any number of threads, shared keys' gradients added
+    in row order; the matmuls are MKL's, whose threads may sum in another order)."""
     calls = []
     monkeypatch.setattr(native.CpuKernels, "packed_attention",
                         lambda self, *args, _real=native.CpuKernels.packed_attention: (calls.append(1),
                                                                                        _real(self, *args))[1])
     model, _ = load(tiny_qwen2)
-    prompt_ids, response, mask = _batch(G=2)
+    model.train()
+    B, T = 48, 30  # a batch large enough that every kernel takes both threads
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.arange(T)[None] < torch.randint(1, T + 1, (B,), generator=gen)[:, None]
+    response = torch.randint(7, 100, (B, T), generator=gen).masked_fill(~mask, 0)
+    prompt_ids = [[5, 6, 7 + b % 4] for b in range(B)]  # shared prompts: their keys' gradients add over rows
     threads = torch.get_num_threads()
+    runs = []
     try:
-        for n in (2, 1):
+        for n in (1, 2):
             torch.set_num_threads(n)
             calls.clear()
-            predicting_hidden_states(model, prompt_ids, response, mask)
-            assert bool(calls) == (n == 1 and shutil.which("c++") is not None), n
+            hidden = predicting_hidden_states(model, prompt_ids, response, mask)
+            runs.append((hidden.detach(), _grads(model, model.lm_head(hidden))))
+            assert calls, n  # the kernels ran on one thread and on two
     finally:
         torch.set_num_threads(threads)
+    (one, one_grads), (two, two_grads) = runs
+    assert (one - two).abs().max() < 1e-6
+    for name, grad in one_grads.items():
+        assert (two_grads[name] - grad).norm() / grad.norm().clamp_min(1e-8) < 1e-6, name

@@ -1,12 +1,16 @@
-// Fused CPU kernels for pluribus.models.lean (float32, one thread): the decoder's prefill and decode step, and the packed
-// training forward. Called through ctypes by pluribus.models.kernels, which compiles this file at first use with HEAD_DIM set
-// to the model's head size. Each replaces several PyTorch ops whose per-op cost and memory passes, not their
-// arithmetic, dominate a small model's step on a CPU. The matrix multiplies stay PyTorch's.
+// Fused CPU kernels for pluribus.models.lean (float32; the training ones split rows over OpenMP threads): the decoder's
+// prefill and decode step, and the packed training forward. Called through ctypes by pluribus.models.kernels, which
+// compiles this file at first use with HEAD_DIM set to the model's head size. Each replaces several PyTorch ops whose
+// per-op cost and memory passes, not their arithmetic, dominate a small model's step on a CPU. The matrix multiplies
+// stay PyTorch's.
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<the model's head size>"
@@ -16,6 +20,18 @@
 #endif
 #define W 16            // floats a vector (GCC vector extensions: the compiler maps them to this CPU's registers)
 #define BLOCK (4 * W)   // keys scored at a time; the cache's width is a multiple of it
+// Below this many floats an elementwise kernel runs on one thread: waking the others costs more than it saves.
+#define PARALLEL_MIN (1 << 15)
+
+// The threads a parallel region gets: torch's (built with OpenMP, the kernels share its runtime, libgomp.so.1, and
+// follow torch.set_num_threads); 1 when compiled without OpenMP.
+static inline int threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 typedef float vf __attribute__((vector_size(W * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
 
@@ -76,6 +92,7 @@ extern "C" void add_rms_norm(float *__restrict x, const float *__restrict residu
 // rows: up = gate + I, stride 2·I), I apart in out: the gated MLP's activation.
 extern "C" void silu_mul(const float *__restrict gate, const float *__restrict up, long stride, float *__restrict out,
                          int rows, int I) {
+#pragma omp parallel for schedule(static) if (rows * (long)I >= PARALLEL_MIN)
     for (int r = 0; r < rows; r++) {
         const float *g = gate + r * stride, *u = up + r * stride;
         float *o = out + (long)r * I;
@@ -94,15 +111,16 @@ extern "C" void silu_mul(const float *__restrict gate, const float *__restrict u
 // dgate = dout·up·σ(g)·(1 + g·(1 - σ(g))), dup = dout·silu(g).
 extern "C" void silu_mul_backward(const float *__restrict g, const float *__restrict u, const float *__restrict dout,
                                   float *__restrict dg, float *__restrict du, long n) {
-    long i = 0;
-    for (; i + W <= n; i += W) {
+    const long vectors = n / W * W;
+#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
+    for (long i = 0; i < vectors; i += W) {
         vf x = vload(g + i), dy = vload(dout + i);
         vf e = vexp_nonpos(x < 0 ? x : -x);
         vf sigmoid = x < 0 ? e / (1.f + e) : 1.f / (1.f + e);
         vstore(dg + i, dy * vload(u + i) * sigmoid * (1.f + x * (1.f - sigmoid)));
         vstore(du + i, dy * x * sigmoid);
     }
-    for (; i < n; i++) {
+    for (long i = vectors; i < n; i++) {
         float sigmoid = 1.f / (1.f + std::exp(-g[i]));
         dg[i] = dout[i] * u[i] * sigmoid * (1.f + g[i] * (1.f - sigmoid));
         du[i] = dout[i] * g[i] * sigmoid;
@@ -112,6 +130,7 @@ extern "C" void silu_mul_backward(const float *__restrict g, const float *__rest
 // RMSNorm of rows of D floats for training: y = x · rstd · weight, rstd = 1 / sqrt(mean(x²) + eps) kept per row.
 extern "C" void rms_norm_forward(const float *__restrict x, const float *__restrict weight, float *__restrict y,
                                  float *__restrict rstd, int rows, int D, float eps) {
+#pragma omp parallel for schedule(static) if (rows * (long)D >= PARALLEL_MIN)
     for (int r = 0; r < rows; r++) {
         rstd[r] = normalize_row(x + (long)r * D, weight, y + (long)r * D, D, eps);
     }
@@ -122,6 +141,8 @@ extern "C" void rms_norm_forward(const float *__restrict x, const float *__restr
 extern "C" void rms_norm_backward(const float *__restrict dy, const float *__restrict x, const float *__restrict weight,
                                   const float *__restrict rstd, float *__restrict dx, float *__restrict dweight,
                                   int rows, int D) {
+    const bool parallel = rows * (long)D >= PARALLEL_MIN;
+#pragma omp parallel for schedule(static) if (parallel)
     for (int r = 0; r < rows; r++) {
         const float *dyr = dy + (long)r * D, *xr = x + (long)r * D;
         float inv = rstd[r];
@@ -132,11 +153,11 @@ extern "C" void rms_norm_backward(const float *__restrict dy, const float *__res
         for (; i < D; i++) gx += dyr[i] * weight[i] * xr[i];
         float c = inv * inv * gx / D;
         float *dxr = dx + (long)r * D;
-        for (i = 0; i < D; i++) {
-            dxr[i] = inv * (dyr[i] * weight[i] - xr[i] * c);
-            dweight[i] += dyr[i] * xr[i] * inv;
-        }
+        for (i = 0; i < D; i++) dxr[i] = inv * (dyr[i] * weight[i] - xr[i] * c);
     }
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int i = 0; i < D; i++)
+        for (int r = 0; r < rows; r++) dweight[i] += dy[(long)r * D + i] * x[(long)r * D + i] * rstd[r];
 }
 
 // RoPE of one head: x·cos + rotate_half(x)·sin, with the sine's first half negated (lean._rope_table's tables).
@@ -153,8 +174,9 @@ static inline void rope(const float *x, const float *cos, const float *signed_si
 extern "C" void rope_rows(const float *__restrict x, const float *__restrict cos, const float *__restrict signed_sin,
                           float *__restrict out, int N, int heads, int inverse) {
     const int d = HEAD_DIM;
-    float flipped[HEAD_DIM];
+#pragma omp parallel for schedule(static) if (N * (long)heads * d >= PARALLEL_MIN)
     for (int n = 0; n < N; n++) {
+        float flipped[HEAD_DIM];
         const float *c = cos + (long)n * d, *sn = signed_sin + (long)n * d;
         if (inverse) {
             for (int t = 0; t < d; t++) flipped[t] = -sn[t];
@@ -348,9 +370,12 @@ extern "C" void packed_attention_forward(const float *__restrict q, const float 
                                          const int64_t *__restrict keys, const float *__restrict mask, int G, int Q,
                                          int K, float scale, float *__restrict out, float *__restrict lse) {
     const int d = HEAD_DIM, group = H / Hkv;
+    const std::vector<int> extent = seen_extents(mask, G * Q, K);
+#pragma omp parallel if (G > 1)  // rows on the threads: their outputs are disjoint
+    {
     Gathered row(K);
     std::vector<float> s(row.Kb);
-    const std::vector<int> extent = seen_extents(mask, G * Q, K);
+#pragma omp for schedule(static)
     for (int g = 0; g < G; g++)
         for (int kv_head = 0; kv_head < Hkv; kv_head++) {
             row.load(k, v, keys + (long)g * K, Hkv, kv_head);
@@ -369,10 +394,23 @@ extern "C" void packed_attention_forward(const float *__restrict q, const float 
                     lse[((long)g * H + h) * Q + i] = mx + std::log(total);
                 }
         }
+    }
+}
+
+// One row's key and value gradients (its K keys, one key head) added into dk and dv at the keys' tokens.
+static inline void add_row_grads(float *dk, float *dv, const int64_t *key, int Hkv, int kv_head, int K,
+                                 const float *dk_row, const float *dv_row) {
+    for (int j = 0; j < K; j++) {
+        float *dkp = dk + (key[j] * Hkv + kv_head) * HEAD_DIM, *dvp = dv + (key[j] * Hkv + kv_head) * HEAD_DIM;
+        for (int t = 0; t < HEAD_DIM; t++) { dkp[t] += dk_row[j * HEAD_DIM + t]; dvp[t] += dv_row[j * HEAD_DIM + t]; }
+    }
 }
 
 // Gradients of packed_attention_forward, added (+=) into dq [N, H, d], dk and dv [N, Hkv, d] in a fixed order, so a
-// key shared by several rows (a GRPO group's prompt) gets the same sum every run. dout: [G·Q, H·d].
+// key shared by several rows (a GRPO group's prompt) gets the same sum every run, on any number of threads. dout:
+// [G·Q, H·d]. Each token is the query of at most one (row, position) whose output gradient is not zero (the packed
+// layout's: a prompt's queries attend from the row that runs it), so threads add into disjoint rows of dq; each row's
+// key and value gradients are kept per row on several threads and added in row order after them.
 extern "C" void packed_attention_backward(const float *__restrict q, const float *__restrict k,
                                           const float *__restrict v, int H, int Hkv,
                                           const int64_t *__restrict queries, const int64_t *__restrict keys,
@@ -381,15 +419,21 @@ extern "C" void packed_attention_backward(const float *__restrict q, const float
                                           const float *__restrict dout, float *__restrict dq, float *__restrict dk,
                                           float *__restrict dv) {
     const int d = HEAD_DIM, group = H / Hkv;
-    Gathered row(K);
-    std::vector<float> p(row.Kb), dp(row.Kb), dk_row(K * d), dv_row(K * d);
     const std::vector<int> extent = seen_extents(mask, G * Q, K);
+    const bool parallel = G > 1 && threads() > 1;
+    std::vector<float> kept(parallel ? (size_t)G * Hkv * K * d * 2 : 0);  // [G, Hkv, 2, K, d]: each row's dk, dv
+#pragma omp parallel if (parallel)
+    {
+    Gathered row(K);
+    std::vector<float> p(row.Kb), dp(row.Kb), own(parallel ? 0 : K * d * 2);
+#pragma omp for schedule(static)
     for (int g = 0; g < G; g++)
         for (int kv_head = 0; kv_head < Hkv; kv_head++) {
             const int64_t *key = keys + (long)g * K;
             row.load(k, v, key, Hkv, kv_head);
-            std::fill(dk_row.begin(), dk_row.end(), 0.f);
-            std::fill(dv_row.begin(), dv_row.end(), 0.f);
+            float *dk_row = parallel ? &kept[((size_t)g * Hkv + kv_head) * K * d * 2] : own.data();
+            float *dv_row = dk_row + (size_t)K * d;
+            std::fill(dk_row, dk_row + (size_t)K * d * 2, 0.f);
             for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
                 for (int i = 0; i < Q; i++) {
                     const float *doi = dout + ((long)g * Q + i) * H * d + h * d;
@@ -416,9 +460,13 @@ extern "C" void packed_attention_backward(const float *__restrict q, const float
                     float *dqp = dq + (queries[g * Q + i] * H + h) * d;
                     for (int t = 0; t < d; t++) dqp[t] += dqi[t];
                 }
-            for (int j = 0; j < K; j++) {
-                float *dkp = dk + (key[j] * Hkv + kv_head) * d, *dvp = dv + (key[j] * Hkv + kv_head) * d;
-                for (int t = 0; t < d; t++) { dkp[t] += dk_row[j * d + t]; dvp[t] += dv_row[j * d + t]; }
-            }
+            if (!parallel) add_row_grads(dk, dv, key, Hkv, kv_head, K, dk_row, dv_row);
         }
+    }
+    if (parallel)
+        for (int g = 0; g < G; g++)
+            for (int kv_head = 0; kv_head < Hkv; kv_head++) {
+                const float *dk_row = &kept[((size_t)g * Hkv + kv_head) * K * d * 2];
+                add_row_grads(dk, dv, keys + (long)g * K, Hkv, kv_head, K, dk_row, dk_row + (size_t)K * d);
+            }
 }

@@ -10,14 +10,15 @@ step's elementwise chains and their backward). `cpu_kernels.cc`, next to this fi
   the gated MLP's SiLU(gate)·up (`silu_mul`); for the prefill (`LeanDecoder.prefill`, each context's tokens once in
   one packed list, its attention through `packed_attention`), the keys and values written into each row's cache
   (`write_cache`);
-- for training (`predicting_hidden_states` with one torch thread; forward and backward, as autograd functions):
-  the packed attention (`packed_attention`, in place of SDPA on the gathered rows), RMSNorm, RoPE and SiLU·up.
+- for training (`predicting_hidden_states`; forward and backward, as autograd functions): the packed attention
+  (`packed_attention`, in place of SDPA on the gathered rows), RMSNorm, RoPE and SiLU·up.
 
-The matrix multiplies stay PyTorch's, and the kernels run on one thread. Measured on the bench's model
-(docs/performance.md, session 13): a 32-row decode step 1.3-1.5× faster (with two threads too), an OPD update
-after the rollout -10% and pretraining -3% on one thread; with two threads PyTorch's parallel ops trained faster
-(+8% with the kernels), so training keeps them there. Results agree with PyTorch's ops to float rounding (~1e-6),
-and every backward adds in a fixed order (the same gradients every run).
+The matrix multiplies stay PyTorch's. The decode kernels run on one thread; the training kernels split their rows
+over torch's threads with OpenMP, in the runtime torch has already loaded (`libgomp.so.1`: one thread team, and
+`torch.set_num_threads` rules both), and give the same results on any number of threads (each row's sums in one
+order; the gradients of keys shared by rows added in row order after the threads). Measured on the bench's model
+(docs/performance.md, sessions 13-14): a 32-row decode step 1.3-1.5× faster, an OPD update after the rollout -10% on
+one thread, pretraining on two threads -11%. Every backward adds in a fixed order (the same gradients every run).
 
 The source is compiled for this CPU (`-march=native`) with the head size built in, by `$CXX` (else `c++`), once
 per source, head size and CPU, into `$PLURIBUS_KERNEL_CACHE` (default `~/.cache/pluribus/kernels`); each process
@@ -45,6 +46,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # Keys scored at a time by `decode_attention` (its BLOCK): a cache's width must be a multiple of it.
 BLOCK = 64
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+# The library then needs libgomp.so.1, which the dynamic loader finds already loaded with torch: one OpenMP runtime.
+OPENMP_FLAGS = ("-fopenmp",)
 MAX_HEAD_DIM = 512
 
 
@@ -251,9 +254,19 @@ def cache_dir() -> Path:
 
 def _build(head_dim: int) -> Path:
     """The built library for `head_dim`: from the cache, or compiled into it (atomically: concurrent processes
-    each write a file of their own and rename it into place)."""
+    each write a file of their own and rename it into place). With OpenMP where the compiler has it (the training
+    kernels then split their rows over torch's threads, in torch's own OpenMP runtime), else without."""
+    error = None
+    for openmp in (OPENMP_FLAGS, ()):
+        try:
+            return _build_with(head_dim, [*FLAGS, *openmp, f"-DHEAD_DIM={head_dim}"])
+        except RuntimeError as failed:
+            error = failed
+    raise error
+
+
+def _build_with(head_dim: int, flags: list[str]) -> Path:
     compiler = os.environ.get("CXX", "c++")
-    flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *flags]).encode(), _cpu_signature().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]

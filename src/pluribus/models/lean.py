@@ -603,11 +603,9 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
     N = ids.shape[0]
     slices = layout.adapter_tokens
-    # float32 on a CPU with one torch thread: attention, RMSNorm, RoPE and SiLU·up through the native kernels
-    # (forward and backward; an OPD update -10%, pretraining -3%); elsewhere PyTorch's ops and SDPA. The kernels run
-    # on one thread: with two, PyTorch's parallel ops were faster (pretraining +8% with the kernels)
-    kernels = native.cpu_kernels(d) if (device.type == "cpu" and dtype == torch.float32 and not dropout
-                                        and torch.get_num_threads() == 1) else None
+    # float32 on a CPU: attention, RMSNorm, RoPE and SiLU·up through the native kernels (forward and backward, their
+    # rows split over torch's threads; an OPD update -10% on one thread); elsewhere PyTorch's ops and SDPA
+    kernels = native.cpu_kernels(d) if (device.type == "cpu" and dtype == torch.float32 and not dropout) else None
     if kernels is None:
         norm, rotate = _norm, _rotate
     else:
