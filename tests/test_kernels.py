@@ -236,7 +236,7 @@ def test_a_missing_compiler_warns_once_and_decoding_falls_back(monkeypatch, tmp_
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     native._load.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="native decode kernels are unavailable"):
+        with pytest.warns(RuntimeWarning, match="native CPU kernels are unavailable"):
             assert native.cpu_kernels(32) is None
         model, _ = load(tiny_qwen2, trainable=False)
         decoder = LeanDecoder.build(model)  # the failure is remembered: no second warning, no second attempt

@@ -305,6 +305,7 @@ def _load(head_dim: int) -> CpuKernels | None:
     try:
         return CpuKernels(ctypes.CDLL(str(_build(head_dim))), head_dim)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # OSError: no compiler, or no loading
-        warnings.warn(f"pluribus: the native decode kernels are unavailable ({error}); decoding uses PyTorch ops, "
-                      f"slower on a CPU (set PLURIBUS_KERNELS=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"pluribus: the native CPU kernels are unavailable ({error}); decoding and training use "
+                      f"PyTorch ops, slower on a CPU (set PLURIBUS_KERNELS=0 to skip the attempt)", RuntimeWarning,
+                      stacklevel=3)
         return None

@@ -12,7 +12,7 @@ attention, the SiLU-gated MLP) without either:
 - `predicting_hidden_states` (training and teachers, grad flows): the model's own modules on each distinct
   token once, no padding: a prompt shared by a GRPO group's G rows runs once (its keys and values serve all
   G; their gradients add up, as if it ran G times), and only attention sees the rows laid out side by side
-  (SDPA; in float32 on a CPU with one torch thread, native kernels for the attention, RMSNorm, RoPE and SiLU·up).
+  (SDPA; in float32 on a CPU, native kernels for the attention, RMSNorm, RoPE and SiLU·up).
 
 Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, tests/test_models_lean.py: logits
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
@@ -304,6 +304,7 @@ class LeanDecoder:
         length_C = torch.tensor([len(c) for c in contexts], device="cpu")
         start_C = length_C.cumsum(0) - length_C  # contexts lie one after another in the packed list
         rows = torch.tensor(row_context, device="cpu")
+        start_B, length_B = start_C[rows], length_C[rows]  # each row's context in the packed list
         last_C = start_C + length_C - 1
         cos, sin = self.cos_table[layout.position_N], self.sin_table[layout.position_N]  # [N, d]
         x = F.embedding(layout.ids_N, self.embed_V_D)
@@ -311,8 +312,7 @@ class LeanDecoder:
             qkv = F.linear(kernels.rms_norm(x, layer.norm_attn_D, self.eps), layer.qkv_weight, layer.qkv_bias)
             qk = kernels.rope(qkv[:, :(H + Hkv) * d].view(N, H + Hkv, d), cos, sin)  # queries and keys turned
             v = qkv[:, (H + Hkv) * d:].view(N, Hkv, d)
-            kernels.write_cache(qk[:, H:], v, start_C[rows], length_C[rows], longest, self.k_cache[index],
-                                self.v_cache[index])
+            kernels.write_cache(qk[:, H:], v, start_B, length_B, longest, self.k_cache[index], self.v_cache[index])
             attended = kernels.packed_attention(qk[:, :H], qk[:, H:], v, call.query_token_B_Q, call.key_token_B_K,
                                                 call.mask_B_1_Q_K)
             owner = layout.owner_N

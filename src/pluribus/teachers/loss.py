@@ -47,8 +47,7 @@ def distill_backward(student_hidden_N_D: Tensor, student_head_V_D: Tensor, state
                                   teacher_weight_V_D, chunk_size, student_bias_V=student_bias_V,
                                   teacher_bias_V=teacher_bias_V)
         del teacher_weight_V_D, teacher_bias_V
-        index_n = torch.cat([torch.full((group.hidden_N_D.shape[0],), group.teacher, dtype=torch.long,
-                                        device=kl_n.device) for group in groups])
+        index_n = _cat([states.teacher_index_N[group.rows] for group in groups]).to(kl_n.device)
         term, means_E = weighted_teacher_loss(kl_n, torch.ones_like(kl_n, dtype=torch.bool), index_n,
                                               weights_E.to(kl_n.device))
         loss += term.detach().double().cpu()
