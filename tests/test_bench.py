@@ -119,3 +119,17 @@ def test_teacher_counts_pool_their_processes():
     assert pooled["step_time_ratio"] == pytest.approx(1.3 / 1.15)
     assert pooled["peak_rss_ratio"] == pytest.approx(320 / 310)
     assert pooled["peak_above_baseline_ratio"] == pytest.approx(220 / 210)
+
+
+def test_the_prefetch_bench_prints_both_medians(tmp_path, capsys, one_thread):
+    """The harness of `python -m pluribus.bench.prefetch` (a warm page cache here: no root needed), in seconds."""
+    import re
+
+    from pluribus.bench import prefetch
+
+    prefetch.main(["--size", "1", "--teachers", "2", "--steps", "2", "--rounds", "1", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "2 full-weight teachers" in out and "warm page cache, 1 steps a side" in out
+    off, on, ratio = (float(x) for x in re.search(r"([\d.]+) s synchronous, ([\d.]+) s reading ahead \(([\d.]+)x\)",
+                                                   out).groups())
+    assert off > 0 and on > 0 and ratio == pytest.approx(on / off, abs=0.01)

@@ -140,3 +140,12 @@ def test_stage_config_sections_and_missing_data_file(tmp_path):
     result = _cli("sft", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {path}: data.jsonl: data file not found: gone.jsonl"]
+
+
+def test_teacher_prefetch_is_left_out_of_the_opd_dump_when_off():
+    """Runs from before the option keep their OPD stage key; turned on, it is recorded."""
+    from pluribus.config import OPDConfig, validate
+
+    fields = {"model": "m", "out": "o", "data": {"domains": ["add"]}, "teachers": [{"path": "t", "domains": ["add"]}]}
+    assert "teacher_prefetch" not in validate(OPDConfig, fields, "opd").model_dump()
+    assert validate(OPDConfig, {**fields, "teacher_prefetch": True}, "opd").model_dump()["teacher_prefetch"] is True

@@ -280,3 +280,65 @@ def test_adapter_teachers_of_one_base_run_in_one_forward(tiny_llama, teacher_dir
     assert batched.adapter_switches == 2  # t1 and t3 checked once each (t0 is active when the base loads)
     assert alone.adapter_switches > batched.adapter_switches
     assert batched.loads == alone.loads  # the same schedule of units
+
+
+def test_prefetch_reads_the_next_teacher_ahead_and_computes_the_same(tiny_llama, teacher_dirs, monkeypatch):
+    """V4's asynchronous loading: with `prefetch`, the files of every load but the very first are read ahead (the
+    next unit of the batch, then the one the next batch loads first), the hidden states are the synchronous pool's
+    to the bit, and a model is still built only after the previous one is freed (a read ahead holds no model)."""
+    _, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+    alive, reads = [], []
+    load_model, read_files = pool_module._load_model, pool_module._read_files
+
+    def watched_load(path, dtype):
+        assert all(ref() is None for ref in alive), "a previous teacher is still in memory at the next load"
+        model = load_model(path, dtype)
+        alive.append(weakref.ref(model))
+        return model
+
+    def watched_read(folders):
+        reads.append([Path(f).name for f in folders])
+        return read_files(folders)
+
+    monkeypatch.setattr(pool_module, "_load_model", watched_load)
+    monkeypatch.setattr(pool_module, "_read_files", watched_read)
+    domains = ["sort", "add", "max", "add"]
+    results = {}
+    for prefetch in (False, True):
+        alive.clear(), reads.clear()
+        pool = TeacherPool([spec(d, f, [d]) for d, f in zip(DOMAINS, fulls)], tok, prefetch=prefetch)
+        index = pool.route(domains)
+        order = pool.order(index)
+        prompts, ids, mask = batch(tok, [domains[i] for i in order])
+        steps = [pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+                 for _ in range(3)]
+        assert pool.loads == 3 + 2 + 2  # residency is unchanged: the resident teacher goes first
+        assert pool.loads_ahead == (6 if prefetch else 0)
+        # batch 1 loads add, max, sort; then sort (resident), add, max; then max (resident), add, sort
+        assert reads == ([["full-max"], ["full-sort"], ["full-add"], ["full-max"], ["full-add"], ["full-sort"],
+                          ["full-add"]] if prefetch else [])
+        results[prefetch] = [g.hidden_N_D for states in steps for g in states.groups]
+        pool.release()
+        assert pool._loader is None and pool._reading is None
+        del steps
+    for a, b in zip(results[False], results[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert pool_module._read_files([Path(fulls[0])]) == pool_module._unit_file_bytes(pool_module._Unit(Path(fulls[0])))
+
+
+def test_an_error_reading_ahead_is_raised_at_that_teachers_turn(tiny_llama, teacher_dirs, monkeypatch):
+    _, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+
+    def unreadable(folders):
+        raise OSError(f"cannot read {Path(folders[0]).name}")
+
+    monkeypatch.setattr(pool_module, "_read_files", unreadable)
+    pool = TeacherPool([spec(d, f, [d]) for d, f in zip(DOMAINS, fulls)], tok, prefetch=True)
+    domains = ["add", "max"]
+    index = pool.route(domains)
+    prompts, ids, mask = batch(tok, domains)
+    with pytest.raises(OSError, match="cannot read full-max"):
+        pool.teacher_states(prompts, ids, mask, index, tok.pad_token_id)
+    pool.release()

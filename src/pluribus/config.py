@@ -506,6 +506,10 @@ class OPDConfig(Distributed):
     allow_eos_mismatch: bool = Field(False, description="accept a teacher whose EOS differs from the student's")
     teacher_memory_mb: float = Field(0.0, ge=0, description="teachers kept loaded while their weights fit (LRU); "
                                                             "0: one at a time, as V4 does with large experts")
+    teacher_prefetch: bool = Field(False, exclude_if=lambda on: not on,  # left out when off: earlier stage keys hold
+                                   description="read the next teacher's weight files in a background thread "
+                                               "while the current one computes (V4's asynchronous loading); "
+                                               "holds one more teacher's weights while they load")
     reward_every: int = Field(1, ge=0, description="log per-domain checker rewards every N steps (watching only); 0 never")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0

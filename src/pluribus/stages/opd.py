@@ -105,7 +105,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
     pool = TeacherPool([TeacherSpec(t.name or "+".join(t.domains), Path(t.path), tuple(t.domains), t.weight)
                         for t in cfg.teachers], tokenizer, vocab_size=student_head.shape[0],
                        device=world.device, allow_eos_mismatch=cfg.allow_eos_mismatch,
-                       resident_budget_bytes=int(cfg.teacher_memory_mb * 2**20))
+                       resident_budget_bytes=int(cfg.teacher_memory_mb * 2**20), prefetch=cfg.teacher_prefetch)
     stream = DomainStream(records if records is not None else load_records(cfg.data), cfg.domain_weights, cfg.seed)
     pool.route(stream.domains)  # fails now, not mid-run, when a domain has no teacher
     reward_fn = reward_fn or default_reward(cfg.data.rewards)

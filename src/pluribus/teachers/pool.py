@@ -26,8 +26,16 @@ What is resident, and when:
   the loss needs it, one teacher at a time (V4 loads offloaded heads on demand). Where the head
   cannot be found in the files, a reference to it is kept instead (its `[V, D]` stays in memory).
 
-Where this departs from V4: loading is synchronous (V4 prefetches the next teacher while the
-current one computes, which would hold two at once), and the pool runs on one device.
+- Loading ahead (`prefetch=True`, V4's asynchronous loading): while a unit computes, a background
+  thread reads the weight files of the next unit to load (the next in this batch's visit order,
+  else the one the next batch will load first: the lowest-index unit of this batch that is not
+  resident, since every batch visits its units in index order after the resident ones), so its
+  load finds them in the page cache instead of on disk. The thread only reads files; the model is
+  built in the caller's thread when its turn comes (building one sets torch's process-wide
+  default dtype). It adds no resident weights, only page cache the system can reclaim.
+
+Where this departs from V4: the pool runs on one device, and what loads ahead is a unit's files
+(the disk read), not its weights on the device (the host-to-device copy stays in the load).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 import gc
 import json
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -125,6 +134,23 @@ def _load_model(path: Path, dtype: torch.dtype):
     return load_causal_lm(path, dtype)
 
 
+READ_CHUNK = 16 * 2**20
+
+
+def _read_files(folders: Sequence[Path]) -> int:
+    """Read the weight files of model and adapter folders once, through the operating system's page cache, so that
+    loading them next finds them in memory; bytes read. The loader thread's whole work: file reads release the GIL, and nothing
+    in torch's process-wide state is touched (building a model sets the default dtype, so that stays with the
+    caller)."""
+    buffer = bytearray(READ_CHUNK)
+    total = 0
+    for file in (f for folder in folders for pattern in ("*.safetensors", "*.bin") for f in sorted(folder.glob(pattern))):
+        with open(file, "rb", buffering=0) as stream:
+            while n := stream.readinto(buffer):
+                total += n
+    return total
+
+
 def _unit_file_bytes(unit: _Unit) -> int:
     """A unit's size before it loads: its weight files on disk (float32 on disk loads as float32)."""
     folders = [unit.path, *(path for _, path in unit.adapters)]
@@ -145,14 +171,16 @@ class TeacherPool:
     """Teachers by domain; `teacher_states` runs each teacher of a batch once, at most one unit resident.
 
     Tokenizers are checked against the student's when the pool is built (nothing loads then); models
-    load on first use. `loads` and `adapter_switches` count unit loads and `set_adapter` calls.
+    load on first use. `loads` and `adapter_switches` count unit loads and `set_adapter` calls;
+    `loads_ahead` counts the loads whose files were read ahead.
     batch_adapters: run a unit's adapter teachers in one forward where the lean forward applies.
+    prefetch: read the next unit's weight files in a background thread while the current one computes.
     """
 
     def __init__(self, teachers: Sequence[TeacherSpec], student_tokenizer, *, vocab_size: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  allow_eos_mismatch: bool = False,
-                 resident_budget_bytes: int = 0, batch_adapters: bool = True):
+                 resident_budget_bytes: int = 0, batch_adapters: bool = True, prefetch: bool = False):
         if not teachers:
             raise PluribusError("OPD needs at least one teacher")
         self.teachers = list(teachers)
@@ -182,6 +210,12 @@ class TeacherPool:
         self._disk_heads: dict[int, TeacherHead] = {}
         self.loads = 0
         self.adapter_switches = 0
+        self.prefetch = prefetch
+        self.loads_ahead = 0
+        self._loader: ThreadPoolExecutor | None = None  # one background thread, made on first use
+        self._reading: tuple[int, Future] | None = None  # (unit, the read of its weight files)
+        self._upcoming: list[int] = []  # the units this batch visits after the current one
+        self._used: list[int] = []  # the units this batch visits, in index order
 
     # --- routing -----------------------------------------------------------------------------------
 
@@ -235,6 +269,8 @@ class TeacherPool:
             row += n
         cached: dict[int, TeacherGroup] = {}
         visit = self._visit_order(list(spans))
+        self._upcoming = list(dict.fromkeys(self._unit_of[e] for e in visit))
+        self._used = sorted(self._upcoming)
         for e in visit:
             if e in cached:
                 continue
@@ -261,7 +297,13 @@ class TeacherPool:
         return sum(p.numel() * p.element_size() for m in self._resident.values() for p in m.parameters())
 
     def release(self, keep: int = 0) -> None:
-        """Free resident units, least recently used first, until `keep` remain (memory returns before any next load)."""
+        """Free resident units, least recently used first, until `keep` remain (memory returns before any next load);
+        `keep=0` also drops a read ahead and stops the loader thread."""
+        if keep == 0:
+            self._stop_reading()
+        self._evict(keep)
+
+    def _evict(self, keep: int) -> None:
         if len(self._resident) <= keep:
             return
         while len(self._resident) > keep:
@@ -322,14 +364,57 @@ class TeacherPool:
                 for e, hidden_N_D in zip(teachers, hidden_M_D.split(counts))}
 
     def _resident_unit(self, unit_id: int):
-        """The unit's model, loaded if it is not resident (least recently used units freed first to make room)."""
+        """The unit's model, loaded if it is not resident (least recently used units freed first to make room);
+        then, with `prefetch`, the next unit's files start loading."""
         if unit_id in self._resident:
             self._resident.move_to_end(unit_id)
         else:
+            ahead = self._read_ahead(unit_id)
             self._make_room(self._units[unit_id])
             self._resident[unit_id] = self._load_unit(unit_id)
             self.loads += 1
+            self.loads_ahead += ahead
+        while self._upcoming and self._upcoming[0] != unit_id:  # the visit order is the plan: where it stands now
+            self._upcoming.pop(0)
+        if self._upcoming:
+            self._upcoming.pop(0)
+        self._start_reading()
         return self._resident[unit_id]
+
+    def _start_reading(self) -> None:
+        """Read ahead the files of the next unit to load: the next non-resident unit this batch visits, else the one
+        the next batch will load first. At most one read is in flight."""
+        if not self.prefetch or self._reading is not None:
+            return
+        following = [u for u in self._upcoming + self._used if u not in self._resident]
+        if not following:
+            return
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pluribus-teacher-files")
+        unit_id = following[0]
+        unit = self._units[unit_id]
+        self._reading = (unit_id, self._loader.submit(_read_files, [unit.path, *(path for _, path in unit.adapters)]))
+
+    def _read_ahead(self, unit_id: int) -> bool:
+        """Whether the unit's files were read ahead, once that read is done (an error in it is raised here); a read
+        of another unit is let go: the plan changed."""
+        if self._reading is None:
+            return False
+        ahead, future = self._reading
+        self._reading = None
+        if ahead != unit_id:
+            future.cancel()
+            return False
+        future.result()
+        return True
+
+    def _stop_reading(self) -> None:
+        if self._reading is not None:
+            self._reading[1].cancel()
+            self._reading = None
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+            self._loader = None
 
     def _activate(self, e: int):
         """The model that computes teacher e: its unit loaded (the previous one freed first), its adapter set."""
@@ -349,7 +434,7 @@ class TeacherPool:
         """Evict least recently used units until `unit` fits the budget beside the rest (all, if it cannot)."""
         need = _unit_file_bytes(unit)
         while self._resident and self.resident_bytes + need > self.resident_budget_bytes:
-            self.release(keep=len(self._resident) - 1)
+            self._evict(keep=len(self._resident) - 1)
 
     def _load_unit(self, unit_id: int):
         unit = self._units[unit_id]
