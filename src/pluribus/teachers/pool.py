@@ -374,10 +374,8 @@ class TeacherPool:
             self._resident[unit_id] = self._load_unit(unit_id)
             self.loads += 1
             self.loads_ahead += ahead
-        while self._upcoming and self._upcoming[0] != unit_id:  # the visit order is the plan: where it stands now
-            self._upcoming.pop(0)
-        if self._upcoming:
-            self._upcoming.pop(0)
+        if unit_id in self._upcoming:  # the visit order is the plan: what follows this unit in it
+            del self._upcoming[:self._upcoming.index(unit_id) + 1]
         self._start_reading()
         return self._resident[unit_id]
 
