@@ -342,3 +342,35 @@ def test_an_error_reading_ahead_is_raised_at_that_teachers_turn(tiny_llama, teac
     with pytest.raises(OSError, match="cannot read full-max"):
         pool.teacher_states(prompts, ids, mask, index, tok.pad_token_id)
     pool.release()
+
+
+def test_prefetch_reads_a_lora_units_base_and_adapters_ahead(tiny_llama, teacher_dirs, monkeypatch):
+    """Full-weight teachers and LoRA teachers over one base (a unit of its own, reached once per adapter checked on
+    first use): each unit's files are read ahead once, base and adapters together, and nothing computed changes."""
+    adapters, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+    reads = []
+    read_files = pool_module._read_files
+
+    def watched_read(folders):
+        reads.append([Path(f).name for f in folders])
+        return read_files(folders)
+
+    monkeypatch.setattr(pool_module, "_read_files", watched_read)
+    specs = [spec("add", adapters[0], ["add"]), spec("max", fulls[1], ["max"]), spec("sort", fulls[2], ["sort"]),
+             spec("reverse", adapters[3], ["reverse"])]
+    domains = ["add", "max", "sort", "reverse"]
+    states = {}
+    for prefetch in (False, True):
+        reads.clear()
+        pool = TeacherPool(specs, tok, prefetch=prefetch)
+        index = pool.route(domains)
+        order = pool.order(index)
+        prompts, ids, mask = batch(tok, [domains[i] for i in order])
+        states[prefetch] = pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+        assert pool.loads == 3 and pool.loads_ahead == (2 if prefetch else 0)
+        pool.release()
+    assert reads[0] == ["full-sort"] and reads[1][1:] == ["lora-add", "lora-reverse"] and reads[2] == ["full-max"]
+    assert len(reads) == 3
+    for a, b in zip(states[False].groups, states[True].groups):
+        torch.testing.assert_close(a.hidden_N_D, b.hidden_N_D, rtol=0, atol=0)
