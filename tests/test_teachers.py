@@ -139,7 +139,7 @@ def test_one_full_weight_teacher_resident_at_a_time(tiny_llama, teacher_dirs, mo
     alive = []
     load_model = pool_module._load_model
 
-    def watched_load(path, dtype):  # the pool collects garbage itself before it loads
+    def watched_load(path, dtype):  # the pool frees the previous teacher before it loads
         assert all(ref() is None for ref in alive), "a previous teacher is still in memory at the next load"
         model = load_model(path, dtype)
         alive.append(weakref.ref(model))
@@ -374,3 +374,35 @@ def test_prefetch_reads_a_lora_units_base_and_adapters_ahead(tiny_llama, teacher
     assert len(reads) == 3
     for a, b in zip(states[False].groups, states[True].groups):
         torch.testing.assert_close(a.hidden_N_D, b.hidden_N_D, rtol=0, atol=0)
+
+
+def test_an_evicted_teacher_is_collected_only_when_a_reference_cycle_keeps_it(tiny_llama, teacher_dirs, monkeypatch):
+    """A full collection costs ~0.2 s with transformers loaded, and one teacher at a time evicts one at every load:
+    a plain model goes with its last reference, so no collection runs; a peft unit (reference cycles) is still
+    freed by one."""
+    adapters, fulls = teacher_dirs
+    _, tok = load(tiny_llama)
+    collections = []
+    collect = pool_module.gc.collect
+    monkeypatch.setattr(pool_module.gc, "collect", lambda *a: (collections.append(1), collect(*a))[1])
+    alive = []
+    load_model = pool_module._load_model
+    monkeypatch.setattr(pool_module, "_load_model",
+                        lambda path, dtype: (lambda m: (alive.append(weakref.ref(m)), m)[1])(load_model(path, dtype)))
+    pool = TeacherPool([spec(d, f, [d]) for d, f in zip(DOMAINS, fulls)], tok)
+    domains = ["sort", "add", "max"]
+    index = pool.route(domains)
+    order = pool.order(index)
+    prompts, ids, mask = batch(tok, [domains[i] for i in order])
+    for _ in range(2):
+        pool.teacher_states(prompts, ids, mask, [index[i] for i in order], tok.pad_token_id)
+    assert pool.loads == 5 and collections == []
+    assert [ref() is None for ref in alive] == [True] * 4 + [False]
+    pool.release()
+    assert alive[-1]() is None and collections == []
+    lora = TeacherPool([spec("add", adapters[0], ["add"]), spec("max", adapters[1], ["max"])], tok)
+    prompts, ids, mask = batch(tok, ["add", "max"])
+    lora.teacher_states(prompts, ids, mask, lora.route(["add", "max"]), tok.pad_token_id)
+    unit = weakref.ref(next(iter(lora._resident.values())))
+    lora.release()
+    assert unit() is None
