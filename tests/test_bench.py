@@ -132,4 +132,6 @@ def test_the_prefetch_bench_prints_both_medians(tmp_path, capsys, one_thread):
     assert "2 full-weight teachers" in out and "warm page cache, 1 steps a side" in out
     off, on, ratio = (float(x) for x in re.search(r"([\d.]+) s synchronous, ([\d.]+) s reading ahead \(([\d.]+)x\)",
                                                    out).groups())
-    assert off > 0 and on > 0 and ratio == pytest.approx(on / off, abs=0.01)
+    # the ratio is of the unrounded medians: within what rounding each figure to 3 decimals (the ratio to 2) allows
+    assert off > 0 and on > 0
+    assert (on - 5e-4) / (off + 5e-4) - 5e-3 <= ratio <= (on + 5e-4) / (off - 5e-4) + 5e-3

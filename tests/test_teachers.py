@@ -297,9 +297,9 @@ def test_prefetch_reads_the_next_teacher_ahead_and_computes_the_same(tiny_llama,
         alive.append(weakref.ref(model))
         return model
 
-    def watched_read(folders):
-        reads.append([Path(f).name for f in folders])
-        return read_files(folders)
+    def watched_read(files):  # the folders read, in order
+        reads.append(list(dict.fromkeys(Path(f).parent.name for f in files)))
+        return read_files(files)
 
     monkeypatch.setattr(pool_module, "_load_model", watched_load)
     monkeypatch.setattr(pool_module, "_read_files", watched_read)
@@ -324,15 +324,16 @@ def test_prefetch_reads_the_next_teacher_ahead_and_computes_the_same(tiny_llama,
         del steps
     for a, b in zip(results[False], results[True]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert pool_module._read_files([Path(fulls[0])]) == pool_module._unit_file_bytes(pool_module._Unit(Path(fulls[0])))
+    unit = pool_module._Unit(Path(fulls[0]))
+    assert pool_module._read_files(pool_module._unit_files(unit)) == pool_module._unit_file_bytes(unit) > 0
 
 
 def test_an_error_reading_ahead_is_raised_at_that_teachers_turn(tiny_llama, teacher_dirs, monkeypatch):
     _, fulls = teacher_dirs
     _, tok = load(tiny_llama)
 
-    def unreadable(folders):
-        raise OSError(f"cannot read {Path(folders[0]).name}")
+    def unreadable(files):
+        raise OSError(f"cannot read {Path(files[0]).parent.name}")
 
     monkeypatch.setattr(pool_module, "_read_files", unreadable)
     pool = TeacherPool([spec(d, f, [d]) for d, f in zip(DOMAINS, fulls)], tok, prefetch=True)
@@ -352,9 +353,9 @@ def test_prefetch_reads_a_lora_units_base_and_adapters_ahead(tiny_llama, teacher
     reads = []
     read_files = pool_module._read_files
 
-    def watched_read(folders):
-        reads.append([Path(f).name for f in folders])
-        return read_files(folders)
+    def watched_read(files):  # the folders read, in order
+        reads.append(list(dict.fromkeys(Path(f).parent.name for f in files)))
+        return read_files(files)
 
     monkeypatch.setattr(pool_module, "_read_files", watched_read)
     specs = [spec("add", adapters[0], ["add"]), spec("max", fulls[1], ["max"]), spec("sort", fulls[2], ["sort"]),

@@ -508,8 +508,8 @@ class OPDConfig(Distributed):
                                                             "0: one at a time, as V4 does with large experts")
     teacher_prefetch: bool = Field(False, exclude_if=lambda on: not on,  # left out when off: earlier stage keys hold
                                    description="read the next teacher's weight files in a background thread "
-                                               "while the current one computes (V4's asynchronous loading); "
-                                               "holds one more teacher's weights while they load")
+                                               "while the current one computes (V4's asynchronous loading), so "
+                                               "its load finds them in the page cache; no second model is held")
     reward_every: int = Field(1, ge=0, description="log per-domain checker rewards every N steps (watching only); 0 never")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cold and not os.access(DROP_CACHES, os.W_OK):
         raise SystemExit(f"--cold needs write access to {DROP_CACHES} (run as root)")
-    from pluribus.models import random_causal_lm, render_prompt, save, tiny_config
+    from pluribus.models import count_parameters, load_causal_lm, random_causal_lm, render_prompt, save, tiny_config
     from pluribus.models.tokenizer import build_char_tokenizer
     from pluribus.teachers import TeacherPool, TeacherSpec
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                 if step:  # the first step loads every teacher, nothing read ahead yet
                     steps[prefetch].append(time.perf_counter() - start)
             pool.release()
-    parameters = sum(p.numel() for p in random_causal_lm(config).parameters())
+    parameters = count_parameters(load_causal_lm(folders[0]))
     off, on = (statistics.median(steps[p]) for p in (False, True))
     print(f"{args.teachers} full-weight teachers of {parameters / 1e6:.1f}M parameters, one resident, "
           f"{'cold' if args.cold else 'warm'} page cache, {len(steps[False])} steps a side")

@@ -138,14 +138,19 @@ def _load_model(path: Path, dtype: torch.dtype):
 READ_CHUNK = 16 * 2**20
 
 
-def _read_files(folders: Sequence[Path]) -> int:
-    """Read the weight files of model and adapter folders once, through the operating system's page cache, so that
-    loading them next finds them in memory; bytes read. The loader thread's whole work: file reads release the GIL, and nothing
-    in torch's process-wide state is touched (building a model sets the default dtype, so that stays with the
-    caller)."""
+def _unit_files(unit: _Unit) -> list[Path]:
+    """The weight files of a unit's folders: its model's, then each adapter's."""
+    folders = [unit.path, *(path for _, path in unit.adapters)]
+    return [f for folder in folders for pattern in ("*.safetensors", "*.bin") for f in sorted(folder.glob(pattern))]
+
+
+def _read_files(files: Sequence[Path]) -> int:
+    """Read `files` once, through the operating system's page cache, so that loading them next finds them in memory;
+    bytes read. The loader thread's whole work: file reads release the GIL and touch none of torch's process-wide
+    state (building a model sets the default dtype, so that stays with the caller)."""
     buffer = bytearray(READ_CHUNK)
     total = 0
-    for file in (f for folder in folders for pattern in ("*.safetensors", "*.bin") for f in sorted(folder.glob(pattern))):
+    for file in files:
         with open(file, "rb", buffering=0) as stream:
             while n := stream.readinto(buffer):
                 total += n
@@ -154,9 +159,7 @@ def _read_files(folders: Sequence[Path]) -> int:
 
 def _unit_file_bytes(unit: _Unit) -> int:
     """A unit's size before it loads: its weight files on disk (float32 on disk loads as float32)."""
-    folders = [unit.path, *(path for _, path in unit.adapters)]
-    return sum(f.stat().st_size for folder in folders for pattern in ("*.safetensors", "*.bin")
-               for f in folder.glob(pattern))
+    return sum(f.stat().st_size for f in _unit_files(unit))
 
 
 def _adapter_base(path: Path) -> Path:
@@ -397,8 +400,7 @@ class TeacherPool:
         if self._loader is None:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pluribus-teacher-files")
         unit_id = following[0]
-        unit = self._units[unit_id]
-        self._reading = (unit_id, self._loader.submit(_read_files, [unit.path, *(path for _, path in unit.adapters)]))
+        self._reading = (unit_id, self._loader.submit(_read_files, _unit_files(self._units[unit_id])))
 
     def _read_ahead(self, unit_id: int) -> bool:
         """Whether the unit's files were read ahead, once that read is done (an error in it is raised here); a read
