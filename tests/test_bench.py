@@ -36,6 +36,7 @@ def _check_pluribus_side(results):
     teachers = results["opd_teachers"]
     assert sorted(int(k) for k in teachers["by_count"]) == sorted(SMOKE.teacher_counts)
     assert all(t["peak_mib"] > 0 and t["tokens"] > 0 and t["processes"] == SMOKE.rounds
+               and t["timed_steps"] == SMOKE.steps * SMOKE.rounds and t["process_step_s"] > 0
                for t in teachers["by_count"].values())
     assert teachers["by_count"][str(max(SMOKE.teacher_counts))]["loads"] == 1  # LoRA teachers share one base
     kl = results["chunked_kl"]
@@ -104,19 +105,28 @@ def test_first_step_work_counts_the_matmuls_of_the_first_step_only():
     assert work.gflop == pytest.approx(2 * 4 * 8 * 16 / 1e9)
 
 
-def test_teacher_counts_pool_their_processes():
-    """Each count's processes (run in alternating order) pool into one median; memory takes the highest peak."""
+def test_teacher_counts_take_time_from_the_alternating_run_and_memory_from_their_processes():
+    """Step times: medians of the counts stepped in turn in one process; memory: the highest peak of each count's own
+    processes (their pooled step times kept beside, with their ratio)."""
     from pluribus.bench import _teachers
 
     def process(steps, peak):
         return {"steps_s": steps, "cpu_steps_s": steps, "threads": 1, "tokens": 10, "loads": 1, "peak_mib": peak,
                 "above_baseline_mib": peak - 100}
 
+    def turns(steps):
+        return {"steps_s": steps, "cpu_steps_s": [2 * t for t in steps], "threads": 1}
+
     pooled = _teachers({1: [process([1.0, 1.2], 300), process([1.1, 5.0], 310)],
-                        12: [process([1.3, 1.3], 320), process([1.2, 1.4], 305)]})
-    assert pooled["by_count"]["1"]["step_s"] == pytest.approx(1.15)  # median of 1.0, 1.1, 1.2, 5.0
-    assert pooled["by_count"]["12"]["processes"] == 2 and pooled["by_count"]["12"]["timed_steps"] == 4
-    assert pooled["step_time_ratio"] == pytest.approx(1.3 / 1.15)
+                        12: [process([1.3, 1.3], 320), process([1.2, 1.4], 305)]},
+                       {"1": turns([0.5, 0.7, 0.6]), "12": turns([0.66, 0.9, 0.6])})
+    assert pooled["by_count"]["1"]["step_s"] == pytest.approx(0.6)  # the median of the alternating run's steps
+    assert pooled["by_count"]["12"]["timed_steps"] == 3 and pooled["by_count"]["12"]["processes"] == 2
+    assert pooled["step_time_ratio"] == pytest.approx(0.66 / 0.6)
+    assert pooled["cpu_time_ratio"] == pytest.approx(1.32 / 1.2)
+    assert pooled["by_count"]["1"]["process_step_s"] == pytest.approx(1.15)  # median of 1.0, 1.1, 1.2, 5.0
+    assert pooled["process_step_time_ratio"] == pytest.approx(1.3 / 1.15)
+    assert pooled["by_count"]["12"]["tokens"] == 10 and pooled["by_count"]["12"]["loads"] == 1
     assert pooled["peak_rss_ratio"] == pytest.approx(320 / 310)
     assert pooled["peak_above_baseline_ratio"] == pytest.approx(220 / 210)
 

@@ -6,7 +6,8 @@ batch, group size, lengths, steps and torch threads):
 - OPD step, one teacher: `pluribus.stages.opd` vs TRL `DistillationTrainer` (on-policy, β = 1: reverse KL
   over the full vocabulary).
 - Rollout tokens/s: `pluribus.rollout.sample` vs `model.generate` on the GRPO batch and on the OPD batch.
-- OPD with 1, 4 and 12 teachers: step time and peak memory (`workloads.opd_teachers`).
+- OPD with 1, 4 and 12 teachers: step time (`workloads.opd_teachers_alternating`: the counts in turn in one
+  process) and peak memory (`workloads.opd_teachers`: each count in processes of its own).
 - The chunked exact KL's peak memory at |V| = 131,072 (`memory.chunked_kl_peak`).
 
 `workloads` says what a timed step contains. TRL is optional (extra `bench`); without it the TRL columns are
@@ -72,18 +73,20 @@ def run(settings: BenchSettings = BenchSettings(), *, with_trl: bool | None = No
                     runs[task][side].append(call(f"{task}_{side}"))
         echo("rollout throughput")
         rollout = call("rollout")
-        # each count in `rounds` processes, the order reversed every round (as the two sides above alternate):
-        # a slow stretch of a shared machine falls on every count, not on the one that ran then
+        # Peak memory: each count in `rounds` processes of its own, the order reversed every round. Step time: the
+        # counts stepped in turn in one process, so a slow stretch of a shared machine falls on every count alike.
         teachers: dict[int, list[dict]] = {count: [] for count in settings.teacher_counts}
         for r in range(settings.rounds):
             for count in (settings.teacher_counts if r % 2 == 0 else settings.teacher_counts[::-1]):
-                echo(f"round {r + 1}/{settings.rounds}: OPD step with {count} teacher(s)")
+                echo(f"round {r + 1}/{settings.rounds}: OPD step with {count} teacher(s), peak memory")
                 teachers[count].append(call("opd_teachers", count))
+        echo("OPD step with " + ", ".join(map(str, settings.teacher_counts)) + " teachers in turn, step time")
+        alternating = call("opd_teachers_alternating")
         echo("chunked KL peak memory")
         kl = call("chunked_kl")
     results = {"machine": machine(settings.threads), "settings": asdict(settings), "model": model,
                "grpo": _compare(runs["grpo"]), "opd": _compare(runs["opd"]), "rollout": _rollout(rollout),
-               "opd_teachers": _teachers(teachers), "chunked_kl": kl,
+               "opd_teachers": _teachers(teachers, alternating), "chunked_kl": kl,
                "notes": [] if with_trl else [TRL_LEFT_OUT if trl_installed() else TRL_MISSING]}
     results["targets"] = [_target(results, path, op, bound) for path, op, bound in TARGETS]
     return results
@@ -174,10 +177,11 @@ def _rollout(measured: dict) -> dict:
     return out
 
 
-def _teachers(runs_by_count: dict[int, list[dict]]) -> dict:
-    """Per teacher count: medians over every timed step of its processes, the highest peak memory of them."""
-    by_count = {count: {**runs[0], **_pooled(runs), "processes": len(runs),
-                        "peak_mib": max(r["peak_mib"] for r in runs),
+def _teachers(runs_by_count: dict[int, list[dict]], alternating: dict[str, dict]) -> dict:
+    """Per teacher count: step times from the counts stepped in turn (`alternating`, medians over its timed steps),
+    the highest peak memory of the count's own processes (their step times kept as `process_step_s`)."""
+    by_count = {count: {**runs[0], "process_step_s": _pooled(runs)["step_s"], **_pooled([alternating[str(count)]]),
+                        "processes": len(runs), "peak_mib": max(r["peak_mib"] for r in runs),
                         "above_baseline_mib": None if any(r["above_baseline_mib"] is None for r in runs)
                         else max(r["above_baseline_mib"] for r in runs)}
                 for count, runs in runs_by_count.items()}
@@ -185,6 +189,7 @@ def _teachers(runs_by_count: dict[int, list[dict]]) -> dict:
     above = [r["above_baseline_mib"] for r in (most, fewest)]
     return {"by_count": {str(k): v for k, v in by_count.items()}, "most": max(by_count), "fewest": min(by_count),
             "step_time_ratio": most["step_s"] / fewest["step_s"], "cpu_time_ratio": most["cpu_s"] / fewest["cpu_s"],
+            "process_step_time_ratio": most["process_step_s"] / fewest["process_step_s"],
             "peak_rss_ratio": most["peak_mib"] / fewest["peak_mib"],
             "peak_above_baseline_ratio": above[0] / above[1] if None not in above and above[1] > 0 else None}
 

@@ -348,21 +348,55 @@ def _throughput(timed: list[tuple[int, float, float]]) -> dict:
 
 # --- OPD with many teachers ----------------------------------------------------------------------------
 
-def opd_teachers(root: Path, s: BenchSettings, teachers: int) -> dict:
-    """The OPD step after the rollout, with `teachers` LoRA teachers over one base, on the same batch.
+class _TeacherStep:
+    """The OPD step after the rollout with `teachers` LoRA teachers over one base, on a fixed batch: a student of
+    its own (`loaded`: the model and tokenizer), its optimizer, its teacher pool, the batch ordered by that pool's
+    teachers.
 
-    Timed: the teachers' hidden states (`TeacherPool.teacher_states`), the student forward, the chunked exact KL
-    backpropagated one teacher head at a time, and the AdamW step. The rollout is left out: it does not depend
-    on the number of teachers. The batch: `teacher_batch` prompts spread over the 12 world domains, sampled once
-    with per-request seeds (every process gets the same tokens); domain k goes to teacher k mod E.
-    Peak memory: the process's resident high-water mark, whole and above the RSS once the student and the
-    batch exist.
-    """
-    from pluribus.config import OptimConfig
+    One `step()`: the teachers' hidden states (`TeacherPool.teacher_states`), the student forward, the chunked exact
+    KL backpropagated one teacher head at a time, and the AdamW step. Domain k goes to teacher k mod E."""
+
+    def __init__(self, root: Path, s: BenchSettings, teachers: int, records: list, rollout, loaded: tuple):
+        from pluribus.config import OptimConfig
+        from pluribus.rollout import Rollout
+        from pluribus.stages.common import make_optimizer
+        from pluribus.teachers import TeacherPool, TeacherSpec, output_head
+
+        self.student, self.tok = loaded
+        domains = list(dict.fromkeys(r.domain for r in records))
+        specs = [TeacherSpec(f"t{e}", root / f"lora-teacher-{e}", tuple(d for k, d in enumerate(domains)
+                                                                       if k % teachers == e)) for e in range(teachers)]
+        self.optimizer, self.scheduler = make_optimizer(self.student, OptimConfig(lr=s.lr, warmup_steps=0),
+                                                        s.warmup + s.steps * s.rounds)
+        self.head, self.bias = output_head(self.student)
+        self.pool = TeacherPool(specs, self.tok, vocab_size=self.head.shape[0])
+        index = self.pool.route([r.domain for r in records])
+        order = self.pool.order(index)
+        self.index = [index[i] for i in order]
+        self.rollout = Rollout([rollout.prompt_ids[i] for i in order], rollout.response_ids_B_T[order],
+                               rollout.response_mask_B_T[order], rollout.sampler_logprobs_B_T[order], None,
+                               [rollout.finish_reasons[i] for i in order])
+
+    def step(self) -> tuple[float, int]:
+        """One update; returns (loss, tokens)."""
+        from pluribus.stages.common import optimizer_step
+        from pluribus.teachers import distill_backward, response_hidden_states
+
+        r, pad = self.rollout, self.tok.pad_token_id
+        states = self.pool.teacher_states(r.prompt_ids, r.response_ids_B_T, r.response_mask_B_T, self.index, pad)
+        self.student.train()
+        hidden = response_hidden_states(self.student, r.prompt_ids, r.response_ids_B_T, r.response_mask_B_T, pad)
+        loss, _, tokens = distill_backward(hidden, self.head, states, self.pool.weights_E, 1024, self.bias)
+        optimizer_step(self.student, self.optimizer, self.scheduler, 1.0)
+        return float(loss), int(tokens.sum())
+
+
+def _teacher_batch(root: Path, s: BenchSettings) -> tuple[tuple, list, object]:
+    """The student and the many-teacher batch: `teacher_batch` prompts spread over the first max(teacher_counts)
+    world domains, sampled once by the student with per-request seeds (every process, every count gets the same
+    tokens)."""
     from pluribus.models import load, render_prompt
-    from pluribus.rollout import Rollout, SamplingParams, sample
-    from pluribus.stages.common import make_optimizer, optimizer_step
-    from pluribus.teachers import TeacherPool, TeacherSpec, distill_backward, output_head, response_hidden_states
+    from pluribus.rollout import SamplingParams, sample
     from pluribus.world import DOMAINS, generate
 
     torch.manual_seed(s.seed)
@@ -372,37 +406,53 @@ def opd_teachers(root: Path, s: BenchSettings, teachers: int) -> dict:
     records = [r for d in domains for r in generate(d, "train", per_domain, seed=s.seed)]
     rollout = sample(student, [render_prompt(tok, r.messages()) for r in records], SamplingParams(s.max_new_tokens),
                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, request_seeds=range(len(records)))
-    specs = [TeacherSpec(f"t{e}", root / f"lora-teacher-{e}", tuple(d for k, d in enumerate(domains)
-                                                                   if k % teachers == e)) for e in range(teachers)]
-    optimizer, scheduler = make_optimizer(student, OptimConfig(lr=s.lr, warmup_steps=0), s.warmup + s.steps)
-    head, bias = output_head(student)
+    return (student, tok), records, rollout
+
+
+def opd_teachers(root: Path, s: BenchSettings, teachers: int) -> dict:
+    """The OPD step after the rollout with `teachers` LoRA teachers (`_TeacherStep`), alone in this process: its
+    peak memory, the process's resident high-water mark, whole and above the RSS once the student and the batch
+    exist. The rollout is left out: it does not depend on the number of teachers."""
+    loaded, records, rollout = _teacher_batch(root, s)
     baseline = rss_bytes()
     reset = reset_peak()
-    pool = TeacherPool(specs, tok, vocab_size=head.shape[0])
-    index = pool.route([r.domain for r in records])
-    order = pool.order(index)
-    index = [index[i] for i in order]
-    rollout = Rollout([rollout.prompt_ids[i] for i in order], rollout.response_ids_B_T[order],
-                      rollout.response_mask_B_T[order], rollout.sampler_logprobs_B_T[order], None,
-                      [rollout.finish_reasons[i] for i in order])
+    run = _TeacherStep(root, s, teachers, records, rollout, loaded)
     ends = [_marks()]
     for _ in range(s.warmup + s.steps):
-        states = pool.teacher_states(rollout.prompt_ids, rollout.response_ids_B_T, rollout.response_mask_B_T,
-                                     index, tok.pad_token_id)
-        student.train()
-        hidden = response_hidden_states(student, rollout.prompt_ids, rollout.response_ids_B_T,
-                                        rollout.response_mask_B_T, tok.pad_token_id)
-        loss, _, tokens = distill_backward(hidden, head, states, pool.weights_E, 1024, bias)
-        optimizer_step(student, optimizer, scheduler, 1.0)
-        del states, hidden
+        loss, tokens = run.step()
         ends.append(_marks())
     peak = peak_bytes()
     result = _step_times(ends, s.warmup + 1)  # ends[0] is the start, not a step end
-    result.update(teachers=teachers, tokens=int(tokens.sum()), loss=float(loss), loads=pool.loads,
-                  switches_per_step=pool.adapter_switches / (s.warmup + s.steps), peak_mib=peak / MIB,
+    result.update(teachers=teachers, tokens=tokens, loss=loss, loads=run.pool.loads,
+                  switches_per_step=run.pool.adapter_switches / (s.warmup + s.steps), peak_mib=peak / MIB,
                   above_baseline_mib=(peak - baseline) / MIB if reset and baseline is not None else None,
-                  teacher_params_mib=pool.resident_bytes / MIB)
+                  teacher_params_mib=run.pool.resident_bytes / MIB)
     return result
+
+
+def opd_teachers_alternating(root: Path, s: BenchSettings) -> dict:
+    """The step times the teacher-count ratio is taken from: every count's `_TeacherStep` in this one process,
+    stepped in turn (the order reversed every round), `warmup` untimed steps each, then `steps · rounds` timed.
+
+    A slow stretch of a shared machine then falls on every count alike; in processes of their own (as the memory
+    is measured), a few seconds of a busy neighbour landed on one count's steps (12 vs 1 teachers: 1.24× in one
+    run, 0.99-1.03× in separate runs of the same code). Returns {count: step times}."""
+    from pluribus.models import load
+
+    _, records, rollout = _teacher_batch(root, s)
+    runs = {count: _TeacherStep(root, s, count, records, rollout, load(root / "student")) for count in s.teacher_counts}
+    for run in runs.values():
+        for _ in range(s.warmup):
+            run.step()
+    timed: dict[int, list[tuple[float, float]]] = {count: [] for count in runs}
+    for rep in range(s.steps * s.rounds):
+        for count in (s.teacher_counts if rep % 2 == 0 else s.teacher_counts[::-1]):
+            start = _marks()
+            runs[count].step()
+            end = _marks()
+            timed[count].append((end[0] - start[0], end[1] - start[1]))
+    return {str(count): {"steps_s": [w for w, _ in t], "cpu_steps_s": [c for _, c in t],
+                         "threads": torch.get_num_threads()} for count, t in timed.items()}
 
 
 def chunked_kl(root: Path, s: BenchSettings) -> dict:
@@ -410,6 +460,7 @@ def chunked_kl(root: Path, s: BenchSettings) -> dict:
 
 
 TASKS = {"grpo_pluribus": grpo_pluribus, "grpo_trl": grpo_trl, "opd_pluribus": opd_pluribus, "opd_trl": opd_trl,
-         "rollout": rollout, "opd_teachers": opd_teachers, "chunked_kl": chunked_kl}
+         "rollout": rollout, "opd_teachers": opd_teachers, "opd_teachers_alternating": opd_teachers_alternating,
+         "chunked_kl": chunked_kl}
 
 
