@@ -23,7 +23,8 @@ from typing import Sequence
 
 import torch
 
-from pluribus.models import device_of, forward_keeping, pad_batch, position_ids_from_mask, response_logits
+from pluribus.models import (device_of, forward_keeping, pad_batch, position_ids_from_mask, response_logits,
+                             set_training)
 from pluribus.models.lean import LeanDecoder
 
 
@@ -182,8 +183,10 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
         prefixes are kept and sampling continues after them.
     stop_after_steps: stop early (to simulate a crash in tests); the log keeps what was sampled.
     """
+    # Dropout off where transformers' forward runs (`_HFForward`, `_prefix_keep_mask`); the lean decoder computes
+    # eval mode's logits in either mode, so with it the model's mode is left alone (a switch there and back cost
+    # ~1.2 ms a step on the world's model).
     was_training = model.training
-    model.eval()
     B = len(prompt_ids)
     seeds = list(request_seeds) if request_seeds is not None else [seed * 100_003 + i for i in range(B)]
     greedy = params.temperature <= 0
@@ -225,7 +228,7 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
             if keep_rows[i]:
                 rows = torch.stack(keep_rows[i])
                 keep[i, len(out_tokens[i]) - len(rows): len(out_tokens[i])] = rows
-    model.train(was_training)
+    set_training(model, was_training)
     reasons = ["eos" if o and o[-1] == eos_id else "length" for o in out_tokens]
     texts = [tokenizer.decode([t for t in o if t != eos_id]) for o in out_tokens] if tokenizer else []
     return Rollout([list(p) for p in prompt_ids], response, mask, logps, keep, reasons, texts)
@@ -236,6 +239,7 @@ def _prefix_keep_mask(model, prompt_ids: list[list[int]], response_ids_B_T: torc
     """Keep mask `[B, T, V]` of the sampler's truncation over each row's first prefix_lens[b] response tokens
     (True beyond them), as decoding computed it, up to float rounding (prefill, not step by step)."""
     device = response_ids_B_T.device
+    set_training(model, False)
     positions_B_T = torch.arange(response_ids_B_T.shape[1], device=device)[None, :] < \
         torch.tensor(prefix_lens, device=device)[:, None]
     logits = response_logits(model, prompt_ids, response_ids_B_T, positions_B_T, pad_id).float() / params.temperature
@@ -248,7 +252,7 @@ class _HFForward:
     batch, fed padding and masked out."""
 
     def __init__(self, model, pad_id: int):
-        self.model, self.pad_id = model, pad_id
+        self.model, self.pad_id = set_training(model, False), pad_id
 
     def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> torch.Tensor:
         ids, self.attn = pad_batch(sequences, self.pad_id, side="left", device=device_of(self.model))

@@ -30,7 +30,7 @@ from pluribus import dist
 from pluribus.config import EvalConfig, GRPOConfig, PolicyUpdateConfig
 from pluribus.core import group_advantages, grpo_loss
 from pluribus.data import Record
-from pluribus.models import add_lora, load, render_prompt, response_logprobs, save
+from pluribus.models import add_lora, load, render_prompt, response_logprobs, save, set_training
 from pluribus.rewards.length import LengthPenalty
 from pluribus.rollout import SamplingParams
 from pluribus.rollout.engine import open_engine
@@ -187,7 +187,7 @@ def _update(model, cfg: PolicyUpdateConfig, rollout, adv_N, reference, optimizer
     sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "masked_seq_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     skipped = updates = trained = 0
     size = N * world.size // cfg.minibatches
-    model.train()
+    set_training(model)
     for _ in range(cfg.inner_updates):
         order = dist.broadcast(torch.randperm(N * world.size, device="cpu"))
         for m in range(cfg.minibatches):

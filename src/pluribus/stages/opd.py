@@ -34,7 +34,7 @@ from pluribus import dist
 from pluribus.config import OPDConfig
 from pluribus.data import Record
 from pluribus.errors import PluribusError
-from pluribus.models import add_lora, load, merge_lora, render_prompt, save
+from pluribus.models import add_lora, load, merge_lora, render_prompt, save, set_training
 from pluribus.rollout import SamplingParams
 from pluribus.rollout.engine import open_engine
 from pluribus.stages.checkpoint import Checkpointer
@@ -188,7 +188,7 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
     forward, one teacher at a time, where DDP's and FSDP2's hooks do not see it.
     """
     world = dist.world()
-    model.train()
+    set_training(model)
     if world.size == 1:
         head, bias = output_head(model)
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
