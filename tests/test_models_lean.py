@@ -188,3 +188,30 @@ def test_the_training_kernels_give_one_threads_results_on_two(tiny_qwen2, monkey
     assert (one - two).abs().max() < 1e-6
     for name, grad in one_grads.items():
         assert (two_grads[name] - grad).norm() / grad.norm().clamp_min(1e-8) < 1e-6, name
+
+
+def test_the_packed_layout_of_a_small_batch():
+    """`_layout` by hand: rows 0 and 1 share prompt [5, 6] (row 0 runs it, row 1 attends from its response only),
+    row 2 has its own; each distinct token once, each row's queries and keys, who owns each output, who predicts."""
+    from pluribus.models.lean import _layout
+
+    responses = torch.tensor([[10, 11, 12], [20, 0, 0], [30, 31, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    layout = _layout([[5, 6], [5, 6], [7]], responses, mask, torch.float32, None)
+    assert layout.ids_N.tolist() == [5, 6, 10, 11, 7, 30]  # a response's last token predicts nothing: not run
+    assert layout.position_N.tolist() == [0, 1, 2, 3, 0, 1]
+    assert layout.predict_M.tolist() == [1, 2, 3, 1, 4, 5]  # row 1's one token is predicted by the shared prompt's 6
+    running, attending = layout.attention
+    assert running.query_token_B_Q.tolist() == [[0, 1, 2, 3], [4, 5, 0, 0]]
+    assert running.key_token_B_K.tolist() == [[0, 1, 2, 3], [4, 5, 0, 0]]
+    causal = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    short = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]]  # padding queries see the whole row: finite
+    assert (running.mask_B_1_Q_K[:, 0] == 0).int().tolist() == [causal, short]
+    assert torch.isinf(running.mask_B_1_Q_K[running.mask_B_1_Q_K != 0]).all()
+    assert attending.key_token_B_K.tolist() == [[0, 1]] and attending.query_token_B_Q.tolist() == [[0]]
+    assert layout.owner_N.tolist() == [0, 1, 2, 3, 4, 5]  # row 2's tokens: its row (1) × Q (4) + their column
+    assert layout.adapter_tokens is None and layout.adapter_predicting is None
+    adapters = _layout([[5, 6], [5, 6], [7]], responses, mask, torch.float32, ["a", "b", "b"])
+    assert adapters.ids_N.tolist() == [5, 6, 10, 11, 5, 6, 7, 30]  # another adapter runs the prompt again
+    assert adapters.adapter_tokens == [("a", slice(0, 4)), ("b", slice(4, 8))]
+    assert adapters.adapter_predicting == [("a", slice(0, 3)), ("b", slice(3, 6))]

@@ -25,8 +25,10 @@ PLURIBUS_LEAN=0 (to rule them out).
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass
-from typing import Sequence
+from itertools import chain
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -509,7 +511,7 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         if adapters is not None:
             bounds.setdefault(adapters[b], [start[key], len(ids)])[1] = len(ids)
             predicting.setdefault(adapters[b], [len(predict) - n, len(predict)])[1] = len(predict)
-    owner = [0] * len(ids)
+    owner = torch.zeros(len(ids), dtype=torch.long, device="cpu")
     attention = []
     offset = 0
     for group in ([r for r in rows if r[1] == 0], [r for r in rows if r[1] > 0]):
@@ -519,23 +521,31 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         Q = max(max(len(columns) - first, 1) for columns, first, _ in group)
         if len(group) * Q * K > MAX_MASK_ELEMENTS:
             return None  # long sequences: a dense mask would cost more memory than padding saves
-        keys = torch.zeros(len(group), K, dtype=torch.long, device="cpu")
-        queries = torch.zeros(len(group), Q, dtype=torch.long, device="cpu")
-        seen = torch.zeros(len(group), Q, K, dtype=torch.bool, device="cpu")
-        for g, (columns, first, _) in enumerate(group):
-            keys[g, : len(columns)] = torch.tensor(columns, device="cpu")
-            queries[g, : len(columns) - first] = torch.tensor(columns[first:], dtype=torch.long, device="cpu")
-            # query i (column first + i) sees columns up to its own; padding queries see column 0 (stay finite)
-            seen[g, :, : len(columns)] = torch.arange(len(columns), device="cpu")[None, :] <= \
-                first + torch.arange(Q, device="cpu")[:, None]
-            for i, token in enumerate(columns[first:]):
-                owner[token] = offset + g * Q + i
+        # each row's columns and its query columns, padded with 0; one tensor each (not a write per row)
+        keys = _longs(chain.from_iterable(columns + [0] * (K - len(columns)) for columns, _, _ in group))
+        queries = _longs(chain.from_iterable(columns[first:] + [0] * (Q - len(columns) + first)
+                                             for columns, first, _ in group))
+        keys, queries = keys.view(len(group), K), queries.view(len(group), Q)
+        length_G, first_G = (_longs(v)[:, None, None] for v in
+                             ([len(columns) for columns, _, _ in group], [first for _, first, _ in group]))
+        column_K, query_Q = torch.arange(K, device="cpu"), torch.arange(Q, device="cpu")
+        # query i (column first + i) sees the row's columns up to its own; a padding query sees all of them (its
+        # row stays finite)
+        seen = (column_K[None, None, :] < length_G) & (column_K[None, None, :] <= first_G + query_Q[None, :, None])
+        real = query_Q[None, :] < (length_G - first_G)[:, :, 0]  # [G, Q]: queries that are a token of the row
+        owner[queries[real]] = offset + torch.arange(len(group) * Q, device="cpu").view(len(group), Q)[real]
         attention.append(_Attention(queries, keys, _additive(seen[:, None], dtype)))
         offset += len(group) * Q
-    return _Layout(torch.tensor(ids, device="cpu"), torch.tensor(position, device="cpu"), attention,
-                   torch.tensor(owner, device="cpu"), torch.tensor(predict, dtype=torch.long, device="cpu"),
+    return _Layout(_longs(ids), _longs(position), attention, owner, _longs(predict),
                    *(None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in where.items()]
                      for where in (bounds, predicting)))
+
+
+def _longs(values: Iterable[int]) -> Tensor:
+    """A CPU int64 tensor of ints, through an array (`torch.tensor` of a list takes ~0.1 µs an element: a batch's
+    layout holds several thousand)."""
+    packed = array("q", values)
+    return torch.frombuffer(packed, dtype=torch.long) if packed else torch.zeros(0, dtype=torch.long)
 
 
 def _lora_layers(model) -> list | None:
