@@ -522,11 +522,11 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         if len(group) * Q * K > MAX_MASK_ELEMENTS:
             return None  # long sequences: a dense mask would cost more memory than padding saves
         # each row's columns and its query columns, padded with 0; one tensor each (not a write per row)
-        keys = _longs(chain.from_iterable(columns + [0] * (K - len(columns)) for columns, _, _ in group))
-        queries = _longs(chain.from_iterable(columns[first:] + [0] * (Q - len(columns) + first)
+        keys = longs(chain.from_iterable(columns + [0] * (K - len(columns)) for columns, _, _ in group))
+        queries = longs(chain.from_iterable(columns[first:] + [0] * (Q - len(columns) + first)
                                              for columns, first, _ in group))
         keys, queries = keys.view(len(group), K), queries.view(len(group), Q)
-        length_G, first_G = (_longs(v)[:, None, None] for v in
+        length_G, first_G = (longs(v)[:, None, None] for v in
                              ([len(columns) for columns, _, _ in group], [first for _, first, _ in group]))
         column_K, query_Q = torch.arange(K, device="cpu"), torch.arange(Q, device="cpu")
         # query i (column first + i) sees the row's columns up to its own; a padding query sees all of them (its
@@ -536,12 +536,12 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         owner[queries[real]] = offset + torch.arange(len(group) * Q, device="cpu").view(len(group), Q)[real]
         attention.append(_Attention(queries, keys, _additive(seen[:, None], dtype)))
         offset += len(group) * Q
-    return _Layout(_longs(ids), _longs(position), attention, owner, _longs(predict),
+    return _Layout(longs(ids), longs(position), attention, owner, longs(predict),
                    *(None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in where.items()]
                      for where in (bounds, predicting)))
 
 
-def _longs(values: Iterable[int]) -> Tensor:
+def longs(values: Iterable[int]) -> Tensor:
     """A CPU int64 tensor of ints, through an array (`torch.tensor` of a list takes ~0.1 µs an element: a batch's
     layout holds several thousand)."""
     packed = array("q", values)

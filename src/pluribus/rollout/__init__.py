@@ -25,7 +25,7 @@ import torch
 
 from pluribus.models import (device_of, forward_keeping, pad_batch, position_ids_from_mask, response_logits,
                              set_training)
-from pluribus.models.lean import LeanDecoder
+from pluribus.models.lean import LeanDecoder, longs
 
 
 @dataclass(frozen=True)
@@ -121,14 +121,15 @@ class _GumbelNoise:
             for row, (r, t) in enumerate(zip(requests, positions)):
                 self._draw(r, t, noise[row])
             return noise
-        offsets = []
+        rows = []  # of `blocks` seen as [requests · per_block, vocab]: one index_select (a third of the time of
+        # indexing by request and offset)
         for r, t in zip(requests, positions):
             block, offset = divmod(t, self.per_block)
             if self.held[r] != block:
                 self._draw(r, block, self.blocks[r])
                 self.held[r] = block
-            offsets.append(offset)
-        return self.blocks[torch.tensor(requests, device="cpu"), torch.tensor(offsets, device="cpu")]
+            rows.append(r * self.per_block + offset)
+        return self.blocks.view(-1, self.vocab).index_select(0, longs(rows))
 
 
 class TokenLog:
