@@ -166,9 +166,21 @@ def _trl_timer():
     return StepEnds()
 
 
+def _no_checkpointing() -> dict:
+    """Activation checkpointing off, by the name this transformers knows: `activation_checkpointing` from 5.25, whose
+    `gradient_checkpointing` is a deprecated alias (removed in v6)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if any(f.name == "activation_checkpointing" for f in fields(TrainingArguments)) \
+        else "gradient_checkpointing"
+    return {name: False}
+
+
 def _trl_common(s: BenchSettings, out: str) -> dict:
     """Training arguments both TRL trainers get: float32 on the CPU, no checkpointing, reporting or saving."""
-    return dict(output_dir=out, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+    return dict(output_dir=out, use_cpu=True, bf16=False, fp16=False, **_no_checkpointing(), report_to="none",
                 save_strategy="no", logging_strategy="no", max_steps=s.warmup + s.steps, learning_rate=s.lr,
                 lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                 max_completion_length=s.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, shuffle_dataset=False,
