@@ -117,6 +117,35 @@ def test_silu_mul_equals_a_float64_reference_without_overflow(I):
 
 
 @needs_compiler
+def test_warming_the_next_weight_changes_no_output():
+    """The decode kernels' `warm` (a read through the next matmul's weight) leaves every output and the caches bit for
+    bit as without it; a weight that is not one block of memory, or too large to stay cached, is skipped."""
+    from pluribus.models.kernels import _span
+
+    gen = torch.Generator().manual_seed(3)
+    kernels, weight = _kernels(32), torch.randn(300, 128, generator=gen)
+    assert _span(None) == (None, 0) and _span(weight.t()) == (None, 0)
+    assert _span(weight) == (weight.data_ptr(), 300 * 128 * 4)
+    assert _span(torch.empty(native.WARM_MAX_BYTES // 4 + 1)) == (None, 0)  # would not stay cached for the matmul
+    x, residual, norm = torch.randn(5, 128, generator=gen), torch.randn(5, 128, generator=gen), torch.randn(128)
+    plain = kernels.add_rms_norm(x.clone(), residual, norm, 1e-6, torch.empty(5, 128))
+    for warm in (weight, weight.t()):
+        assert torch.equal(kernels.add_rms_norm(x.clone(), residual, norm, 1e-6, torch.empty(5, 128), warm=warm), plain)
+    gate_up = torch.randn(3, 768, generator=gen)
+    assert torch.equal(kernels.silu_mul(gate_up, warm=weight), kernels.silu_mul(gate_up))
+    L = native.BLOCK
+    qkv, keys_t, values = (torch.randn(2, 12 * 32, generator=gen), torch.randn(2, 4, 32, L, generator=gen),
+                           torch.randn(2, 4, L, 32, generator=gen))
+    cos, sin = lean_module._rope_table(lean_module._inv_freq(10000.0, 32, "cpu"), L, torch.float32)
+    position, mask = torch.tensor([7, 7]), torch.zeros(2, L)
+    caches = [(keys_t.clone(), values.clone()) for _ in range(2)]
+    outs = [kernels.attention(qkv, cos, sin, position, k, v, mask, 7, 4, warm=w)
+            for (k, v), w in zip(caches, (None, weight))]
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
+
+
+@needs_compiler
 def test_decoder_with_kernels_equals_the_hf_forward_with_grouped_heads(one_thread):
     """A Qwen2 with 4 query heads over 2 key heads, biases on q/k/v: prefill and 70 decode steps (past one 64-key
     block), rows dropped midway; logits within 1e-5 of transformers' forward."""

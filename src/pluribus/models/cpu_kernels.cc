@@ -57,6 +57,20 @@ static inline void vstore(float *p, vf x) { std::memcpy(p, &x, sizeof x); }
 static inline vf splat(float a) { return (vf){} + a; }
 static inline float hsum(vf x) { float s = 0.f; for (int i = 0; i < W; i++) s += x[i]; return s; }
 
+// Read one byte of every 64-byte line of `bytes` bytes at `next` (null: nothing): the weights of the matrix multiply
+// that follows the calling kernel in a decode step. The decode's matmuls have a few dozen rows, so they are bound
+// by reading their weights, which a step's 4+ MB of weights and caches push out of the core's caches between steps;
+// MKL's small-matrix kernels read them in a pattern that waits on memory line by line, while a plain forward pass over
+// them streams at the memory's rate: a 32-row decode step +10% tokens/s on the bench's model (docs/performance.md).
+static volatile unsigned warmed;
+static inline void warm(const void *next, long bytes) {
+    if (!next) return;
+    const unsigned char *c = (const unsigned char *)next;
+    unsigned acc = 0;
+    for (long i = 0; i < bytes; i += 64) acc += *(const volatile unsigned char *)(c + i);
+    warmed = acc;
+}
+
 // e^x for x <= 0: 2^n · 2^f with |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error < 2e-7);
 // 0 below -87, where float32 turns subnormal.
 static inline vf vexp_nonpos(vf x) {
@@ -92,9 +106,9 @@ static inline float normalize_row(const float *__restrict x, const float *__rest
 }
 
 // With `residual`, x += residual (in place: the decoder's residual stream); then out = RMSNorm(x) · weight, float32
-// statistics. Rows of D floats.
+// statistics. Rows of D floats. Then `warm(next)`.
 extern "C" void add_rms_norm(float *__restrict x, const float *__restrict residual, const float *__restrict weight,
-                             float *__restrict out, int rows, int D, float eps) {
+                             float *__restrict out, int rows, int D, float eps, const void *next, long next_bytes) {
     for (int r = 0; r < rows; r++) {
         float *xr = x + (long)r * D;
         if (residual) {
@@ -103,12 +117,13 @@ extern "C" void add_rms_norm(float *__restrict x, const float *__restrict residu
         }
         normalize_row(xr, weight, out + (long)r * D, D, eps);
     }
+    warm(next, next_bytes);
 }
 
 // out[r, i] = silu(gate[r, i]) · up[r, i], rows `stride` floats apart in gate and up (the decoder's fused [gate, up]
-// rows: up = gate + I, stride 2·I), I apart in out: the gated MLP's activation.
+// rows: up = gate + I, stride 2·I), I apart in out: the gated MLP's activation. Then `warm(next)`.
 extern "C" void silu_mul(const float *__restrict gate, const float *__restrict up, long stride, float *__restrict out,
-                         int rows, int I) {
+                         int rows, int I, const void *next, long next_bytes) {
 #pragma omp parallel for schedule(static) if (rows * (long)I >= PARALLEL_MIN)
     for (int r = 0; r < rows; r++) {
         const float *g = gate + r * stride, *u = up + r * stride;
@@ -122,6 +137,7 @@ extern "C" void silu_mul(const float *__restrict gate, const float *__restrict u
         }
         for (; i < I; i++) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
+    warm(next, next_bytes);
 }
 
 // Its gradients over n elements of contiguous gate, up and dout:
@@ -308,12 +324,13 @@ inline void weighted_sum(const float *__restrict w, const float *__restrict v, i
 // each query head then attends over columns 0..col of its key head (scaled scores, additive mask, softmax).
 //   qkv: [B, (H + 2·Hkv)·d], rows qkv_row apart (query heads, key heads, value heads); cos, signed_sin: [P, d];
 //   position: [B]; keys_t: [B, Hkv, d, L] (keys transposed: a query's scores are contiguous vector FMAs);
-//   values: [B, Hkv, L, d]; mask: [B, L], rows mask_row apart (0 or -inf); out: [B, H·d]. L % BLOCK == 0.
+//   values: [B, Hkv, L, d]; mask: [B, L], rows mask_row apart (0 or -inf); out: [B, H·d]. L % BLOCK == 0. Then
+//   `warm(next)`.
 extern "C" void decode_attention(const float *__restrict qkv, long qkv_row, const float *__restrict cos,
                                  const float *__restrict signed_sin, const int64_t *__restrict position,
                                  float *__restrict keys_t, float *__restrict values, long L,
                                  const float *__restrict mask, long mask_row, float *__restrict out,
-                                 int B, int H, int Hkv, int col, float scale) {
+                                 int B, int H, int Hkv, int col, float scale, const void *next, long next_bytes) {
     const int d = HEAD_DIM, group = H / Hkv, K = col + 1, Kv = (K + W - 1) / W * W;
     float s[Kv];  // one head's scores, then its weights (L <= lean.KERNEL_MAX_CONTEXT keeps this small)
     float q[HEAD_DIM], k[HEAD_DIM], acc[HEAD_DIM];
@@ -335,6 +352,7 @@ extern "C" void decode_attention(const float *__restrict qkv, long qkv_row, cons
             for (int t = 0; t < d; t++) o[t] = acc[t] * inv;
         }
     }
+    warm(next, next_bytes);
 }
 
 // The prefill's cache write: row b's context (tokens start[b] .. start[b] + length[b] - 1 of the packed prefill, rows

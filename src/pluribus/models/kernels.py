@@ -49,6 +49,10 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
 # The library then needs libgomp.so.1, which the dynamic loader finds already loaded with torch: one OpenMP runtime.
 OPENMP_FLAGS = ("-fopenmp",)
 MAX_HEAD_DIM = 512
+# The largest weight a decode kernel reads through ahead of its matmul (`warm`): half of a 1 MiB L2 (AMD Zen 4;
+# Intel's server cores have 1-2 MiB). A larger one would not stay in the cache for the matmul, which would read it
+# from memory again: one more pass over weights that a bigger model's decode is already bound by.
+WARM_MAX_BYTES = 512 << 10
 
 
 class CpuKernels:
@@ -57,8 +61,8 @@ class CpuKernels:
     def __init__(self, library: ctypes.CDLL, head_dim: int):
         self.head_dim = head_dim
         p, n, i, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-        signatures = {"decode_attention": [p, n, p, p, p, p, p, n, p, n, p, i, i, i, i, f],
-                      "add_rms_norm": [p, p, p, p, i, i, f], "silu_mul": [p, p, n, p, i, i],
+        signatures = {"decode_attention": [p, n, p, p, p, p, p, n, p, n, p, i, i, i, i, f, p, n],
+                      "add_rms_norm": [p, p, p, p, i, i, f, p, n], "silu_mul": [p, p, n, p, i, i, p, n],
                       "silu_mul_backward": [p, p, p, p, p, n], "rms_norm_forward": [p, p, p, p, i, i, f],
                       "rms_norm_backward": [p, p, p, p, p, p, i, i], "rope_rows": [p, p, p, p, i, i, i],
                       "write_cache": [p, n, p, n, p, p, i, i, n, i, p, p],
@@ -69,9 +73,12 @@ class CpuKernels:
             function.argtypes, function.restype = argtypes, None
             setattr(self, f"_{name}", function)
 
+    # `warm`, in the decode step's kernels: the weight of the matrix multiply that comes next, read through once at
+    # the end of the kernel (cpu_kernels.cc, `warm`), so that the multiply finds it in the core's caches.
+
     def attention(self, qkv_B_X: Tensor, cos_P_d: Tensor, signed_sin_P_d: Tensor, position_B: Tensor,
                   keys_t_B_Hkv_d_L: Tensor, values_B_Hkv_L_d: Tensor, mask_B_L: Tensor, column: int,
-                  heads: int) -> Tensor:
+                  heads: int, warm: Tensor | None = None) -> Tensor:
         """Attention output `[B, H·d]` of one new token per row, whose fused projection is `qkv_B_X`
         (`X = (H + 2·Hkv)·d`: queries, keys, values); writes its key and value at `column` of the caches first.
 
@@ -83,23 +90,23 @@ class CpuKernels:
         self._decode_attention(qkv_B_X.data_ptr(), qkv_B_X.shape[-1], cos_P_d.data_ptr(), signed_sin_P_d.data_ptr(),
                                position_B.data_ptr(), keys_t_B_Hkv_d_L.data_ptr(), values_B_Hkv_L_d.data_ptr(), L,
                                mask_B_L.data_ptr(), mask_B_L.shape[-1], out.data_ptr(), B, heads, kv_heads, column,
-                               d ** -0.5)
+                               d ** -0.5, *_span(warm))
         return out
 
     def add_rms_norm(self, x_B_D: Tensor, residual_B_D: Tensor | None, weight_D: Tensor, eps: float,
-                     out_B_D: Tensor) -> Tensor:
+                     out_B_D: Tensor, warm: Tensor | None = None) -> Tensor:
         """`x += residual` in place (when given), then `out = RMSNorm(x)·weight` (float32 statistics)."""
         rows, D = x_B_D.shape
         self._add_rms_norm(x_B_D.data_ptr(), None if residual_B_D is None else residual_B_D.data_ptr(),
-                           weight_D.data_ptr(), out_B_D.data_ptr(), rows, D, eps)
+                           weight_D.data_ptr(), out_B_D.data_ptr(), rows, D, eps, *_span(warm))
         return out_B_D
 
-    def silu_mul(self, gate_up_B_2I: Tensor) -> Tensor:
+    def silu_mul(self, gate_up_B_2I: Tensor, warm: Tensor | None = None) -> Tensor:
         """SiLU(gate)·up `[B, I]` of the gated MLP's fused projection `[B, 2·I]` (gate columns first)."""
         rows, width = gate_up_B_2I.shape
         out = torch.empty(rows, width // 2, dtype=torch.float32, device="cpu")
         self._silu_mul(gate_up_B_2I.data_ptr(), gate_up_B_2I.data_ptr() + 4 * (width // 2), width, out.data_ptr(),
-                       rows, width // 2)
+                       rows, width // 2, *_span(warm))
         return out
 
     def write_cache(self, k_N_Hkv_d: Tensor, v_N_Hkv_d: Tensor, start_B: Tensor, length_B: Tensor, longest: int,
@@ -137,6 +144,15 @@ class CpuKernels:
         gathered rows up to float rounding. Its backward adds the gradients of a key shared by several rows in
         a fixed order (deterministic, as `lean._rows` is)."""
         return _PackedAttention.apply(q_N_H_d, k_N_Hkv_d, v_N_Hkv_d, queries_G_Q, keys_G_K, mask_G_1_Q_K, self)
+
+
+def _span(tensor: Tensor | None) -> tuple[int | None, int]:
+    """(address, bytes) of a contiguous CPU tensor for a kernel's `warm`; (None, 0), nothing read, for none, one
+    that is not one block of memory, or one larger than WARM_MAX_BYTES."""
+    if tensor is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None, 0
+    size = tensor.numel() * tensor.element_size()
+    return (tensor.data_ptr(), size) if size <= WARM_MAX_BYTES else (None, 0)
 
 
 class _PackedAttention(torch.autograd.Function):
@@ -218,7 +234,7 @@ class _SiluMul(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         I = gate.shape[-1]
         out = torch.empty_like(gate)
-        kernels._silu_mul(gate.data_ptr(), up.data_ptr(), I, out.data_ptr(), gate.numel() // I, I)
+        kernels._silu_mul(gate.data_ptr(), up.data_ptr(), I, out.data_ptr(), gate.numel() // I, I, None, 0)
         ctx.save_for_backward(gate, up)
         ctx.kernels = kernels
         return out

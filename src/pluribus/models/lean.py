@@ -393,19 +393,26 @@ class LeanDecoder:
 
     def _native_step(self, tokens_B: Tensor) -> Tensor:
         """`step` through the native kernels: per layer four matmuls (PyTorch's) and three fused calls (RoPE, cache
-        write and attention; residual add and RMSNorm; SiLU·up), the residual add folded into the next norm."""
+        write and attention; residual add and RMSNorm; SiLU·up), the residual add folded into the next norm. Each
+        fused call ends by reading through the weight of the matmul after it (`warm`): with a few dozen rows a
+        matmul waits on its weight, which the step's other weights and caches have pushed out of the core's caches."""
         kernels, column = self.kernels, self.length
         x = F.embedding(tokens_B, self.embed_V_D)  # the residual stream [B, D], updated in place
-        normed = kernels.add_rms_norm(x, None, self.layers[0].norm_attn_D, self.eps, torch.empty_like(x))
+        normed = kernels.add_rms_norm(x, None, self.layers[0].norm_attn_D, self.eps, torch.empty_like(x),
+                                      warm=self.layers[0].qkv_weight)
         for index, layer in enumerate(self.layers):
             qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)
             attended = kernels.attention(qkv, self.cos_table, self.sin_table, self.next_position_B,
-                                         self.k_cache[index], self.v_cache[index], self.mask_B_K, column, self.heads)
+                                         self.k_cache[index], self.v_cache[index], self.mask_B_K, column, self.heads,
+                                         warm=layer.o_weight)
             kernels.add_rms_norm(x, F.linear(attended, layer.o_weight, layer.o_bias), layer.norm_mlp_D, self.eps,
-                                 normed)
-            up = kernels.silu_mul(F.linear(normed, layer.gate_up_weight, layer.gate_up_bias))
-            following = self.layers[index + 1].norm_attn_D if index + 1 < len(self.layers) else self.norm_D
-            kernels.add_rms_norm(x, F.linear(up, layer.down_weight, layer.down_bias), following, self.eps, normed)
+                                 normed, warm=layer.gate_up_weight)
+            up = kernels.silu_mul(F.linear(normed, layer.gate_up_weight, layer.gate_up_bias), warm=layer.down_weight)
+            last = index + 1 == len(self.layers)
+            following, weight = (self.norm_D, self.head_V_D) if last else \
+                (self.layers[index + 1].norm_attn_D, self.layers[index + 1].qkv_weight)
+            kernels.add_rms_norm(x, F.linear(up, layer.down_weight, layer.down_bias), following, self.eps, normed,
+                                 warm=weight)
         self.length += 1
         self.next_position_B = self.next_position_B + 1
         return F.linear(normed, self.head_V_D, self.head_bias_V)
