@@ -166,22 +166,21 @@ def _trl_timer():
     return StepEnds()
 
 
-def _no_checkpointing() -> dict:
-    """Activation checkpointing off, by the name this transformers knows: `activation_checkpointing` from 5.25, whose
-    `gradient_checkpointing` is a deprecated alias (removed in v6)."""
+def _no_checkpointing(config_class) -> dict:
+    """Activation checkpointing off, by the name the installed transformers gives it in `config_class` (a TRL config,
+    a `TrainingArguments`): `activation_checkpointing` from 5.25, whose `gradient_checkpointing` is a deprecated alias
+    (removed in v6)."""
     from dataclasses import fields
 
-    from transformers import TrainingArguments
-
-    name = "activation_checkpointing" if any(f.name == "activation_checkpointing" for f in fields(TrainingArguments)) \
-        else "gradient_checkpointing"
-    return {name: False}
+    names = {f.name for f in fields(config_class)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
 
 
-def _trl_common(s: BenchSettings, out: str) -> dict:
+def _trl_common(s: BenchSettings, out: str, config_class) -> dict:
     """Training arguments both TRL trainers get: float32 on the CPU, no checkpointing, reporting or saving."""
-    return dict(output_dir=out, use_cpu=True, bf16=False, fp16=False, **_no_checkpointing(), report_to="none",
-                save_strategy="no", logging_strategy="no", max_steps=s.warmup + s.steps, learning_rate=s.lr,
+    return dict(output_dir=out, use_cpu=True, bf16=False, fp16=False, **_no_checkpointing(config_class),
+                report_to="none", save_strategy="no", logging_strategy="no", max_steps=s.warmup + s.steps,
+                learning_rate=s.lr,
                 lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                 max_completion_length=s.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, shuffle_dataset=False,
                 dataloader_num_workers=0, disable_tqdm=True, seed=s.seed)
@@ -253,7 +252,7 @@ def grpo_trl(root: Path, s: BenchSettings) -> dict:
                                  for _ in range(s.warmup + s.steps) for i, r in enumerate(records)])
     timer = _trl_timer()
     with tempfile.TemporaryDirectory(dir=root) as out:
-        args = GRPOConfig(**_trl_common(s, out), per_device_train_batch_size=s.prompts * s.group,
+        args = GRPOConfig(**_trl_common(s, out, GRPOConfig), per_device_train_batch_size=s.prompts * s.group,
                           num_generations=s.group, beta=0.0, num_iterations=1)
         trainer = GRPOTrainer(model=load_causal_lm(root / "student"), reward_funcs=world_reward, args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
@@ -299,7 +298,8 @@ def opd_trl(root: Path, s: BenchSettings) -> dict:
     dataset = Dataset.from_list([{"prompt": r.messages()} for batch in opd_draws(records, s) for r in batch])
     timer = _trl_timer()
     with tempfile.TemporaryDirectory(dir=root) as out:
-        args = DistillationConfig(**_trl_common(s, out), per_device_train_batch_size=s.opd_batch, beta=1.0)
+        args = DistillationConfig(**_trl_common(s, out, DistillationConfig), per_device_train_batch_size=s.opd_batch,
+                                  beta=1.0)
         trainer = DistillationTrainer(model=load_causal_lm(root / "student"),
                                       teacher_model=load_causal_lm(root / "teacher"), args=args,
                                       train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])

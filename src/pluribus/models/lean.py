@@ -552,7 +552,7 @@ def longs(values: Iterable[int]) -> Tensor:
     """A CPU int64 tensor of ints, through an array (`torch.tensor` of a list takes ~0.1 µs an element: a batch's
     layout holds several thousand)."""
     packed = array("q", values)
-    return torch.frombuffer(packed, dtype=torch.long) if packed else torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(packed, dtype=torch.long) if packed else torch.zeros(0, dtype=torch.long, device="cpu")
 
 
 def _lora_layers(model) -> list | None:
