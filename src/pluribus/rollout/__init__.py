@@ -121,8 +121,9 @@ class _GumbelNoise:
             for row, (r, t) in enumerate(zip(requests, positions)):
                 self._draw(r, t, noise[row])
             return noise
-        rows = []  # of `blocks` seen as [requests · per_block, vocab]: one index_select (a third of the time of
-        # indexing by request and offset)
+        # each row's noise is a row of `blocks` seen as [requests · per_block, vocab]: one index_select takes a third
+        # of the time of indexing by request and offset
+        rows = []
         for r, t in zip(requests, positions):
             block, offset = divmod(t, self.per_block)
             if self.held[r] != block:
