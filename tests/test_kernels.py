@@ -120,19 +120,20 @@ def test_silu_mul_equals_a_float64_reference_without_overflow(I):
 def test_warming_the_next_weight_changes_no_output():
     """The decode kernels' `warm` (a read through the next matmul's weight) leaves every output and the caches bit for
     bit as without it; a weight that is not one block of memory, or too large to stay cached, is skipped."""
-    from pluribus.models.kernels import _span
+    from pluribus.models.kernels import NO_SPAN, warm_span
 
     gen = torch.Generator().manual_seed(3)
     kernels, weight = _kernels(32), torch.randn(300, 128, generator=gen)
-    assert _span(None) == (None, 0) and _span(weight.t()) == (None, 0)
-    assert _span(weight) == (weight.data_ptr(), 300 * 128 * 4)
-    assert _span(torch.empty(native.WARM_MAX_BYTES // 4 + 1)) == (None, 0)  # would not stay cached for the matmul
+    assert warm_span(None) == NO_SPAN == (None, 0) and warm_span(weight.t()) == NO_SPAN
+    assert warm_span(weight) == (weight.data_ptr(), 300 * 128 * 4)
+    assert warm_span(torch.empty(native.WARM_MAX_BYTES // 4 + 1)) == NO_SPAN  # would not stay cached for the matmul
     x, residual, norm = torch.randn(5, 128, generator=gen), torch.randn(5, 128, generator=gen), torch.randn(128)
     plain = kernels.add_rms_norm(x.clone(), residual, norm, 1e-6, torch.empty(5, 128))
     for warm in (weight, weight.t()):
-        assert torch.equal(kernels.add_rms_norm(x.clone(), residual, norm, 1e-6, torch.empty(5, 128), warm=warm), plain)
+        out = kernels.add_rms_norm(x.clone(), residual, norm, 1e-6, torch.empty(5, 128), warm=warm_span(warm))
+        assert torch.equal(out, plain)
     gate_up = torch.randn(3, 768, generator=gen)
-    assert torch.equal(kernels.silu_mul(gate_up, warm=weight), kernels.silu_mul(gate_up))
+    assert torch.equal(kernels.silu_mul(gate_up, warm=warm_span(weight)), kernels.silu_mul(gate_up))
     L = native.BLOCK
     qkv, keys_t, values = (torch.randn(2, 12 * 32, generator=gen), torch.randn(2, 4, 32, L, generator=gen),
                            torch.randn(2, 4, L, 32, generator=gen))
@@ -140,7 +141,7 @@ def test_warming_the_next_weight_changes_no_output():
     position, mask = torch.tensor([7, 7]), torch.zeros(2, L)
     caches = [(keys_t.clone(), values.clone()) for _ in range(2)]
     outs = [kernels.attention(qkv, cos, sin, position, k, v, mask, 7, 4, warm=w)
-            for (k, v), w in zip(caches, (None, weight))]
+            for (k, v), w in zip(caches, (NO_SPAN, warm_span(weight)))]
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
 

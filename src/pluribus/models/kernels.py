@@ -53,6 +53,8 @@ MAX_HEAD_DIM = 512
 # Intel's server cores have 1-2 MiB). A larger one would not stay in the cache for the matmul, which would read it
 # from memory again: one more pass over weights that a bigger model's decode is already bound by.
 WARM_MAX_BYTES = 512 << 10
+Span = tuple[int | None, int]  # (address, bytes): what a decode kernel reads through ahead of the next matmul
+NO_SPAN: Span = (None, 0)
 
 
 class CpuKernels:
@@ -73,12 +75,13 @@ class CpuKernels:
             function.argtypes, function.restype = argtypes, None
             setattr(self, f"_{name}", function)
 
-    # `warm`, in the decode step's kernels: the weight of the matrix multiply that comes next, read through once at
-    # the end of the kernel (cpu_kernels.cc, `warm`), so that the multiply finds it in the core's caches.
+    # `warm`, in the decode step's kernels: the weight of the matrix multiply that comes next, as `warm_span` gives it
+    # (worked out once per batch by the caller), read through at the end of the kernel (cpu_kernels.cc, `warm`) so
+    # that the multiply finds it in the core's caches.
 
     def attention(self, qkv_B_X: Tensor, cos_P_d: Tensor, signed_sin_P_d: Tensor, position_B: Tensor,
                   keys_t_B_Hkv_d_L: Tensor, values_B_Hkv_L_d: Tensor, mask_B_L: Tensor, column: int,
-                  heads: int, warm: Tensor | None = None) -> Tensor:
+                  heads: int, warm: Span = NO_SPAN) -> Tensor:
         """Attention output `[B, H·d]` of one new token per row, whose fused projection is `qkv_B_X`
         (`X = (H + 2·Hkv)·d`: queries, keys, values); writes its key and value at `column` of the caches first.
 
@@ -90,23 +93,23 @@ class CpuKernels:
         self._decode_attention(qkv_B_X.data_ptr(), qkv_B_X.shape[-1], cos_P_d.data_ptr(), signed_sin_P_d.data_ptr(),
                                position_B.data_ptr(), keys_t_B_Hkv_d_L.data_ptr(), values_B_Hkv_L_d.data_ptr(), L,
                                mask_B_L.data_ptr(), mask_B_L.shape[-1], out.data_ptr(), B, heads, kv_heads, column,
-                               d ** -0.5, *_span(warm))
+                               d ** -0.5, *warm)
         return out
 
     def add_rms_norm(self, x_B_D: Tensor, residual_B_D: Tensor | None, weight_D: Tensor, eps: float,
-                     out_B_D: Tensor, warm: Tensor | None = None) -> Tensor:
+                     out_B_D: Tensor, warm: Span = NO_SPAN) -> Tensor:
         """`x += residual` in place (when given), then `out = RMSNorm(x)·weight` (float32 statistics)."""
         rows, D = x_B_D.shape
         self._add_rms_norm(x_B_D.data_ptr(), None if residual_B_D is None else residual_B_D.data_ptr(),
-                           weight_D.data_ptr(), out_B_D.data_ptr(), rows, D, eps, *_span(warm))
+                           weight_D.data_ptr(), out_B_D.data_ptr(), rows, D, eps, *warm)
         return out_B_D
 
-    def silu_mul(self, gate_up_B_2I: Tensor, warm: Tensor | None = None) -> Tensor:
+    def silu_mul(self, gate_up_B_2I: Tensor, warm: Span = NO_SPAN) -> Tensor:
         """SiLU(gate)·up `[B, I]` of the gated MLP's fused projection `[B, 2·I]` (gate columns first)."""
         rows, width = gate_up_B_2I.shape
         out = torch.empty(rows, width // 2, dtype=torch.float32, device="cpu")
         self._silu_mul(gate_up_B_2I.data_ptr(), gate_up_B_2I.data_ptr() + 4 * (width // 2), width, out.data_ptr(),
-                       rows, width // 2, *_span(warm))
+                       rows, width // 2, *warm)
         return out
 
     def write_cache(self, k_N_Hkv_d: Tensor, v_N_Hkv_d: Tensor, start_B: Tensor, length_B: Tensor, longest: int,
@@ -146,13 +149,13 @@ class CpuKernels:
         return _PackedAttention.apply(q_N_H_d, k_N_Hkv_d, v_N_Hkv_d, queries_G_Q, keys_G_K, mask_G_1_Q_K, self)
 
 
-def _span(tensor: Tensor | None) -> tuple[int | None, int]:
-    """(address, bytes) of a contiguous CPU tensor for a kernel's `warm`; (None, 0), nothing read, for none, one
-    that is not one block of memory, or one larger than WARM_MAX_BYTES."""
+def warm_span(tensor: Tensor | None) -> Span:
+    """(address, bytes) of a contiguous CPU tensor for a kernel's `warm`; NO_SPAN, nothing read, for none, one that
+    is not one block of memory, or one larger than WARM_MAX_BYTES."""
     if tensor is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return None, 0
+        return NO_SPAN
     size = tensor.numel() * tensor.element_size()
-    return (tensor.data_ptr(), size) if size <= WARM_MAX_BYTES else (None, 0)
+    return (tensor.data_ptr(), size) if size <= WARM_MAX_BYTES else NO_SPAN
 
 
 class _PackedAttention(torch.autograd.Function):

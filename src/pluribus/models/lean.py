@@ -183,6 +183,11 @@ class LeanDecoder:
         # keys transposed, `[B, Hkv, d, L]`; elsewhere, or without a compiler, PyTorch ops and keys `[B, Hkv, L, d]`.
         self.kernels = native.cpu_kernels(self.head_dim) if (
             embed_V_D.device.type == "cpu" and self.dtype == torch.float32) else None
+        # Each decode matmul's weight as the kernel before it reads it ahead (`_native_step`), worked out once: the
+        # weights stay put for the batch. Per layer: q/k/v, output, gate/up, down; then the head after the last.
+        self.spans = [tuple(native.warm_span(w) for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight,
+                                                           layer.down_weight)) for layer in layers]
+        self.head_span = native.warm_span(head_V_D)
 
     @classmethod
     def build(cls, model) -> "LeanDecoder | None":
@@ -396,23 +401,24 @@ class LeanDecoder:
         write and attention; residual add and RMSNorm; SiLU·up), the residual add folded into the next norm. Each
         fused call ends by reading through the weight of the matmul after it (`warm`): with a few dozen rows a
         matmul waits on its weight, which the step's other weights and caches have pushed out of the core's caches."""
-        kernels, column = self.kernels, self.length
+        kernels, column, spans = self.kernels, self.length, self.spans
         x = F.embedding(tokens_B, self.embed_V_D)  # the residual stream [B, D], updated in place
         normed = kernels.add_rms_norm(x, None, self.layers[0].norm_attn_D, self.eps, torch.empty_like(x),
-                                      warm=self.layers[0].qkv_weight)
+                                      warm=spans[0][0])
         for index, layer in enumerate(self.layers):
+            _, o_span, gate_up_span, down_span = spans[index]
             qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)
             attended = kernels.attention(qkv, self.cos_table, self.sin_table, self.next_position_B,
                                          self.k_cache[index], self.v_cache[index], self.mask_B_K, column, self.heads,
-                                         warm=layer.o_weight)
+                                         warm=o_span)
             kernels.add_rms_norm(x, F.linear(attended, layer.o_weight, layer.o_bias), layer.norm_mlp_D, self.eps,
-                                 normed, warm=layer.gate_up_weight)
-            up = kernels.silu_mul(F.linear(normed, layer.gate_up_weight, layer.gate_up_bias), warm=layer.down_weight)
+                                 normed, warm=gate_up_span)
+            up = kernels.silu_mul(F.linear(normed, layer.gate_up_weight, layer.gate_up_bias), warm=down_span)
             last = index + 1 == len(self.layers)
-            following, weight = (self.norm_D, self.head_V_D) if last else \
-                (self.layers[index + 1].norm_attn_D, self.layers[index + 1].qkv_weight)
+            following, span = (self.norm_D, self.head_span) if last else \
+                (self.layers[index + 1].norm_attn_D, spans[index + 1][0])
             kernels.add_rms_norm(x, F.linear(up, layer.down_weight, layer.down_bias), following, self.eps, normed,
-                                 warm=weight)
+                                 warm=span)
         self.length += 1
         self.next_position_B = self.next_position_B + 1
         return F.linear(normed, self.head_V_D, self.head_bias_V)
