@@ -336,6 +336,34 @@ def test_packed_attention_and_its_gradients_equal_a_float64_reference(heads, kv_
 
 
 @needs_compiler
+@pytest.mark.parametrize("d", [32, 24])
+def test_packed_attention_skips_padding_queries(d, threads):
+    """With `queried_G`, a row's queries past its count are padding: their outputs are zeros and the real ones are
+    the same to the bit as when every query is computed (rows of 0, 3 and 7 real queries, 4 queries at a time in the
+    kernel); the gradients too."""
+    gen = torch.Generator().manual_seed(5)
+    G, Q, K, N, H = 3, 7, 11, 40, 2
+    q, k, v = (torch.randn(N, H, d, generator=gen) for _ in range(3))
+    queries = torch.randint(0, N, (G, Q), generator=gen)
+    keys = torch.randint(0, N, (G, K), generator=gen)
+    seen = torch.arange(K)[None, None, :] <= torch.arange(Q)[None, :, None] + torch.tensor([0, 2, 4])[:, None, None]
+    mask = torch.zeros(G, 1, Q, K).masked_fill_(~seen[:, None], float("-inf"))
+    queried = torch.tensor([0, 3, 7])
+    real = (torch.arange(Q)[None, :] < queried[:, None]).flatten()
+    grad_out = torch.randn(G * Q, H * d, generator=gen) * real[:, None]
+
+    def run(counts):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _kernels(d).packed_attention(*leaves, queries, keys, mask, counts)
+        out.backward(grad_out)
+        return out.detach(), [t.grad for t in leaves]
+
+    (every, every_grads), (skipped, skipped_grads) = run(None), run(queried)
+    assert torch.equal(skipped[real], every[real]) and not skipped[~real].any() and every[~real].any()
+    assert all(torch.equal(a, b) for a, b in zip(skipped_grads, every_grads))
+
+
+@needs_compiler
 @pytest.mark.parametrize("D", [128, 40])
 def test_training_rms_norm_and_its_gradients_equal_float64(D, threads):
     gen = torch.Generator().manual_seed(4)

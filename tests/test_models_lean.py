@@ -209,6 +209,7 @@ def test_the_packed_layout_of_a_small_batch():
     assert (running.mask_B_1_Q_K[:, 0] == 0).int().tolist() == [causal, short]
     assert torch.isinf(running.mask_B_1_Q_K[running.mask_B_1_Q_K != 0]).all()
     assert attending.key_token_B_K.tolist() == [[0, 1]] and attending.query_token_B_Q.tolist() == [[0]]
+    assert running.queried_B.tolist() == [4, 2] and attending.queried_B.tolist() == [0]  # row 1: none of its own
     assert layout.owner_N.tolist() == [0, 1, 2, 3, 4, 5]  # row 2's tokens: its row (1) × Q (4) + their column
     assert layout.adapter_tokens is None and layout.adapter_predicting is None
     adapters = _layout([[5, 6], [5, 6], [7]], responses, mask, torch.float32, ["a", "b", "b"])

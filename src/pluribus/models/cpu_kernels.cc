@@ -318,6 +318,108 @@ inline void weighted_sum(const float *__restrict w, const float *__restrict v, i
     for (int t = 0; t < HEAD_DIM; t++) acc[t] = o0[t] + o1[t];
 }
 
+// --- the same, for QB queries at a time (the training attention, packed_attention_*) ----------------------------
+// Each key and value read from the cache then serves QB queries instead of one. Every query's sums are the
+// single-query helpers', term by term in the same order, so the results are theirs to the bit.
+#define QB 4
+
+// Scores of nb queries (x already scaled) against one BLOCK of columns from jb: one chain over t per column, as
+// against_columns runs a query's whole BLOCKs.
+template <int NB>
+inline void columns_whole(const float (*x)[HEAD_DIM], const float *rows, int stride, int jb, float *const *out) {
+    vf a[NB][4] = {};
+    for (int t = 0; t < HEAD_DIM; t++) {
+        const float *r = rows + t * stride + jb;
+        const vf r0 = vload(r), r1 = vload(r + W), r2 = vload(r + 2 * W), r3 = vload(r + 3 * W);
+        for (int b = 0; b < NB; b++) {
+            const float xt = x[b][t];
+            a[b][0] += xt * r0; a[b][1] += xt * r1; a[b][2] += xt * r2; a[b][3] += xt * r3;
+        }
+    }
+    for (int b = 0; b < NB; b++)
+        for (int c = 0; c < 4; c++) vstore(out[b] + jb + c * W, a[b][c]);
+}
+
+// The same against one vector of W columns from jb, as against_columns runs the columns past a query's whole BLOCKs:
+// even and odd t in two chains, added at the end.
+template <int NB>
+inline void columns_split(const float (*x)[HEAD_DIM], const float *rows, int stride, int jb, float *const *out) {
+    vf a[NB] = {}, c[NB] = {};
+    for (int t = 0; t < HEAD_DIM; t += 2) {
+        const float *r = rows + t * stride + jb;
+        const vf even = vload(r), odd = vload(r + stride);
+        for (int b = 0; b < NB; b++) { a[b] += x[b][t] * even; c[b] += x[b][t + 1] * odd; }
+    }
+    for (int b = 0; b < NB; b++) vstore(out[b] + jb, a[b] + c[b]);
+}
+
+template <int NB>
+inline void columns_block(const float (*x)[HEAD_DIM], const float *rows, int stride, int jb, float *const *out,
+                          bool whole) {
+    if (whole) columns_whole<NB>(x, rows, stride, jb, out);
+    else columns_split<NB>(x, rows, stride, jb, out);
+}
+
+// out[b][0:n[b]] = against_columns(x[b] / scale, rows, stride, n[b], scale) for nb <= QB queries, x[b] already
+// scaled: their common whole BLOCKs first, all nb queries at a time; then the BLOCKs whole for some and split for
+// others, query by query; then the vectors every query splits. Columns past a query's own n[b], up to the largest,
+// are written too (the caller masks them).
+inline void against_columns_many(const float (*x)[HEAD_DIM], int nb, const int *n, const float *rows, int stride,
+                                 float *const *out) {
+    int whole[QB], common = 1 << 30, widest = 0, top = 0;
+    for (int b = 0; b < nb; b++) {
+        whole[b] = n[b] / BLOCK * BLOCK;
+        common = std::min(common, whole[b]);
+        widest = std::max(widest, whole[b]);
+        top = std::max(top, n[b]);
+    }
+    auto all = [&](int jb, bool is_whole) {
+        switch (nb) {
+            case 4: columns_block<4>(x, rows, stride, jb, out, is_whole); break;
+            case 3: columns_block<3>(x, rows, stride, jb, out, is_whole); break;
+            case 2: columns_block<2>(x, rows, stride, jb, out, is_whole); break;
+            default: columns_block<1>(x, rows, stride, jb, out, is_whole);
+        }
+    };
+    int jb = 0;
+    for (; jb < common; jb += BLOCK) all(jb, true);
+    for (; jb < widest; jb += BLOCK)
+        for (int b = 0; b < nb; b++) {
+            if (jb < whole[b]) columns_whole<1>(x + b, rows, stride, jb, out + b);
+            else
+                for (int c = jb; c < jb + BLOCK && c < n[b]; c += W) columns_split<1>(x + b, rows, stride, c, out + b);
+        }
+    for (; jb < top; jb += W) all(jb, false);
+}
+
+// acc[b] = weighted_sum(w[b], v, K) for nb <= QB weight rows, each zero past its own keys up to K.
+template <int NB>
+inline void weighted_sum_many_of(float *const *w, const float *__restrict v, int K, float (*acc)[HEAD_DIM]) {
+    float o0[NB][HEAD_DIM] = {}, o1[NB][HEAD_DIM] = {};
+    int j = 0;
+    for (; j + 1 < K; j += 2) {
+        const float *va = v + (long)j * HEAD_DIM, *vb = va + HEAD_DIM;
+        for (int b = 0; b < NB; b++) {
+            const float wa = w[b][j], wb = w[b][j + 1];
+            for (int t = 0; t < HEAD_DIM; t++) { o0[b][t] += wa * va[t]; o1[b][t] += wb * vb[t]; }
+        }
+    }
+    if (j < K)
+        for (int b = 0; b < NB; b++)
+            for (int t = 0; t < HEAD_DIM; t++) o0[b][t] += w[b][j] * v[(long)j * HEAD_DIM + t];
+    for (int b = 0; b < NB; b++)
+        for (int t = 0; t < HEAD_DIM; t++) acc[b][t] = o0[b][t] + o1[b][t];
+}
+
+inline void weighted_sum_many(float *const *w, int nb, const float *v, int K, float (*acc)[HEAD_DIM]) {
+    switch (nb) {
+        case 4: weighted_sum_many_of<4>(w, v, K, acc); break;
+        case 3: weighted_sum_many_of<3>(w, v, K, acc); break;
+        case 2: weighted_sum_many_of<2>(w, v, K, acc); break;
+        default: weighted_sum_many_of<1>(w, v, K, acc);
+    }
+}
+
 }  // namespace
 
 // One new token per row. RoPE turns its queries and keys; its key and value go to column `col` of the row's cache;
@@ -379,9 +481,12 @@ extern "C" void write_cache(const float *__restrict k, long k_row, const float *
 // Tokens are packed, each once: q [N, H, d], k and v [N, Hkv, d] (after RoPE). A group of rows attends as a
 // [G, Q, K] block: query i of row g is token queries[g·Q + i], its key j token keys[g·K + j], under an additive mask
 // [G, Q, K] (0 or -inf; every query sees at least one key). Output [G·Q, H·d] and the log-sum-exp of each (row,
-// head, query) [G, H, Q], from which the backward recomputes the weights (no [G, H, Q, K] buffer is kept).
-// Per row and key head the row's keys and values are first gathered into contiguous buffers, keys and values
-// transposed ([d, K]): a query's scores against every key are then vertical vector FMAs, as in decode_attention.
+// head, query) [G, H, Q], from which the backward recomputes the weights (no [G, H, Q, K] buffer is kept). With
+// `real` ([G] or null), row g's queries from real[g] on are padding: the forward writes zeros for them (their
+// outputs are never read) instead of attending, which cost ~40% of its time on the bench's OPD batch.
+// Per row and key head the row's keys and values are first gathered into contiguous buffers, keys transposed
+// ([d, K]; the backward's values too): a query's scores against every key are then vertical vector FMAs, as in
+// decode_attention, QB queries at a time (each key read once for all of them; the same sums as one at a time).
 
 static inline float dot(const float *__restrict a, const float *__restrict b) {
 #if HEAD_DIM % W == 0
@@ -397,53 +502,140 @@ static inline float dot(const float *__restrict a, const float *__restrict b) {
 
 namespace {
 
-struct Gathered {  // one row's keys and values for one key head
+struct Gathered {  // one row's keys and values for one key head, in the layouts a kernel reads
     int K, Kb;
-    std::vector<float> kt, vt, k, v;  // [d, Kb] transposed (zero past K), and [K, d]
-    explicit Gathered(int K_) : K(K_), Kb((K_ + BLOCK - 1) / BLOCK * BLOCK), kt(HEAD_DIM * Kb), vt(HEAD_DIM * Kb),
-                                k(K_ * HEAD_DIM), v(K_ * HEAD_DIM) {}
+    bool backward;
+    // keys transposed [d, Kb] (zero past K); the forward's values [K, d]; the backward's keys [K, d] and values
+    // transposed [d, Kb]
+    std::vector<float> kt, v, k, vt;
+    Gathered(int K_, bool backward_) : K(K_), Kb((K_ + BLOCK - 1) / BLOCK * BLOCK), backward(backward_),
+                                       kt(HEAD_DIM * Kb), v(backward ? 0 : K_ * HEAD_DIM),
+                                       k(backward ? K_ * HEAD_DIM : 0), vt(backward ? HEAD_DIM * Kb : 0) {}
     void load(const float *key_src, const float *value_src, const int64_t *key, int Hkv, int kv_head) {
         for (int j = 0; j < K; j++) {
             const float *kj = key_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
             const float *vj = value_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
-            std::memcpy(&k[j * HEAD_DIM], kj, HEAD_DIM * sizeof(float));
-            std::memcpy(&v[j * HEAD_DIM], vj, HEAD_DIM * sizeof(float));
-            for (int t = 0; t < HEAD_DIM; t++) { kt[t * Kb + j] = kj[t]; vt[t * Kb + j] = vj[t]; }
+            for (int t = 0; t < HEAD_DIM; t++) kt[t * Kb + j] = kj[t];
+            if (backward) {
+                std::memcpy(&k[j * HEAD_DIM], kj, HEAD_DIM * sizeof(float));
+                for (int t = 0; t < HEAD_DIM; t++) vt[t * Kb + j] = vj[t];
+            } else {
+                std::memcpy(&v[j * HEAD_DIM], vj, HEAD_DIM * sizeof(float));
+            }
         }
     }
 };
+
+// The backward's sums over one row's keys j < K for nb <= QB queries of one head, term by term as the single-query
+// loop ran them (queries in order within each key): dq[b] += dS·k_j, dk_j += dS·q[b], dv_j += p[b][j]·dout[b],
+// dS = p[b][j]·(dp[b][j] - D[b])·scale, keys of no weight skipped. Each key's dk_j and dv_j stay in registers across
+// the nb queries.
+template <int NB>
+inline void key_grads_of(const float *const *p, const float *const *dp, const float *D, float scale,
+                         const float *const *q, const float *const *dout, const float *k, int K,
+                         float *dk, float *dv, float (*dq)[HEAD_DIM]) {
+#if HEAD_DIM % W == 0
+    constexpr int V = HEAD_DIM / W;
+    vf qv[NB][V], dov[NB][V], dqv[NB][V] = {};
+    for (int b = 0; b < NB; b++)
+        for (int c = 0; c < V; c++) qv[b][c] = vload(q[b] + c * W), dov[b][c] = vload(dout[b] + c * W);
+    for (int j = 0; j < K; j++) {
+        vf kv[V], dkv[V], dvv[V];
+        for (int c = 0; c < V; c++)
+            kv[c] = vload(k + j * HEAD_DIM + c * W), dkv[c] = vload(dk + j * HEAD_DIM + c * W),
+            dvv[c] = vload(dv + j * HEAD_DIM + c * W);
+        for (int b = 0; b < NB; b++) {
+            const float pj = p[b][j];
+            if (pj == 0.f) continue;
+            const float dS = pj * (dp[b][j] - D[b]) * scale;
+            for (int c = 0; c < V; c++) {
+                dqv[b][c] += dS * kv[c];
+                dkv[c] += dS * qv[b][c];
+                dvv[c] += pj * dov[b][c];
+            }
+        }
+        for (int c = 0; c < V; c++) vstore(dk + j * HEAD_DIM + c * W, dkv[c]), vstore(dv + j * HEAD_DIM + c * W, dvv[c]);
+    }
+    for (int b = 0; b < NB; b++)
+        for (int c = 0; c < V; c++) vstore(dq[b] + c * W, dqv[b][c]);
+#else
+    for (int b = 0; b < NB; b++) std::fill(dq[b], dq[b] + HEAD_DIM, 0.f);
+    for (int j = 0; j < K; j++)
+        for (int b = 0; b < NB; b++) {
+            const float pj = p[b][j];
+            if (pj == 0.f) continue;
+            const float dS = pj * (dp[b][j] - D[b]) * scale;
+            const float *kj = k + j * HEAD_DIM, *qi = q[b], *doi = dout[b];
+            float *dkj = dk + j * HEAD_DIM, *dvj = dv + j * HEAD_DIM;
+            for (int t = 0; t < HEAD_DIM; t++) {
+                dq[b][t] += dS * kj[t];
+                dkj[t] += dS * qi[t];
+                dvj[t] += pj * doi[t];
+            }
+        }
+#endif
+}
+
+inline void key_grads(int nb, const float *const *p, const float *const *dp, const float *D, float scale,
+                      const float *const *q, const float *const *dout, const float *k, int K, float *dk, float *dv,
+                      float (*dq)[HEAD_DIM]) {
+    switch (nb) {
+        case 4: key_grads_of<4>(p, dp, D, scale, q, dout, k, K, dk, dv, dq); break;
+        case 3: key_grads_of<3>(p, dp, D, scale, q, dout, k, K, dk, dv, dq); break;
+        case 2: key_grads_of<2>(p, dp, D, scale, q, dout, k, K, dk, dv, dq); break;
+        default: key_grads_of<1>(p, dp, D, scale, q, dout, k, K, dk, dv, dq);
+    }
+}
 
 }  // namespace
 
 extern "C" void packed_attention_forward(const float *__restrict q, const float *__restrict k,
                                          const float *__restrict v, int H, int Hkv, const int64_t *__restrict queries,
-                                         const int64_t *__restrict keys, const float *__restrict mask, int G, int Q,
-                                         int K, float scale, float *__restrict out, float *__restrict lse) {
+                                         const int64_t *__restrict keys, const float *__restrict mask,
+                                         const int64_t *__restrict real, int G, int Q, int K, float scale,
+                                         float *__restrict out, float *__restrict lse) {
     const int d = HEAD_DIM, group = H / Hkv;
     const std::vector<int> extent = seen_extents(mask, G * Q, K);
 #pragma omp parallel if (G > 1)  // rows on the threads: their outputs are disjoint
     {
-    Gathered row(K);
-    std::vector<float> s(row.Kb);
+    Gathered row(K, false);
+    std::vector<float> s((size_t)QB * row.Kb);
+    float *sb[QB];
+    for (int b = 0; b < QB; b++) sb[b] = &s[(size_t)b * row.Kb];
 #pragma omp for schedule(static)
-    for (int g = 0; g < G; g++)
+    for (int g = 0; g < G; g++) {
+        const int queried = real ? (int)std::min<int64_t>(real[g], Q) : Q;  // the rest are padding: never read
+        std::fill(out + ((long)g * Q + queried) * H * d, out + ((long)g + 1) * Q * H * d, 0.f);
+        for (int h = 0; h < H; h++)
+            std::fill(lse + ((long)g * H + h) * Q + queried, lse + ((long)g * H + h + 1) * Q, 0.f);
         for (int kv_head = 0; kv_head < Hkv; kv_head++) {
             row.load(k, v, keys + (long)g * K, Hkv, kv_head);
             for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
-                for (int i = 0; i < Q; i++) {
-                    const float *m = mask + ((long)g * Q + i) * K;
-                    const int Ke = extent[g * Q + i], Kv = (Ke + W - 1) / W * W;
-                    against_columns(q + (queries[g * Q + i] * H + h) * d, row.kt.data(), row.Kb, Kv, scale,
-                                    s.data());
-                    float mx;
-                    float total = weights(s.data(), m, Ke, Kv, nullptr, &mx);
-                    float acc[HEAD_DIM];
-                    weighted_sum(s.data(), row.v.data(), Ke, acc);
-                    float *o = out + ((long)g * Q + i) * H * d + h * d;
-                    for (int t = 0; t < d; t++) o[t] = acc[t] / total;
-                    lse[((long)g * H + h) * Q + i] = mx + std::log(total);
+                for (int i0 = 0; i0 < queried; i0 += QB) {
+                    const int nb = std::min(QB, queried - i0);
+                    float x[QB][HEAD_DIM], acc[QB][HEAD_DIM], total[QB], mx[QB];
+                    int n[QB], seen[QB], top = 0;
+                    for (int b = 0; b < nb; b++) {
+                        const float *qi = q + (queries[g * Q + i0 + b] * H + h) * d;
+                        for (int t = 0; t < d; t++) x[b][t] = qi[t] * scale;
+                        seen[b] = extent[g * Q + i0 + b];
+                        n[b] = (seen[b] + W - 1) / W * W;
+                        top = std::max(top, seen[b]);
+                    }
+                    against_columns_many(x, nb, n, row.kt.data(), row.Kb, sb);
+                    for (int b = 0; b < nb; b++) {
+                        total[b] = weights(sb[b], mask + ((long)g * Q + i0 + b) * K, seen[b], n[b], nullptr, &mx[b]);
+                        std::fill(sb[b] + n[b], sb[b] + std::max(n[b], top), 0.f);  // no weight past its keys
+                    }
+                    weighted_sum_many(sb, nb, row.v.data(), top, acc);
+                    for (int b = 0; b < nb; b++) {
+                        float *o = out + ((long)g * Q + i0 + b) * H * d + h * d;
+                        for (int t = 0; t < d; t++) o[t] = acc[b][t] / total[b];
+                        lse[((long)g * H + h) * Q + i0 + b] = mx[b] + std::log(total[b]);
+                    }
                 }
         }
+    }
     }
 }
 
@@ -474,8 +666,11 @@ extern "C" void packed_attention_backward(const float *__restrict q, const float
     std::vector<float> kept(parallel ? (size_t)G * Hkv * K * d * 2 : 0);  // [G, Hkv, 2, K, d]: each row's dk, dv
 #pragma omp parallel if (parallel)
     {
-    Gathered row(K);
-    std::vector<float> p(row.Kb), dp(row.Kb), own(parallel ? 0 : K * d * 2);
+    Gathered row(K, true);
+    std::vector<float> buffers((size_t)2 * QB * row.Kb), own(parallel ? 0 : K * d * 2);
+    std::vector<int> active(Q);
+    float *p[QB], *dp[QB];
+    for (int b = 0; b < QB; b++) p[b] = &buffers[(size_t)b * row.Kb], dp[b] = &buffers[(size_t)(QB + b) * row.Kb];
 #pragma omp for schedule(static)
     for (int g = 0; g < G; g++)
         for (int kv_head = 0; kv_head < Hkv; kv_head++) {
@@ -484,32 +679,40 @@ extern "C" void packed_attention_backward(const float *__restrict q, const float
             float *dk_row = parallel ? &kept[((size_t)g * Hkv + kv_head) * K * d * 2] : own.data();
             float *dv_row = dk_row + (size_t)K * d;
             std::fill(dk_row, dk_row + (size_t)K * d * 2, 0.f);
-            for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
-                for (int i = 0; i < Q; i++) {
-                    const float *doi = dout + ((long)g * Q + i) * H * d + h * d;
-                    if (all_zero(doi)) continue;  // a padding query, or one whose output is not read: no gradient
-                    const float *qi = q + (queries[g * Q + i] * H + h) * d;
-                    const float *m = mask + ((long)g * Q + i) * K;
-                    const int Ke = extent[g * Q + i], Kv = (Ke + W - 1) / W * W;
-                    against_columns(qi, row.kt.data(), row.Kb, Kv, scale, p.data());
-                    weights(p.data(), m, Ke, Kv, &lse[((long)g * H + h) * Q + i], nullptr);
-                    against_columns(doi, row.vt.data(), row.Kb, Kv, 1.f, dp.data());
-                    float D = dot(doi, out + ((long)g * Q + i) * H * d + h * d);
-                    float dqi[HEAD_DIM] = {};
-                    for (int j = 0; j < Ke; j++) {
-                        if (p[j] == 0.f) continue;
-                        float dS = p[j] * (dp[j] - D) * scale;
-                        const float *kj = &row.k[j * d];
-                        float *dkj = &dk_row[j * d], *dvj = &dv_row[j * d];
-                        for (int t = 0; t < d; t++) {
-                            dqi[t] += dS * kj[t];
-                            dkj[t] += dS * qi[t];
-                            dvj[t] += p[j] * doi[t];
-                        }
+            for (int h = kv_head * group; h < (kv_head + 1) * group; h++) {
+                int live = 0;  // a padding query, or one whose output is not read, has no gradient
+                for (int i = 0; i < Q; i++)
+                    if (!all_zero(dout + ((long)g * Q + i) * H * d + h * d)) active[live++] = i;
+                for (int a0 = 0; a0 < live; a0 += QB) {
+                    const int nb = std::min(QB, live - a0);
+                    const float *qs[QB], *dos[QB];
+                    float x[QB][HEAD_DIM], y[QB][HEAD_DIM], dqs[QB][HEAD_DIM], D[QB];
+                    int n[QB], seen[QB], top = 0;
+                    for (int b = 0; b < nb; b++) {
+                        const int i = active[a0 + b];
+                        qs[b] = q + (queries[g * Q + i] * H + h) * d;
+                        dos[b] = dout + ((long)g * Q + i) * H * d + h * d;
+                        for (int t = 0; t < d; t++) x[b][t] = qs[b][t] * scale, y[b][t] = dos[b][t] * 1.f;
+                        seen[b] = extent[g * Q + i];
+                        n[b] = (seen[b] + W - 1) / W * W;
+                        top = std::max(top, seen[b]);
+                        D[b] = dot(dos[b], out + ((long)g * Q + i) * H * d + h * d);
                     }
-                    float *dqp = dq + (queries[g * Q + i] * H + h) * d;
-                    for (int t = 0; t < d; t++) dqp[t] += dqi[t];
+                    against_columns_many(x, nb, n, row.kt.data(), row.Kb, p);
+                    against_columns_many(y, nb, n, row.vt.data(), row.Kb, dp);
+                    for (int b = 0; b < nb; b++) {
+                        const int i = active[a0 + b];
+                        weights(p[b], mask + ((long)g * Q + i) * K, seen[b], n[b], &lse[((long)g * H + h) * Q + i],
+                                nullptr);
+                        std::fill(p[b] + n[b], p[b] + std::max(n[b], top), 0.f);
+                    }
+                    key_grads(nb, p, dp, D, scale, qs, dos, row.k.data(), top, dk_row, dv_row, dqs);
+                    for (int b = 0; b < nb; b++) {
+                        float *dqp = dq + (queries[g * Q + active[a0 + b]] * H + h) * d;
+                        for (int t = 0; t < d; t++) dqp[t] += dqs[b][t];
+                    }
                 }
+            }
             if (!parallel) add_row_grads(dk, dv, key, Hkv, kv_head, K, dk_row, dv_row);
         }
     }

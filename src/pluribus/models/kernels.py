@@ -68,7 +68,7 @@ class CpuKernels:
                       "silu_mul_backward": [p, p, p, p, p, n], "rms_norm_forward": [p, p, p, p, i, i, f],
                       "rms_norm_backward": [p, p, p, p, p, p, i, i], "rope_rows": [p, p, p, p, i, i, i],
                       "write_cache": [p, n, p, n, p, p, i, i, n, i, p, p],
-                      "packed_attention_forward": [p, p, p, i, i, p, p, p, i, i, i, f, p, p],
+                      "packed_attention_forward": [p, p, p, i, i, p, p, p, p, i, i, i, f, p, p],
                       "packed_attention_backward": [p, p, p, i, i, p, p, p, i, i, i, f, p, p, p, p, p, p]}
         for name, argtypes in signatures.items():
             function = getattr(library, name)
@@ -141,12 +141,15 @@ class CpuKernels:
         return _SiluMul.apply(gate_N_I, up_N_I, self)
 
     def packed_attention(self, q_N_H_d: Tensor, k_N_Hkv_d: Tensor, v_N_Hkv_d: Tensor, queries_G_Q: Tensor,
-                         keys_G_K: Tensor, mask_G_1_Q_K: Tensor) -> Tensor:
+                         keys_G_K: Tensor, mask_G_1_Q_K: Tensor, queried_G: Tensor | None = None) -> Tensor:
         """Attention of the packed training forward, differentiable in q, k and v: `[G·Q, H·d]`, row g's query i
         (token `queries[g, i]`) over its keys (tokens `keys[g]`) under the additive mask; equal to SDPA on the
         gathered rows up to float rounding. Its backward adds the gradients of a key shared by several rows in
-        a fixed order (deterministic, as `lean._rows` is)."""
-        return _PackedAttention.apply(q_N_H_d, k_N_Hkv_d, v_N_Hkv_d, queries_G_Q, keys_G_K, mask_G_1_Q_K, self)
+        a fixed order (deterministic, as `lean._rows` is).
+        queried_G: how many of each row's first queries are real (int64); the others are padding, never read:
+        their outputs are zeros, not computed. None: all Q."""
+        return _PackedAttention.apply(q_N_H_d, k_N_Hkv_d, v_N_Hkv_d, queries_G_Q, keys_G_K, mask_G_1_Q_K, queried_G,
+                                      self)
 
 
 def warm_span(tensor: Tensor | None) -> Span:
@@ -161,14 +164,19 @@ def warm_span(tensor: Tensor | None) -> Span:
 class _PackedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, queries: Tensor, keys: Tensor, mask: Tensor,
-                kernels: CpuKernels) -> Tensor:
+                queried: Tensor | None, kernels: CpuKernels) -> Tensor:
         q, k, v, queries, keys, mask = (t.contiguous() for t in (q, k, v, queries, keys, mask))
         (N, H, d), Hkv, (G, Q), K = q.shape, k.shape[1], queries.shape, keys.shape[1]
+        if queried is not None:
+            queried = queried.to(torch.long).contiguous()
+            if queried.shape != (G,):
+                raise ValueError(f"packed_attention: queried_G must have shape ({G},), got {tuple(queried.shape)}")
         out = torch.empty(G * Q, H * d, dtype=torch.float32, device="cpu")
         lse = torch.empty(G, H, Q, dtype=torch.float32, device="cpu")
         kernels._packed_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), H, Hkv, queries.data_ptr(),
-                                          keys.data_ptr(), mask.data_ptr(), G, Q, K, d ** -0.5, out.data_ptr(),
-                                          lse.data_ptr())
+                                          keys.data_ptr(), mask.data_ptr(),
+                                          None if queried is None else queried.data_ptr(), G, Q, K, d ** -0.5,
+                                          out.data_ptr(), lse.data_ptr())
         ctx.save_for_backward(q, k, v, queries, keys, mask, out, lse)
         ctx.kernels = kernels
         return out
@@ -184,7 +192,7 @@ class _PackedAttention(torch.autograd.Function):
                                                keys.data_ptr(), mask.data_ptr(), G, Q, K, d ** -0.5, out.data_ptr(),
                                                lse.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(),
                                                dv.data_ptr())
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -321,7 +321,7 @@ class LeanDecoder:
             v = qkv[:, (H + Hkv) * d:].view(N, Hkv, d)
             kernels.write_cache(qk[:, H:], v, start_B, length_B, longest, self.k_cache[index], self.v_cache[index])
             attended = kernels.packed_attention(qk[:, :H], qk[:, H:], v, call.query_token_B_Q, call.key_token_B_K,
-                                                call.mask_B_1_Q_K)
+                                                call.mask_B_1_Q_K, call.queried_B)
             owner = layout.owner_N
             if index == len(self.layers) - 1:  # only each context's last position is read from here on
                 x, owner = x[last_C], owner[last_C]
@@ -457,11 +457,13 @@ class _Attention:
 
     query_token_B_Q, key_token_B_K: the packed index of each query and each key column; 0 on padding.
     mask_B_1_Q_K: additive: a query sees the real keys up to its own column.
+    queried_B: how many of a row's queries are real (its first ones); the rest are padding.
     """
 
     query_token_B_Q: Tensor
     key_token_B_K: Tensor
     mask_B_1_Q_K: Tensor
+    queried_B: Tensor
 
 
 @dataclass
@@ -545,9 +547,10 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         # query i (column first + i) sees the row's columns up to its own; a padding query sees all of them (its
         # row stays finite)
         seen = (column_K[None, None, :] < length_G) & (column_K[None, None, :] <= first_G + query_Q[None, :, None])
-        real = query_Q[None, :] < (length_G - first_G)[:, :, 0]  # [G, Q]: queries that are a token of the row
+        queried = (length_G - first_G)[:, 0, 0]
+        real = query_Q[None, :] < queried[:, None]  # [G, Q]: queries that are a token of the row
         owner[queries[real]] = offset + torch.arange(len(group) * Q, device="cpu").view(len(group), Q)[real]
-        attention.append(_Attention(queries, keys, _additive(seen[:, None], dtype)))
+        attention.append(_Attention(queries, keys, _additive(seen[:, None], dtype), queried.clamp(0, Q)))
         offset += len(group) * Q
     return _Layout(longs(ids), longs(position), attention, owner, longs(predict),
                    *(None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in where.items()]
@@ -620,7 +623,7 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     dropout = float(getattr(lm.config, "attention_dropout", 0.0) or 0.0) if lm.training else 0.0
     ids, position, owner, predict = (t.to(device) for t in (layout.ids_N, layout.position_N, layout.owner_N,
                                                              layout.predict_M))
-    calls = [(a.query_token_B_Q.to(device), a.key_token_B_K.to(device), a.mask_B_1_Q_K.to(device))
+    calls = [(a.query_token_B_Q.to(device), a.key_token_B_K.to(device), a.mask_B_1_Q_K.to(device), a.queried_B)
              for a in layout.attention]
     cos, sin = _rope_table(_inv_freq(theta, d, device), int(position.max()) + 1, dtype)
     cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
@@ -649,9 +652,9 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         k = rotate(project(attn.k_proj, h).view(N, Hkv, d), cos, sin)
         v = project(attn.v_proj, h).view(N, Hkv, d)
         outputs = []
-        for queries, keys, mask in calls:  # [B, heads, Q or K, d] each
+        for queries, keys, mask, queried in calls:  # [B, heads, Q or K, d] each
             if kernels is not None:
-                outputs.append(kernels.packed_attention(q, k, v, queries, keys, mask))
+                outputs.append(kernels.packed_attention(q, k, v, queries, keys, mask, queried))
                 continue
             out = F.scaled_dot_product_attention(_rows(q, queries).transpose(1, 2), _rows(k, keys).transpose(1, 2),
                                                  _rows(v, keys).transpose(1, 2), attn_mask=mask, dropout_p=dropout,
