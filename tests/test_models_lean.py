@@ -1,5 +1,6 @@
 """The packed training forward (pluribus.models.lean.predicting_hidden_states) against the HF forward: the same
-logits and the same gradients, with shared prompts run once, LoRA and grouped-query attention."""
+logits and the same gradients, with shared prompts run once, LoRA and grouped-query attention; and split in two,
+the prompts run first (`prompt_states`, on-policy distillation's forward)."""
 
 import shutil
 
@@ -8,7 +9,7 @@ import torch
 
 from pluribus.models import add_lora, load, response_logits
 from pluribus.models import kernels as native
-from pluribus.models.lean import predicting_hidden_states
+from pluribus.models.lean import predicting_hidden_states, prompt_states
 from pluribus.teachers import output_head
 
 
@@ -83,6 +84,46 @@ def test_packed_forward_equals_the_hf_forward(request, fixture, variant, kernels
     assert torch.equal(full[mask], logits.detach()) or (full[mask] - reference).abs().max() < 1e-5
     assert not full[~mask].any()
     assert bool(calls) == (kernels == "1" and shutil.which("c++") is not None)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_prompts_run_first_give_the_one_pass_hidden_states_and_gradients(request, fixture, kernels, one_thread,
+                                                                        monkeypatch):
+    """`prompt_states`, then `predicting_hidden_states(..., prompts=)` over the responses alone: the one-pass
+    forward's hidden states and gradients (which reach the prompt tokens through their keys and values), with
+    prompts shared by two rows and a one-token response (predicted from its prompt's last token alone)."""
+    monkeypatch.setenv("PLURIBUS_KERNELS", kernels)
+    model, _ = load(request.getfixturevalue(fixture))
+    model.train()
+    prompt_ids, response, mask = _batch(G=2)
+    mask[0, 1:] = False
+    response[0, 1:] = 0
+    head, bias = output_head(model)
+    whole = torch.nn.functional.linear(predicting_hidden_states(model, prompt_ids, response, mask), head, bias)
+    expected = _grads(model, whole)
+    states = prompt_states(model, prompt_ids)
+    assert states.prompts == list(dict.fromkeys(tuple(p) for p in prompt_ids)) and len(states.prompts) == 4
+    assert len(states.keys_N_Hkv_d) == model.config.num_hidden_layers
+    assert states.keys_N_Hkv_d[0].shape[0] == sum(len(p) for p in states.prompts)
+    hidden = predicting_hidden_states(model, prompt_ids, response, mask, prompts=states)
+    split = torch.nn.functional.linear(hidden, head, bias)
+    assert split.shape == whole.shape and (split - whole).abs().max() < 1e-6
+    got = _grads(model, split)
+    for name in expected:
+        assert (got[name] - expected[name]).norm() / expected[name].norm().clamp_min(1e-8) < 1e-5, name
+    other = prompt_states(model, prompt_ids[2:])  # not every row's prompt: refused, not guessed
+    assert predicting_hidden_states(model, prompt_ids, response, mask, prompts=other) is None
+
+
+def test_prompt_states_refuse_a_training_model_with_dropout(tiny_qwen2):
+    """Decoding from keys and values made with dropout on would sample from another model: None in training mode
+    (in eval mode dropout is off)."""
+    model, _ = load(tiny_qwen2)
+    model.config.attention_dropout = 0.1
+    prompt_ids, _, _ = _batch(G=1)
+    assert prompt_states(model.train(), prompt_ids) is None
+    assert prompt_states(model.eval(), prompt_ids) is not None
 
 
 def test_what_the_packed_forward_does_not_reproduce_gets_none(tiny_llama, monkeypatch):

@@ -1,6 +1,7 @@
 """OPD: the scheduled loss equals the naive one (value and gradient), NaN guard, and short runs that learn."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,10 +109,17 @@ def _config(tmp_path, student, teachers, **overrides):
     return OPDConfig(**{**base, **overrides})
 
 
-def test_opd_run_reduces_kl_to_each_teacher_and_logs(tiny_llama, teachers, tmp_path):
+def test_opd_run_reduces_kl_to_each_teacher_and_logs(tiny_llama, teachers, tmp_path, monkeypatch):
+    from pluribus.models.lean import LeanDecoder
+
+    prompts_run = []  # by the sampler's prefill: the student's training forward of the prompts fills its cache
+    monkeypatch.setattr(LeanDecoder, "_native_prefill",
+                        lambda self, *args, _real=LeanDecoder._native_prefill: (prompts_run.append(1),
+                                                                                _real(self, *args))[1])
     cfg = _config(tmp_path, tiny_llama, [TeacherConfig(path=str(teachers["add"]), domains=["add"]),
                                          TeacherConfig(path=str(teachers["max"]), domains=["max"], weight=0.5)])
     out = opd.run(cfg)
+    assert not prompts_run or shutil.which("c++") is None
     rows = [json.loads(line) for line in (tmp_path / "opd.metrics.jsonl").read_text().splitlines()]
     assert len(rows) == cfg.steps and sum(r["skipped"] for r in rows) == 0
     for name in ("add", "max"):

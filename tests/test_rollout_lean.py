@@ -88,6 +88,28 @@ def test_lean_and_hf_paths_sample_the_same_tokens(tiny_qwen2, monkeypatch, one_t
             assert torch.equal(a.keep_mask_B_T_V, b.keep_mask_B_T_V)
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
+def test_a_prefill_from_the_training_forwards_prompts_samples_the_same(tiny_qwen2, monkeypatch, one_thread):
+    """OPD's step: the training forward runs the prompts with grad (`prompt_states`) and the sampler's prefill copies
+    their keys and values instead of running them again: the same tokens and log-probs to the bit, a prompt shared
+    by two rows among them, and the prompts never run by the decoder."""
+    from pluribus.models.lean import prompt_states
+
+    model, tok = load(tiny_qwen2)
+    model.train()
+    prompts = _prompts(tok, 6)
+    prompts = prompts + prompts[:1]
+    params = SamplingParams(12, 0.9)
+    plain = sample(model, prompts, params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=3)
+    states = prompt_states(model, prompts)
+    assert states.last_C_D.requires_grad
+    monkeypatch.setattr(LeanDecoder, "_native_prefill", lambda *a: pytest.fail("the prompts ran again"))
+    reused = sample(model, prompts, params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=3, prompts=states)
+    assert torch.equal(reused.response_ids_B_T, plain.response_ids_B_T)
+    assert torch.equal(reused.sampler_logprobs_B_T, plain.sampler_logprobs_B_T)
+    assert model.training
+
+
 def test_unsupported_models_fall_back_to_hf(tiny_llama):
     model, _ = load(tiny_llama, trainable=False)
     assert LeanDecoder.build(model) is not None

@@ -12,7 +12,10 @@ attention, the SiLU-gated MLP) without either:
 - `predicting_hidden_states` (training and teachers, grad flows): the model's own modules on each distinct
   token once, no padding: a prompt shared by a GRPO group's G rows runs once (its keys and values serve all
   G; their gradients add up, as if it ran G times), and only attention sees the rows laid out side by side
-  (SDPA; in float32 on a CPU, native kernels for the attention, RMSNorm, RoPE and SiLU·up).
+  (SDPA; in float32 on a CPU, native kernels for the attention, RMSNorm, RoPE and SiLU·up). It can run in two
+  parts (`prompt_states`, then `prompts=`): the prompts first, whose keys and values then also fill the
+  decoder's cache, so that on-policy distillation runs each prompt once a step, not twice (prefill, then the
+  student's forward).
 
 Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, tests/test_models_lean.py: logits
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
@@ -260,13 +263,16 @@ class LeanDecoder:
     def _logits(self, hidden_B_D: Tensor) -> Tensor:
         return F.linear(_rms(hidden_B_D, self.norm_D, self.eps), self.head_V_D, self.head_bias_V).float()
 
-    def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> Tensor:
+    def prefill(self, sequences: list[list[int]], max_new_tokens: int,
+                prompts: "PromptStates | None" = None) -> Tensor:
         """Run each row's context (prompt, plus a resumed prefix) and allocate the cache for `max_new_tokens` more.
 
         Identical contexts (a GRPO group's G rows) run once, and the distinct ones without padding: through the
         native kernels, each token once in one packed list; else several to a row of at most PACK_TOKENS positions
         with a block-diagonal causal mask. Their keys and values land in one cache, each row's context
         right-aligned at the same column. Returns logits `[B, V]` predicting each row's next token.
+        prompts: these contexts already run by the training forward (`prompt_states`, the same weights): their
+            keys and values are copied into the cache instead (native kernels only).
         """
         device = self.embed_V_D.device
         distinct: dict[tuple[int, ...], int] = {}
@@ -284,7 +290,11 @@ class LeanDecoder:
         key_shape = shape if self.kernels is None else (B, self.kv_heads, self.head_dim, columns)
         self.k_cache = [torch.zeros(key_shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.layers]
-        hidden_C_D = None if self.kernels is None else self._native_prefill(contexts, row_context, longest)
+        hidden_C_D = None
+        if self.kernels is not None and prompts is not None and prompts.prompts == contexts:
+            hidden_C_D = self._prefill_from(prompts, contexts, row_context, longest)
+        elif self.kernels is not None:
+            hidden_C_D = self._native_prefill(contexts, row_context, longest)
         if hidden_C_D is None:
             hidden_C_D = self._packed_prefill(contexts, row_context, longest)
         # Keys a position may see: the row's context, then everything generated.
@@ -295,6 +305,22 @@ class LeanDecoder:
         self.next_position_B = torch.tensor(lengths, device=device)
         self.length = longest
         return self._logits(hidden_C_D[torch.tensor(row_context, device=device)])
+
+    @staticmethod
+    def _cache_rows(contexts: list[tuple[int, ...]], row_context: list[int]) -> tuple[Tensor, Tensor]:
+        """Each row's context's start and length (int64) in a packed list of the contexts one after another."""
+        length_C = torch.tensor([len(c) for c in contexts], device="cpu")
+        rows = torch.tensor(row_context, device="cpu")
+        return (length_C.cumsum(0) - length_C)[rows], length_C[rows]
+
+    def _prefill_from(self, prompts: "PromptStates", contexts: list[tuple[int, ...]], row_context: list[int],
+                      longest: int) -> Tensor:
+        """`_native_prefill` from the contexts' `PromptStates` (their packed list is the same)."""
+        start_B, length_B = self._cache_rows(contexts, row_context)
+        for index, (keys, values) in enumerate(zip(prompts.keys_N_Hkv_d, prompts.values_N_Hkv_d)):
+            self.kernels.write_cache(keys.detach(), values.detach(), start_B, length_B, longest, self.k_cache[index],
+                                     self.v_cache[index])
+        return prompts.last_C_D.detach()
 
     def _native_prefill(self, contexts: list[tuple[int, ...]], row_context: list[int], longest: int) -> Tensor | None:
         """The distinct contexts' last hidden states `[C, D]` through the native kernels (float32, CPU), each token
@@ -308,11 +334,8 @@ class LeanDecoder:
         (call,) = layout.attention  # every context is distinct, so each runs its own: one call
         kernels, (H, Hkv, d) = self.kernels, (self.heads, self.kv_heads, self.head_dim)
         N = layout.ids_N.shape[0]
-        length_C = torch.tensor([len(c) for c in contexts], device="cpu")
-        start_C = length_C.cumsum(0) - length_C  # contexts lie one after another in the packed list
-        rows = torch.tensor(row_context, device="cpu")
-        start_B, length_B = start_C[rows], length_C[rows]  # each row's context in the packed list
-        last_C = start_C + length_C - 1
+        start_B, length_B = self._cache_rows(contexts, row_context)  # contexts one after another
+        last_C = torch.tensor([len(c) for c in contexts], device="cpu").cumsum(0) - 1
         cos, sin = self.cos_table[layout.position_N], self.sin_table[layout.position_N]  # [N, d]
         x = F.embedding(layout.ids_N, self.embed_V_D)
         for index, layer in enumerate(self.layers):
@@ -472,12 +495,14 @@ class _Layout:
     Built on the host (CPU tensors, from Python lists); `predicting_hidden_states` moves it to the weights' device.
 
     ids_N, position_N: the distinct tokens, row by row: a row's prompt where it first appears (for its adapter),
-        then the row's response tokens but the last; their positions in their rows.
+        then the row's response tokens but the last; their positions in their rows. With `PromptStates`, only
+        the response tokens: the prompts' come first in the packed list, `base` of them, already run.
     attention: the rows that run their prompt (all their columns are queries), then the rows whose prompt
         another row runs (only their response columns are queries): a group's G - 1 other rows do not
         attend from the prompt again.
     owner_N: where each distinct token's attention output is, in the attention calls' outputs laid end to end.
-    predict_M: the packed index of the token that predicts each masked response token, row-major.
+    predict_M: the packed index of the token that predicts each masked response token, row-major (below `base`:
+        a prompt's last token, run with the prompts).
     adapter_tokens: (adapter, its slice of the N tokens), when the rows have adapters.
     adapter_predicting: (adapter, its slice of the M predicting positions), likewise.
     """
@@ -489,10 +514,12 @@ class _Layout:
     predict_M: Tensor
     adapter_tokens: list[tuple[str, slice]] | None
     adapter_predicting: list[tuple[str, slice]] | None
+    base: int = 0
 
 
 def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask_B_T: Tensor,
-            dtype: torch.dtype, adapters: Sequence[str] | None) -> _Layout | None:
+            dtype: torch.dtype, adapters: Sequence[str] | None,
+            prompts_run: list[tuple[int, ...]] | None = None) -> _Layout | None:
     mask_B_T = response_mask_B_T.bool()
     lengths_B = mask_B_T.sum(-1)
     if any(not p for p in prompt_ids) or not torch.equal(
@@ -504,6 +531,12 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
     lengths = lengths_B.tolist()
     responses = response_ids_B_T.tolist()
     start: dict[tuple, int] = {}  # (adapter, distinct prompt) → its first packed index
+    base = 0  # packed tokens before this layout's own: the prompts already run, one after another
+    for prompt in prompts_run or ():
+        start[None, prompt] = base
+        base += len(prompt)
+    if prompts_run is not None and (adapters is not None or any((None, tuple(p)) not in start for p in prompt_ids)):
+        return None
     ids: list[int] = []
     position: list[int] = []
     predict: list[int] = []
@@ -514,16 +547,16 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         P, key = len(prompt), (None if adapters is None else adapters[b], tuple(prompt))
         runs_prompt = key not in start  # the first row with this prompt runs it, and owns its outputs
         if runs_prompt:
-            start[key] = len(ids)
+            start[key] = base + len(ids)
             ids += prompt
             position += range(P)
-        own = range(len(ids), len(ids) + max(n - 1, 0))
+        own = range(base + len(ids), base + len(ids) + max(n - 1, 0))
         ids += responses[b][: len(own)]
         position += range(P, P + len(own))
         columns = list(range(start[key], start[key] + P)) + list(own)
         rows.append((columns, 0 if runs_prompt else P, b))
         predict += columns[P - 1: P - 1 + n]
-        if adapters is not None:
+        if adapters is not None:  # (base is 0)
             bounds.setdefault(adapters[b], [start[key], len(ids)])[1] = len(ids)
             predicting.setdefault(adapters[b], [len(predict) - n, len(predict)])[1] = len(predict)
     owner = torch.zeros(len(ids), dtype=torch.long, device="cpu")
@@ -549,12 +582,14 @@ def _layout(prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask
         seen = (column_K[None, None, :] < length_G) & (column_K[None, None, :] <= first_G + query_Q[None, :, None])
         queried = (length_G - first_G)[:, 0, 0]
         real = query_Q[None, :] < queried[:, None]  # [G, Q]: queries that are a token of the row
-        owner[queries[real]] = offset + torch.arange(len(group) * Q, device="cpu").view(len(group), Q)[real]
-        attention.append(_Attention(queries, keys, _additive(seen[:, None], dtype), queried.clamp(0, Q)))
+        owner[queries[real] - base] = offset + torch.arange(len(group) * Q, device="cpu").view(len(group), Q)[real]
+        # queries index this layout's own tokens (keys: the prompts run before, then these); padding stays at 0
+        attention.append(_Attention((queries - base).clamp_min_(0), keys, _additive(seen[:, None], dtype),
+                                    queried.clamp(0, Q)))
         offset += len(group) * Q
     return _Layout(longs(ids), longs(position), attention, owner, longs(predict),
                    *(None if adapters is None else [(a, slice(lo, hi)) for a, (lo, hi) in where.items()]
-                     for where in (bounds, predicting)))
+                     for where in (bounds, predicting)), base=base)
 
 
 def longs(values: Iterable[int]) -> Tensor:
@@ -590,8 +625,45 @@ def _project(module, x: Tensor, adapter_tokens: list[tuple[str, slice]] | None) 
     return out
 
 
+@dataclass
+class PromptStates:
+    """A batch's distinct prompts, run once through the training forward before its rollout (`prompt_states`) and
+    kept for the step. The rollout's decoder fills its cache from their keys and values instead of running the
+    prompts again (`LeanDecoder.prefill`), and `predicting_hidden_states(..., prompts=)` runs only the responses,
+    attending to them; gradients reach the prompt tokens through them. Valid where one update follows each rollout
+    at the weights that sampled it (on-policy distillation): both then run the same weights.
+
+    prompts: the distinct prompts in the order of their first row; their tokens packed one prompt after another.
+    keys_N_Hkv_d, values_N_Hkv_d: per layer, the packed prompt tokens' keys (after RoPE) and values.
+    last_C_D: the last layer's output at each prompt's last token, before the final norm.
+    """
+
+    prompts: list[tuple[int, ...]]
+    keys_N_Hkv_d: list[Tensor]
+    values_N_Hkv_d: list[Tensor]
+    last_C_D: Tensor
+
+
+def prompt_states(model, prompt_ids: list[list[int]]) -> PromptStates | None:
+    """`PromptStates` of the distinct prompts among `prompt_ids` through the model's own modules (grad flows when
+    enabled), or None where the lean forward does not reproduce `model`, or where the model is in training mode
+    with dropout (decoding from its keys and values would sample from a dropped-out model)."""
+    lm = _causal_lm(model)
+    if lm.training and (getattr(lm.config, "attention_dropout", 0.0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules())):
+        return None
+    distinct = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    empty = torch.zeros(len(distinct), 0, dtype=torch.long, device="cpu")
+    keys: list[Tensor] = []
+    values: list[Tensor] = []
+    ends = torch.tensor([len(p) for p in distinct], device="cpu").cumsum(0) - 1
+    last = _packed_forward(model, [list(p) for p in distinct], empty, empty, None, None, ends, (keys, values))
+    return None if last is None else PromptStates(distinct, keys, values, last)
+
+
 def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
-                             response_mask_B_T: Tensor, adapters: Sequence[str] | None = None) -> Tensor | None:
+                             response_mask_B_T: Tensor, adapters: Sequence[str] | None = None,
+                             prompts: PromptStates | None = None) -> Tensor | None:
     """Final-norm hidden states `[M, D]` at the positions predicting the M masked response tokens (row by row,
     each row's tokens in order), or None when the lean forward does not reproduce `model`.
 
@@ -603,7 +675,16 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     adapters: for a peft model holding several LoRA adapters, each row's adapter (rows of one adapter
         contiguous). The base layers run once over every row and each adapter over its own rows: one forward
         for several teachers that share a base, none of them activated. Under no_grad only.
+    prompts: the rows' prompts already run (`prompt_states`, same weights): only the responses run here.
     """
+    return _packed_forward(model, prompt_ids, response_ids_B_T, response_mask_B_T, adapters, prompts)
+
+
+def _packed_forward(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask_B_T: Tensor,
+                    adapters: Sequence[str] | None, prompts: PromptStates | None, ends_C: Tensor | None = None,
+                    keys_values: tuple[list[Tensor], list[Tensor]] | None = None) -> Tensor | None:
+    """`predicting_hidden_states`; or, with `ends_C` (packed indices), the last layer's output there before the
+    final norm (`prompt_states`: responses empty), each layer's keys and values appended to `keys_values`."""
     lm = _causal_lm(model)
     theta = _supported(lm)
     if theta is None or (adapters is not None and (torch.is_grad_enabled() or _lora_layers(lm) is None)):
@@ -616,7 +697,8 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
     device, dtype = weight.device, weight.dtype
     if getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return None  # flash attention and the like run packed rows without a dense mask: theirs is better
-    layout = _layout(prompt_ids, response_ids_B_T.cpu(), response_mask_B_T.cpu(), dtype, adapters)
+    layout = _layout(prompt_ids, response_ids_B_T.cpu(), response_mask_B_T.cpu(), dtype, adapters,
+                     None if prompts is None else prompts.prompts)
     if layout is None:
         return None
     H, Hkv, d = _dims(lm.config)
@@ -625,9 +707,11 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
                                                              layout.predict_M))
     calls = [(a.query_token_B_Q.to(device), a.key_token_B_K.to(device), a.mask_B_1_Q_K.to(device), a.queried_B)
              for a in layout.attention]
-    cos, sin = _rope_table(_inv_freq(theta, d, device), int(position.max()) + 1, dtype)
-    cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
     N = ids.shape[0]
+    cos, sin = _rope_table(_inv_freq(theta, d, device), int(position.max()) + 1 if N else 1, dtype)
+    cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
+    from_prompts = predict < layout.base  # a row's first prediction, from its prompt's last token, already run
+    kept = ends_C.to(device) if ends_C is not None else predict[~from_prompts] - layout.base
     slices = layout.adapter_tokens
     # float32 on a CPU: attention, RMSNorm, RoPE and SiLU·up through the native kernels (forward and backward, their
     # rows split over torch's threads; an OPD update -10% on one thread); elsewhere PyTorch's ops and SDPA
@@ -645,12 +729,17 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
 
     x = embed(ids)  # [N, D]
     last = len(decoder.layers) - 1
-    for index, block in enumerate(decoder.layers):
+    for index, block in enumerate(decoder.layers if N else ()):
         attn, mlp = block.self_attn, block.mlp
         h = norm(block.input_layernorm, x)
         q = rotate(project(attn.q_proj, h).view(N, H, d), cos, sin)
         k = rotate(project(attn.k_proj, h).view(N, Hkv, d), cos, sin)
         v = project(attn.v_proj, h).view(N, Hkv, d)
+        if keys_values is not None:
+            keys_values[0].append(k)
+            keys_values[1].append(v)
+        if prompts is not None:  # the keys: the prompts' tokens, then these
+            k, v = torch.cat([prompts.keys_N_Hkv_d[index], k]), torch.cat([prompts.values_N_Hkv_d[index], v])
         outputs = []
         for queries, keys, mask, queried in calls:  # [B, heads, Q or K, d] each
             if kernels is not None:
@@ -663,7 +752,7 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         if index == last:  # only the predicting positions' output is read; the others' keys and values were all
             # the last layer needed of them: its output projection and MLP run on M tokens, not N
-            x, attended, slices = _rows(x, predict), _rows(attended, owner[predict]), layout.adapter_predicting
+            x, attended, slices = _rows(x, kept), _rows(attended, owner[kept]), layout.adapter_predicting
         else:
             attended = _rows(attended, owner)
         x = x + project(attn.o_proj, attended)
@@ -673,6 +762,16 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         else:  # transformers' Llama/Qwen2 MLP, its projections adapter by adapter where several adapters run
             gate, up = project(mlp.gate_proj, h), project(mlp.up_proj, h)
             x = x + project(mlp.down_proj, F.silu(gate) * up if kernels is None else kernels.silu_mul_split(gate, up))
+    if ends_C is not None:
+        return x
+    if prompts is not None:
+        if not N:
+            x = x[:0]
+        ends = torch.tensor([len(p) for p in prompts.prompts], device=device).cumsum(0) - 1
+        order = torch.empty_like(predict)
+        order[from_prompts] = torch.searchsorted(ends, predict[from_prompts])
+        order[~from_prompts] = len(ends) + torch.arange(int((~from_prompts).sum()), device=device)
+        x = _rows(torch.cat([prompts.last_C_D, x]), order)
     return norm(decoder.norm, x)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from pluribus.models import (device_of, forward_keeping, pad_batch, position_ids_from_mask, response_logits,
                              set_training)
-from pluribus.models.lean import LeanDecoder, longs
+from pluribus.models.lean import LeanDecoder, PromptStates, longs
 
 
 @dataclass(frozen=True)
@@ -177,13 +177,15 @@ class TokenLog:
 @torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
            seed: int = 0, request_seeds: Sequence[int] | None = None, log_path: str | Path | None = None,
-           stop_after_steps: int | None = None, tokenizer=None) -> Rollout:
+           stop_after_steps: int | None = None, tokenizer=None, prompts: PromptStates | None = None) -> Rollout:
     """Sample one response per prompt with a KV cache.
 
     request_seeds: per-row seeds (default: seed·100003 + row); a row's tokens depend only on them.
     log_path: token-granular write-ahead log; if it already holds tokens (an interrupted run), those
         prefixes are kept and sampling continues after them.
     stop_after_steps: stop early (to simulate a crash in tests); the log keeps what was sampled.
+    prompts: the prompts already run by the training forward at these weights (`prompt_states`): the lean
+        decoder's prefill copies their keys and values (the same ones, computed once) instead of running them.
     """
     # Dropout off where transformers' forward runs (`_HFForward`, `_prefix_keep_mask`); the lean decoder computes
     # eval mode's logits in either mode, so with it the model's mode is left alone (a switch there and back cost
@@ -208,7 +210,7 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
         # and the keep masks, copied below into ordinary tensors.
         with torch.inference_mode():
             _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
-                    eos_id, pad_id, greedy, truncating, log, stop_after_steps)
+                    eos_id, pad_id, greedy, truncating, log, stop_after_steps, prompts)
     if log:
         log.close()
 
@@ -256,7 +258,7 @@ class _HFForward:
     def __init__(self, model, pad_id: int):
         self.model, self.pad_id = set_training(model, False), pad_id
 
-    def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+    def prefill(self, sequences: list[list[int]], max_new_tokens: int, prompts=None) -> torch.Tensor:
         ids, self.attn = pad_batch(sequences, self.pad_id, side="left", device=device_of(self.model))
         self.position = position_ids_from_mask(self.attn)
         out = forward_keeping(self.model, 1, input_ids=ids, attention_mask=self.attn, position_ids=self.position,
@@ -284,9 +286,10 @@ class _LeanForward:
     def __init__(self, decoder: LeanDecoder, pad_id: int):
         self.decoder, self.pad_id = decoder, pad_id
 
-    def prefill(self, sequences: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+    def prefill(self, sequences: list[list[int]], max_new_tokens: int,
+                prompts: PromptStates | None = None) -> torch.Tensor:
         self.rows = list(range(len(sequences)))  # the cache's rows, as indices of the prefilled sequences
-        return self.decoder.prefill(sequences, max_new_tokens)
+        return self.decoder.prefill(sequences, max_new_tokens, prompts)
 
     def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
         if len(live) <= 0.875 * len(self.rows):
@@ -308,11 +311,11 @@ def _forward_engine(model, pad_id: int):
 
 
 def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
-            eos_id, pad_id, greedy, truncating, log, stop_after_steps):
+            eos_id, pad_id, greedy, truncating, log, stop_after_steps, prompts=None):
     """The decode loop over the unfinished rows; fills the per-row output lists in place."""
     forward = _forward_engine(model, pad_id)
     logits = forward.prefill([prompt_ids[i] + out_tokens[i] for i in active],
-                             params.max_new_tokens - min(len(out_tokens[i]) for i in active))
+                             params.max_new_tokens - min(len(out_tokens[i]) for i in active), prompts)
     live = list(range(len(active)))  # positions in `active` still decoding: the rows of `logits`
     noise = None if greedy else _GumbelNoise(seeds, logits.shape[-1])
     steps = 0

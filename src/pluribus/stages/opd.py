@@ -1,9 +1,11 @@
 """Multi-teacher on-policy distillation (DeepSeek-V4 §5.2, Eq. 29): many experts merged into one student.
 
 One step: draw prompts from a mixed-domain stream (per-domain sampling weights) → order them by
-their domain's teacher → student rollouts (`pluribus.rollout.sample`) → per teacher, once: its
+their domain's teacher → the student's training forward over the distinct prompts, with grad
+(`prompt_states`; one process, the HF engine) → student rollouts (`pluribus.rollout.sample`), whose
+prefill copies those prompts' keys and values instead of running them again → per teacher, once: its
 last-layer hidden states at the response positions (`TeacherPool.teacher_states`) → student
-forward with grad → exact full-vocabulary reverse KL rebuilt chunk by chunk through each teacher's
+forward with grad over the responses → exact full-vocabulary reverse KL rebuilt chunk by chunk through each teacher's
 head, weighted per teacher, backpropagated one teacher head at a time (`distill_backward`) →
 optimizer step (skipped when the gradient is not finite) with warmup and a decaying schedule
 (cosine by default: a constant rate was seen to undo progress late in training).
@@ -35,8 +37,9 @@ from pluribus.config import OPDConfig
 from pluribus.data import Record
 from pluribus.errors import PluribusError
 from pluribus.models import add_lora, load, merge_lora, render_prompt, save, set_training
+from pluribus.models.lean import PromptStates, prompt_states
 from pluribus.rollout import SamplingParams
-from pluribus.rollout.engine import open_engine
+from pluribus.rollout.engine import HFEngine, open_engine
 from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import MetricsLog, load_records, make_optimizer, optimizer_step, progress, seed_everything
 from pluribus.teachers import (TeacherPool, TeacherSpec, check_head_reproduces_logits, distill_backward,
@@ -136,8 +139,15 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                     prompts[r.id] = render_prompt(tokenizer, r.messages())
             engine.sync_weights(model)
             dist.unshard(model)  # fsdp2: whole weights while the HF sampler runs
-            rollout = ckpt.sample(step, model, [prompts[r.id] for r in batch], params, eos_id=eos_id, pad_id=pad_id,
-                                  tokenizer=tokenizer, engine=engine,
+            prompt_ids = [prompts[r.id] for r in batch]
+            # The update follows this rollout at the weights that sample it: the prompts' forward, with grad, serves
+            # both the sampler's prefill and the student's forward (one process: DDP and FSDP2 own the forward).
+            prompt_run = None
+            if world.size == 1 and isinstance(engine, HFEngine):
+                set_training(model)
+                prompt_run = prompt_states(model, prompt_ids)
+            rollout = ckpt.sample(step, model, prompt_ids, params, eos_id=eos_id, pad_id=pad_id,
+                                  tokenizer=tokenizer, engine=engine, prompts=prompt_run,
                                   request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + world.rank * len(batch) + i
                                                  for i in range(len(batch))])
             dist.reshard(model)
@@ -146,8 +156,8 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                                          teacher_index, pad_id)
             t_teachers = time.time()
             loss, kl_mean_E, tokens_E, grad_norm, stepped = distill_step(
-                model, trainer, rollout, states, pool.weights_E, optimizer, scheduler, cfg, pad_id)
-            del states
+                model, trainer, rollout, states, pool.weights_E, optimizer, scheduler, cfg, pad_id, prompt_run)
+            del states, prompt_run
             t_end = time.time()
             tokens = int(tokens_E.sum())
             record = dict(step=step, loss=float(loss), grad_norm=grad_norm, skipped=int(not stepped),
@@ -177,9 +187,11 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
 
 
 def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optimizer, scheduler, cfg: OPDConfig,
-                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
+                 pad_id: int, prompts: PromptStates | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
     """One OPD update from this rank's rollouts and their teachers' cached states: `(loss, kl_mean_E, tokens_E,
     grad norm, stepped)`, the first three over the global batch. A non-finite loss skips the step.
+    prompts: the rollout's prompts already run by the student's forward at these weights (one process).
 
     `trainer` is `dist.wrap(model, ..., trunk=True)` (the model itself with one process). Under torchrun
     each teacher's weight is scaled by this rank's share of that teacher's global tokens, so the summed
@@ -192,7 +204,7 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
     if world.size == 1:
         head, bias = output_head(model)
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
-                                        rollout.response_mask_B_T, pad_id)
+                                        rollout.response_mask_B_T, pad_id, prompts=prompts)
         loss, kl_mean_E, tokens_E = distill_backward(hidden, head, states, weights_E, cfg.chunk_size, bias)
     else:
         tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])
