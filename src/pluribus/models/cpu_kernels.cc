@@ -289,19 +289,50 @@ inline bool all_zero(const float *x) {
 
 // s[j] += mask[j] (padding columns past K: -inf); then s[j] = e^(s[j] - shift), where shift is `*shift` if given,
 // else the largest s (written to *largest); returns Σ s.
-inline float weights(float *s, const float *mask, int K, int Kb, const float *shift, float *largest) {
+// The largest lane of x: a tree of vector maxima (max is exact: any order gives the same value).
+inline float hmax(vf x) {
+#if W == 16
+    vf y = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x = y > x ? y : x;
+    y = __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x = y > x ? y : x;
+    y = __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x = y > x ? y : x;
+    y = __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    x = y > x ? y : x;
+    return x[0];
+#else
+    float mx = -INFINITY;
+    for (int l = 0; l < W; l++) mx = x[l] > mx ? x[l] : mx;
+    return mx;
+#endif
+}
+
+// `weights` without its last step: the lanes of Σ s, for the caller to add up (`hsum`, or `hsum_many` for QB rows).
+inline vf weight_lanes(float *s, const float *mask, int K, int Kb, const float *shift, float *largest) {
     vf top = splat(-INFINITY);
     int j = 0;
     for (; j + W <= K; j += W) { vf x = vload(s + j) + vload(mask + j); vstore(s + j, x); top = x > top ? x : top; }
-    float mx = -INFINITY;
-    for (int l = 0; l < W; l++) mx = top[l] > mx ? top[l] : mx;
+    float mx = hmax(top);
     for (; j < K; j++) { s[j] += mask[j]; mx = s[j] > mx ? s[j] : mx; }
     for (; j < Kb; j++) s[j] = -INFINITY;
     if (largest) *largest = mx;
     float m = shift ? *shift : mx;
     vf sums = {};
     for (j = 0; j < Kb; j += W) { vf e = vexp_nonpos(vload(s + j) - m); vstore(s + j, e); sums += e; }
-    return hsum(sums);
+    return sums;
+}
+
+inline float weights(float *s, const float *mask, int K, int Kb, const float *shift, float *largest) {
+    return hsum(weight_lanes(s, mask, K, Kb, shift, largest));
+}
+
+// out[b] = hsum(x[b]) for nb <= 4 vectors: each sum in hsum's order, the four chains side by side.
+inline void hsum_many(const vf *x, int nb, float *out) {
+    float s[4] = {};
+    for (int i = 0; i < W; i++)
+        for (int b = 0; b < 4; b++) s[b] += b < nb ? x[b][i] : 0.f;
+    for (int b = 0; b < nb; b++) out[b] = s[b];
 }
 
 // acc = Σ_j w[j] · v[j] over K value rows of HEAD_DIM floats, in two partial sums (half the dependency chain);
@@ -502,6 +533,37 @@ static inline float dot(const float *__restrict a, const float *__restrict b) {
 
 namespace {
 
+#if W == 16
+// Rows r[0..15] of a 16 × 16 tile become its columns, in place: four rounds of two-vector shuffles (64 in all), in
+// place of 256 scalar stores at a stride.
+#define LANES(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, 4 * (i0), 4 * (i0) + 1, 4 * (i0) + 2, 4 * (i0) + 3, \
+    4 * (i1), 4 * (i1) + 1, 4 * (i1) + 2, 4 * (i1) + 3, 4 * (i2), 4 * (i2) + 1, 4 * (i2) + 2, 4 * (i2) + 3, \
+    4 * (i3), 4 * (i3) + 1, 4 * (i3) + 2, 4 * (i3) + 3)
+static inline void transpose16(vf *r) {
+    vf t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {  // 32-bit pairs within each 128-bit lane
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+    }
+    for (int i = 0; i < 16; i += 4)  // 64-bit pairs: lane L of u[i + c] holds column 4L + c of rows i .. i + 3
+        for (int h = 0; h < 2; h++) {
+            u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25,
+                                                   12, 13, 28, 29);
+            u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26,
+                                                       27, 14, 15, 30, 31);
+        }
+    for (int c = 0; c < 4; c++) {  // 128-bit lanes: column 4L + c is lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+        const vf x_lo = LANES(u[c], u[4 + c], 0, 1, 4, 5), x_hi = LANES(u[c], u[4 + c], 2, 3, 6, 7);
+        const vf y_lo = LANES(u[8 + c], u[12 + c], 0, 1, 4, 5), y_hi = LANES(u[8 + c], u[12 + c], 2, 3, 6, 7);
+        r[c] = LANES(x_lo, y_lo, 0, 2, 4, 6);
+        r[4 + c] = LANES(x_lo, y_lo, 1, 3, 5, 7);
+        r[8 + c] = LANES(x_hi, y_hi, 0, 2, 4, 6);
+        r[12 + c] = LANES(x_hi, y_hi, 1, 3, 5, 7);
+    }
+}
+#undef LANES
+#endif
+
 struct Gathered {  // one row's keys and values for one key head, in the layouts a kernel reads
     int K, Kb;
     bool backward;
@@ -515,15 +577,37 @@ struct Gathered {  // one row's keys and values for one key head, in the layouts
         for (int j = 0; j < K; j++) {
             const float *kj = key_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
             const float *vj = value_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
+            std::memcpy(backward ? &k[j * HEAD_DIM] : &v[j * HEAD_DIM], backward ? kj : vj, HEAD_DIM * sizeof(float));
+        }
+#if W == 16 && HEAD_DIM % W == 0
+        transpose_into(kt.data(), key_src, key, Hkv, kv_head);
+        if (backward) transpose_into(vt.data(), value_src, key, Hkv, kv_head);
+#else
+        for (int j = 0; j < K; j++) {
+            const float *kj = key_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
+            const float *vj = value_src + (key[j] * Hkv + kv_head) * HEAD_DIM;
             for (int t = 0; t < HEAD_DIM; t++) kt[t * Kb + j] = kj[t];
-            if (backward) {
-                std::memcpy(&k[j * HEAD_DIM], kj, HEAD_DIM * sizeof(float));
+            if (backward)
                 for (int t = 0; t < HEAD_DIM; t++) vt[t * Kb + j] = vj[t];
-            } else {
-                std::memcpy(&v[j * HEAD_DIM], vj, HEAD_DIM * sizeof(float));
+        }
+#endif
+    }
+#if W == 16 && HEAD_DIM % W == 0
+    // out [d, Kb] = the K rows (key heads `kv_head` of tokens `key`) of src, transposed 16 × 16 tiles at a time;
+    // a last partial tile's missing rows are zeros (columns past K stay zero).
+    void transpose_into(float *out, const float *src, const int64_t *key, int Hkv, int kv_head) const {
+        for (int j0 = 0; j0 < K; j0 += W) {
+            const int n = std::min(W, K - j0);
+            for (int c = 0; c < HEAD_DIM; c += W) {
+                vf tile[W];
+                for (int i = 0; i < W; i++)
+                    tile[i] = i < n ? vload(src + (key[j0 + i] * Hkv + kv_head) * HEAD_DIM + c) : vf{};
+                transpose16(tile);
+                for (int i = 0; i < W; i++) vstore(out + (long)(c + i) * Kb + j0, tile[i]);
             }
         }
     }
+#endif
 };
 
 // The backward's sums over one row's keys j < K for nb <= QB queries of one head, term by term as the single-query
@@ -623,10 +707,13 @@ extern "C" void packed_attention_forward(const float *__restrict q, const float 
                         top = std::max(top, seen[b]);
                     }
                     against_columns_many(x, nb, n, row.kt.data(), row.Kb, sb);
+                    vf lanes[QB];
                     for (int b = 0; b < nb; b++) {
-                        total[b] = weights(sb[b], mask + ((long)g * Q + i0 + b) * K, seen[b], n[b], nullptr, &mx[b]);
+                        lanes[b] = weight_lanes(sb[b], mask + ((long)g * Q + i0 + b) * K, seen[b], n[b], nullptr,
+                                                &mx[b]);
                         std::fill(sb[b] + n[b], sb[b] + std::max(n[b], top), 0.f);  // no weight past its keys
                     }
+                    hsum_many(lanes, nb, total);
                     weighted_sum_many(sb, nb, row.v.data(), top, acc);
                     for (int b = 0; b < nb; b++) {
                         float *o = out + ((long)g * Q + i0 + b) * H * d + h * d;
