@@ -344,7 +344,7 @@ def test_packed_attention_skips_padding_queries(d, threads):
     gen = torch.Generator().manual_seed(5)
     G, Q, K, N, H = 3, 7, 11, 40, 2
     q, k, v = (torch.randn(N, H, d, generator=gen) for _ in range(3))
-    queries = torch.randint(0, N, (G, Q), generator=gen)
+    queries = torch.randperm(N, generator=gen)[:G * Q].view(G, Q)  # each token the query of one row (the layout's)
     keys = torch.randint(0, N, (G, K), generator=gen)
     seen = torch.arange(K)[None, None, :] <= torch.arange(Q)[None, :, None] + torch.tensor([0, 2, 4])[:, None, None]
     mask = torch.zeros(G, 1, Q, K).masked_fill_(~seen[:, None], float("-inf"))
