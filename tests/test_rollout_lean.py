@@ -108,6 +108,11 @@ def test_a_prefill_from_the_training_forwards_prompts_samples_the_same(tiny_qwen
     assert torch.equal(reused.response_ids_B_T, plain.response_ids_B_T)
     assert torch.equal(reused.sampler_logprobs_B_T, plain.sampler_logprobs_B_T)
     assert model.training
+    from pluribus.models.lean import prefill_takes_prompt_states
+
+    assert prefill_takes_prompt_states(model)
+    monkeypatch.setenv("PLURIBUS_KERNELS", "0")  # the PyTorch-ops decoder runs its prompts itself: no states kept
+    assert not prefill_takes_prompt_states(model)
 
 
 def test_unsupported_models_fall_back_to_hf(tiny_llama):

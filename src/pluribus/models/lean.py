@@ -661,6 +661,15 @@ def prompt_states(model, prompt_ids: list[list[int]]) -> PromptStates | None:
     return None if last is None else PromptStates(distinct, keys, values, last)
 
 
+def prefill_takes_prompt_states(model) -> bool:
+    """Whether `LeanDecoder.prefill` copies `PromptStates` in place of running the prompts: float32 weights on a
+    CPU with the native kernels. Elsewhere it runs them anyway, so keeping the prompts' activations (and graph)
+    across the rollout would cost memory and save nothing."""
+    weight = getattr(_causal_lm(model).get_input_embeddings(), "weight", None)
+    return (isinstance(weight, Tensor) and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and native.cpu_kernels(_dims(_causal_lm(model).config)[2]) is not None)
+
+
 def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
                              response_mask_B_T: Tensor, adapters: Sequence[str] | None = None,
                              prompts: PromptStates | None = None) -> Tensor | None:

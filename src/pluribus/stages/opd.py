@@ -37,7 +37,7 @@ from pluribus.config import OPDConfig
 from pluribus.data import Record
 from pluribus.errors import PluribusError
 from pluribus.models import add_lora, load, merge_lora, render_prompt, save, set_training
-from pluribus.models.lean import PromptStates, prompt_states
+from pluribus.models.lean import PromptStates, prefill_takes_prompt_states, prompt_states
 from pluribus.rollout import SamplingParams
 from pluribus.rollout.engine import HFEngine, open_engine
 from pluribus.stages.checkpoint import Checkpointer
@@ -141,9 +141,10 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
             dist.unshard(model)  # fsdp2: whole weights while the HF sampler runs
             prompt_ids = [prompts[r.id] for r in batch]
             # The update follows this rollout at the weights that sample it: the prompts' forward, with grad, serves
-            # both the sampler's prefill and the student's forward (one process: DDP and FSDP2 own the forward).
+            # both the sampler's prefill and the student's forward (one process: DDP and FSDP2 own the forward; where
+            # the prefill would run the prompts anyway, their activations are not kept across the rollout).
             prompt_run = None
-            if world.size == 1 and isinstance(engine, HFEngine):
+            if world.size == 1 and isinstance(engine, HFEngine) and prefill_takes_prompt_states(model):
                 set_training(model)
                 prompt_run = prompt_states(model, prompt_ids)
             rewarded = bool(cfg.reward_every) and step % cfg.reward_every == 0
