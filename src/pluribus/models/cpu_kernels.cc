@@ -240,10 +240,14 @@ namespace {
 
 // out[0:n] = Σ_t x[t] · rows[t·stride : t·stride + n] (x scaled by `scale`): a vector against n columns (n a
 // multiple of W), 4·W at a time while they last (four independent sums), then W at a time with even and odd t in
-// two sums (in one, a short row's HEAD_DIM dependent FMAs left the core waiting on their latency).
-inline void against_columns(const float *x, const float *rows, int stride, int n, float scale, float *out) {
+// two sums (in one, a short row's HEAD_DIM dependent FMAs left the core waiting on their latency). With `lo` (a
+// multiple of W), the columns before it are not needed: the 4·W blocks wholly before it and the W-vectors before it
+// are skipped; each other column's sum is computed as without.
+inline void against_columns(const float *x, const float *rows, int stride, int n, float scale, float *out,
+                            int lo = 0) {
     int jb = 0;
     for (; jb + BLOCK <= n; jb += BLOCK) {
+        if (jb + BLOCK <= lo) continue;
         vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
         for (int t = 0; t < HEAD_DIM; t++) {
             const float *r = rows + t * stride + jb;
@@ -252,7 +256,7 @@ inline void against_columns(const float *x, const float *rows, int stride, int n
         }
         vstore(out + jb, a0); vstore(out + jb + W, a1); vstore(out + jb + 2 * W, a2); vstore(out + jb + 3 * W, a3);
     }
-    for (; jb < n; jb += W) {
+    for (jb = std::max(jb, lo); jb < n; jb += W) {
         vf a = {}, b = {};
         for (int t = 0; t < HEAD_DIM; t += 2) {
             const float *r = rows + t * stride + jb;
@@ -309,9 +313,11 @@ inline float hmax(vf x) {
 }
 
 // `weights` without its last step: the lanes of Σ s, for the caller to add up (`hsum`, or `hsum_many` for QB rows).
-inline vf weight_lanes(float *s, const float *mask, int K, int Kb, const float *shift, float *largest) {
+// From column `lo` (a multiple of W) on, where every column before it is masked: their weights would be 0, adding
+// nothing to any lane.
+inline vf weight_lanes(float *s, const float *mask, int K, int Kb, const float *shift, float *largest, int lo = 0) {
     vf top = splat(-INFINITY);
-    int j = 0;
+    int j = lo;
     for (; j + W <= K; j += W) { vf x = vload(s + j) + vload(mask + j); vstore(s + j, x); top = x > top ? x : top; }
     float mx = hmax(top);
     for (; j < K; j++) { s[j] += mask[j]; mx = s[j] > mx ? s[j] : mx; }
@@ -319,12 +325,12 @@ inline vf weight_lanes(float *s, const float *mask, int K, int Kb, const float *
     if (largest) *largest = mx;
     float m = shift ? *shift : mx;
     vf sums = {};
-    for (j = 0; j < Kb; j += W) { vf e = vexp_nonpos(vload(s + j) - m); vstore(s + j, e); sums += e; }
+    for (j = lo; j < Kb; j += W) { vf e = vexp_nonpos(vload(s + j) - m); vstore(s + j, e); sums += e; }
     return sums;
 }
 
-inline float weights(float *s, const float *mask, int K, int Kb, const float *shift, float *largest) {
-    return hsum(weight_lanes(s, mask, K, Kb, shift, largest));
+inline float weights(float *s, const float *mask, int K, int Kb, const float *shift, float *largest, int lo = 0) {
+    return hsum(weight_lanes(s, mask, K, Kb, shift, largest, lo));
 }
 
 // out[b] = hsum(x[b]) for nb <= 4 vectors: each sum in hsum's order, the four chains side by side.
@@ -336,10 +342,11 @@ inline void hsum_many(const vf *x, int nb, float *out) {
 }
 
 // acc = Σ_j w[j] · v[j] over K value rows of HEAD_DIM floats, in two partial sums (half the dependency chain);
-// the caller normalises.
-inline void weighted_sum(const float *__restrict w, const float *__restrict v, int K, float *__restrict acc) {
+// the caller normalises. From key `lo` (even) on, where every weight before it is 0: the same two sums.
+inline void weighted_sum(const float *__restrict w, const float *__restrict v, int K, float *__restrict acc,
+                         int lo = 0) {
     float o0[HEAD_DIM] = {}, o1[HEAD_DIM] = {};
-    int j = 0;
+    int j = lo;
     for (; j + 1 < K; j += 2) {
         const float *va = v + (long)j * HEAD_DIM, *vb = va + HEAD_DIM;
         for (int t = 0; t < HEAD_DIM; t++) { o0[t] += w[j] * va[t]; o1[t] += w[j + 1] * vb[t]; }
@@ -476,11 +483,14 @@ extern "C" void decode_attention(const float *__restrict qkv, long qkv_row, cons
             std::memcpy(values + (((long)b * Hkv + g) * L + col) * d, row + (H + Hkv + g) * d, d * sizeof(float));
         }
         const float *m = mask + b * mask_row;
+        int lo = 0;  // a context shorter than the batch's longest starts right-aligned: its leading columns are masked
+        while (lo < K && m[lo] == -INFINITY) lo++;
+        lo = lo / W * W;  // whole vectors of them are neither read nor weighed (0 to every sum)
         for (int h = 0; h < H; h++) {
             rope(row + h * d, c, sn, q);
-            against_columns(q, keys_t + ((long)b * Hkv + h / group) * d * L, L, Kv, scale, s);
-            float mx, inv = 1.f / weights(s, m, K, Kv, nullptr, &mx);
-            weighted_sum(s, values + ((long)b * Hkv + h / group) * L * d, K, acc);
+            against_columns(q, keys_t + ((long)b * Hkv + h / group) * d * L, L, Kv, scale, s, lo);
+            float mx, inv = 1.f / weights(s, m, K, Kv, nullptr, &mx, lo);
+            weighted_sum(s, values + ((long)b * Hkv + h / group) * L * d, K, acc, lo);
             float *o = out + ((long)b * H + h) * d;
             for (int t = 0; t < d; t++) o[t] = acc[t] * inv;
         }
