@@ -360,6 +360,7 @@ inline void weighted_sum(const float *__restrict w, const float *__restrict v, i
 // Each key and value read from the cache then serves QB queries instead of one. Every query's sums are the
 // single-query helpers', term by term in the same order, so the results are theirs to the bit.
 #define QB 4
+static_assert(QB <= 4, "hsum_many adds at most four sums side by side");
 
 // Scores of nb queries (x already scaled) against one BLOCK of columns from jb: one chain over t per column, as
 // against_columns runs a query's whole BLOCKs.

@@ -665,9 +665,10 @@ def prefill_takes_prompt_states(model) -> bool:
     """Whether `LeanDecoder.prefill` copies `PromptStates` in place of running the prompts: float32 weights on a
     CPU with the native kernels. Elsewhere it runs them anyway, so keeping the prompts' activations (and graph)
     across the rollout would cost memory and save nothing."""
-    weight = getattr(_causal_lm(model).get_input_embeddings(), "weight", None)
+    lm = _causal_lm(model)
+    weight = getattr(lm.get_input_embeddings(), "weight", None)
     return (isinstance(weight, Tensor) and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and native.cpu_kernels(_dims(_causal_lm(model).config)[2]) is not None)
+            and native.cpu_kernels(_dims(lm.config)[2]) is not None)
 
 
 def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
@@ -719,8 +720,12 @@ def _packed_forward(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor
     N = ids.shape[0]
     cos, sin = _rope_table(_inv_freq(theta, d, device), int(position.max()) + 1 if N else 1, dtype)
     cos, sin = cos[position][:, None], sin[position][:, None]  # [N, 1, d]
-    from_prompts = predict < layout.base  # a row's first prediction, from its prompt's last token, already run
-    kept = ends_C.to(device) if ends_C is not None else predict[~from_prompts] - layout.base
+    from_prompts = None if prompts is None else predict < layout.base  # a row's first prediction: its prompt's last
+    # token, already run
+    if ends_C is not None:
+        kept = ends_C.to(device)
+    else:
+        kept = predict if from_prompts is None else predict[~from_prompts] - layout.base
     slices = layout.adapter_tokens
     # float32 on a CPU: attention, RMSNorm, RoPE and SiLU·up through the native kernels (forward and backward, their
     # rows split over torch's threads; an OPD update -10% on one thread); elsewhere PyTorch's ops and SDPA
