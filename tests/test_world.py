@@ -230,3 +230,30 @@ def test_the_find_share_is_left_out_of_a_pretraining_key_when_zero():
 
     assert "p_find" not in PretrainConfig(out="x").model_dump()
     assert PretrainConfig(out="x", p_find=0.1).model_dump()["p_find"] == 0.1
+
+
+def test_the_pretraining_corpus_renderer_gives_render_examples_ids(tiny_llama):
+    """Remembered prompts and answers give exactly `render_example`'s ids, again and again, and a text that is not
+    remembered (a find-skill prompt) too; the memo holds no more than its limit."""
+    from pluribus.models import load_tokenizer, render_example
+    from pluribus.stages.pretrain import CorpusRenderer, corpus_answer
+    from pluribus.world.skills import find_example
+
+    tokenizer = load_tokenizer(tiny_llama)
+    render = CorpusRenderer(tokenizer)
+    rng = random.Random(3)
+    pools = {d: [instance_of(r) for r in generate(d, "train", 5, seed=1, unique=True)] for d in DOMAINS}
+    texts = []
+    for _ in range(300):  # 60 prompts: each drawn ~5 times, with its right, its mistaken and other answers
+        d = rng.choice(sorted(pools))
+        inst = rng.choice(pools[d])
+        texts.append((inst.prompt, corpus_answer(rng, inst, pools[d], DOMAINS[d], 0.3, 0.5), True))
+    texts += [(*find_example(rng), False) for _ in range(20)]
+    for prompt, answer, remember in texts:
+        expected = render_example(tokenizer, [{"role": "user", "content": prompt}], answer)[0]
+        assert render(prompt, answer, remember=remember) == expected
+    assert len(render._prompts) == len({p for p, _, r in texts if r}) <= 60
+    small = CorpusRenderer(tokenizer, limit=2)
+    for prompt, answer, _ in texts[:30]:
+        assert small(prompt, answer) == render_example(tokenizer, [{"role": "user", "content": prompt}], answer)[0]
+    assert len(small._prompts) == 2 and len(small._answers) == 2
