@@ -110,16 +110,21 @@ def _config(tmp_path, student, teachers, **overrides):
 
 
 def test_opd_run_reduces_kl_to_each_teacher_and_logs(tiny_llama, teachers, tmp_path, monkeypatch):
+    from pluribus.models import lean
     from pluribus.models.lean import LeanDecoder
 
     prompts_run = []  # by the sampler's prefill: the student's training forward of the prompts fills its cache
     monkeypatch.setattr(LeanDecoder, "_native_prefill",
                         lambda self, *args, _real=LeanDecoder._native_prefill: (prompts_run.append(1),
                                                                                 _real(self, *args))[1])
+    known = []  # the update's forward takes the decode's projections of the responses
+    monkeypatch.setattr(lean._KnownLinear, "apply", lambda *args, _real=lean._KnownLinear.apply: (known.append(1),
+                                                                                                 _real(*args))[1])
     cfg = _config(tmp_path, tiny_llama, [TeacherConfig(path=str(teachers["add"]), domains=["add"]),
                                          TeacherConfig(path=str(teachers["max"]), domains=["max"], weight=0.5)])
     out = opd.run(cfg)
     assert not prompts_run or shutil.which("c++") is None
+    assert bool(known) == (shutil.which("c++") is not None)
     rows = [json.loads(line) for line in (tmp_path / "opd.metrics.jsonl").read_text().splitlines()]
     assert len(rows) == cfg.steps and sum(r["skipped"] for r in rows) == 0
     for name in ("add", "max"):

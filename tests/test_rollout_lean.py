@@ -115,6 +115,71 @@ def test_a_prefill_from_the_training_forwards_prompts_samples_the_same(tiny_qwen
     assert not prefill_takes_prompt_states(model)
 
 
+def _unembedded(model, hidden):
+    from pluribus.teachers import output_head
+
+    head, bias = output_head(model)
+    logits = torch.nn.functional.linear(hidden, head, bias)
+    model.zero_grad()
+    (logits.log_softmax(-1)[:, 11].sum() + logits.pow(2).mean()).backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_the_decodes_projections_stand_for_the_updates_forward(request, fixture, tmp_path, monkeypatch, one_thread):
+    """OPD's update after its rollout: the decode's own projections of the responses (`record=True`) give the
+    prompts-first forward's logits and gradients with no response token projected again; recording samples the
+    same tokens to the bit, rows leaving the cache mid-rollout and a prompt shared by two rows included; a rollout
+    that resumes from its token log records nothing (its first tokens were not decoded here)."""
+    from pluribus.models.lean import predicting_hidden_states, prompt_states
+
+    model, tok = load(request.getfixturevalue(fixture))
+    model.train()
+    prompts = _prompts(tok, 15)
+    prompts = prompts + prompts[:1]
+    params = SamplingParams(16, 1.0)
+    with torch.no_grad():  # the untrained model rarely ends a row: the token in most rows stands for EOS here
+        probe = sample(model, prompts, params, eos_id=-1, pad_id=tok.pad_token_id, seed=4)
+    rows_with = torch.stack([torch.bincount(row, minlength=model.config.vocab_size) > 0
+                             for row in probe.response_ids_B_T]).sum(0)
+    kw = dict(eos_id=int(rows_with.argmax()), pad_id=tok.pad_token_id, seed=4)
+    dropped = []
+    monkeypatch.setattr(LeanDecoder, "keep_rows",
+                        lambda self, rows, _real=LeanDecoder.keep_rows: (dropped.append(len(rows)), _real(self, rows)))
+    with torch.no_grad():
+        states = prompt_states(model, prompts)
+        plain = sample(model, prompts, params, prompts=states, **kw)
+        recorded = sample(model, prompts, params, prompts=states, record=True, **kw)
+    assert plain.decoded is None and recorded.decoded is not None
+    assert torch.equal(recorded.response_ids_B_T, plain.response_ids_B_T)
+    assert torch.equal(recorded.sampler_logprobs_B_T, plain.sampler_logprobs_B_T)
+    assert dropped and len(set(recorded.lengths.tolist())) > 1  # rows ended early and left the cache
+    layers = recorded.decoded.layers
+    assert len(layers) == model.config.num_hidden_layers
+    assert layers[0]["q"].shape[0] == int((recorded.lengths - 1).clamp_min(0).sum())
+    batch = (recorded.prompt_ids, recorded.response_ids_B_T, recorded.response_mask_B_T)
+    expected, expected_grads = _unembedded(model, predicting_hidden_states(
+        model, *batch, prompts=prompt_states(model, prompts)))
+    projected = []
+    hooks = [m.register_forward_hook(lambda *a: projected.append(1)) for name, m in model.named_modules()
+             if name.endswith(("q_proj", "v_proj", "down_proj"))]
+    states = prompt_states(model, prompts)
+    projected.clear()  # the prompts' projections run above, with grad: none of the responses' below
+    got, grads = _unembedded(model, predicting_hidden_states(model, *batch, prompts=states, decoded=recorded.decoded))
+    for hook in hooks:
+        hook.remove()
+    assert not projected
+    assert (got - expected).abs().max() < 1e-5
+    for name in expected_grads:
+        assert (grads[name] - expected_grads[name]).norm() / expected_grads[name].norm().clamp_min(1e-8) < 1e-5, name
+    log = tmp_path / "tokens.log"
+    sample(model, prompts, params, log_path=log, stop_after_steps=3, **kw)
+    with torch.no_grad():
+        resumed = sample(model, prompts, params, log_path=log, record=True, **kw)
+    assert torch.equal(resumed.response_ids_B_T, plain.response_ids_B_T) and resumed.decoded is None
+
+
 def test_unsupported_models_fall_back_to_hf(tiny_llama):
     model, _ = load(tiny_llama, trainable=False)
     assert LeanDecoder.build(model) is not None

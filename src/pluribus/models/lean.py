@@ -191,6 +191,8 @@ class LeanDecoder:
         self.spans = [tuple(native.warm_span(w) for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight,
                                                            layer.down_weight)) for layer in layers]
         self.head_span = native.warm_span(head_V_D)
+        self.recorded: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None  # `record`
+        self.recorded_rows = 0
 
     @classmethod
     def build(cls, model) -> "LeanDecoder | None":
@@ -419,29 +421,64 @@ class LeanDecoder:
         self.next_position_B = self.next_position_B + 1
         return self._logits(hidden[:, 0])
 
+    def record(self, rows: int) -> bool:
+        """Keep the projections' outputs of the next decode steps, up to `rows` rows in all (`decoded_linears`);
+        False where the steps do not run through the native kernels (the one step that keeps them)."""
+        self.recorded, self.recorded_rows = None, 0
+        if self.kernels is None:
+            return False
+        D = self.embed_V_D.shape[1]
+        self.recorded = [tuple(torch.empty(rows, width, dtype=self.dtype, device=self.embed_V_D.device)
+                               for width in (layer.qkv_weight.shape[0], D, layer.gate_up_weight.shape[0], D))
+                         for layer in self.layers]
+        return True
+
+    def decoded_linears(self, rows_R: Tensor) -> DecodedLinears | None:
+        """The recorded projections at recorded rows `rows_R` (in the order wanted), split as the model's modules
+        are (`DecodedLinears`); None when nothing was recorded."""
+        if self.recorded is None:
+            return None
+        H, Hkv, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        layers = []
+        for slabs in self.recorded:  # whole rows gathered (a column slice gathers ~1.7x slower), then split: views
+            qkv, o, gate_up, down = (slab.index_select(0, rows_R) for slab in slabs)
+            I = gate_up.shape[1] // 2
+            layers.append(dict(q=qkv[:, :H], k=qkv[:, H:H + Hkv], v=qkv[:, H + Hkv:], o=o, gate=gate_up[:, :I],
+                               up=gate_up[:, I:], down=down))
+        return DecodedLinears(layers)
+
     def _native_step(self, tokens_B: Tensor) -> Tensor:
         """`step` through the native kernels: per layer four matmuls (PyTorch's) and three fused calls (RoPE, cache
         write and attention; residual add and RMSNorm; SiLU·up), the residual add folded into the next norm. Each
         fused call ends by reading through the weight of the matmul after it (`warm`): with a few dozen rows a
         matmul waits on its weight, which the step's other weights and caches have pushed out of the core's caches."""
         kernels, column, spans = self.kernels, self.length, self.spans
+        B = tokens_B.shape[0]
+        if self.recorded is not None and self.recorded_rows + B > self.recorded[0][0].shape[0]:
+            self.recorded = None  # more rows than `record` made room for: what it holds is not the whole rollout
+        at = slice(self.recorded_rows, self.recorded_rows + B)
+        slabs = self.recorded or [(None,) * 4] * len(self.layers)
         x = F.embedding(tokens_B, self.embed_V_D)  # the residual stream [B, D], updated in place
         normed = kernels.add_rms_norm(x, None, self.layers[0].norm_attn_D, self.eps, torch.empty_like(x),
                                       warm=spans[0][0])
         for index, layer in enumerate(self.layers):
             _, o_span, gate_up_span, down_span = spans[index]
-            qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)
+            into = [None if slab is None else slab[at] for slab in slabs[index]]
+            qkv = _linear_into(normed, layer.qkv_weight, layer.qkv_bias, into[0])
             attended = kernels.attention(qkv, self.cos_table, self.sin_table, self.next_position_B,
                                          self.k_cache[index], self.v_cache[index], self.mask_B_K, column, self.heads,
                                          warm=o_span)
-            kernels.add_rms_norm(x, F.linear(attended, layer.o_weight, layer.o_bias), layer.norm_mlp_D, self.eps,
-                                 normed, warm=gate_up_span)
-            up = kernels.silu_mul(F.linear(normed, layer.gate_up_weight, layer.gate_up_bias), warm=down_span)
+            kernels.add_rms_norm(x, _linear_into(attended, layer.o_weight, layer.o_bias, into[1]), layer.norm_mlp_D,
+                                 self.eps, normed, warm=gate_up_span)
+            up = kernels.silu_mul(_linear_into(normed, layer.gate_up_weight, layer.gate_up_bias, into[2]),
+                                  warm=down_span)
             last = index + 1 == len(self.layers)
             following, span = (self.norm_D, self.head_span) if last else \
                 (self.layers[index + 1].norm_attn_D, spans[index + 1][0])
-            kernels.add_rms_norm(x, F.linear(up, layer.down_weight, layer.down_bias), following, self.eps, normed,
-                                 warm=span)
+            kernels.add_rms_norm(x, _linear_into(up, layer.down_weight, layer.down_bias, into[3]), following, self.eps,
+                                 normed, warm=span)
+        if self.recorded is not None:
+            self.recorded_rows += B
         self.length += 1
         self.next_position_B = self.next_position_B + 1
         return F.linear(normed, self.head_V_D, self.head_bias_V)
@@ -453,6 +490,13 @@ class LeanDecoder:
         self.v_cache = [cache.index_select(0, rows) for cache in self.v_cache]
         self.mask_B_K = self.mask_B_K.index_select(0, rows)
         self.next_position_B = self.next_position_B.index_select(0, rows)
+
+
+def _linear_into(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    """`F.linear(x, weight, bias)` of a matrix `x`, written into `out` when given (the same BLAS call either way)."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
 
 
 def _packs(lengths: list[int]) -> list[list[int]]:
@@ -599,6 +643,39 @@ def longs(values: Iterable[int]) -> Tensor:
     return torch.frombuffer(packed, dtype=torch.long) if packed else torch.zeros(0, dtype=torch.long, device="cpu")
 
 
+@dataclass
+class DecodedLinears:
+    """What a rollout's decode steps computed of its responses, kept so the update after it need not compute it
+    again: per layer, the seven projections' outputs (`q`, `k`, `v` before RoPE, `o`, `gate`, `up`, `down`, each
+    `[N, out]`) at the N tokens the decode fed, row by row, each row's response tokens but the last (the packed
+    forward's own tokens after `prompt_states`). Valid only at the weights that sampled them, after the prompts'
+    `PromptStates` at those weights: the decode attended to those prompts' keys and values."""
+
+    layers: list[dict[str, Tensor]]
+
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _KnownLinear(torch.autograd.Function):
+    """`F.linear(x, weight, bias)` whose value is already known (`out`, computed by the rollout's decode at the same
+    weights): the forward returns it, the backward is the linear's (`dx = g·W`, `dW = gᵀ·x`, `db = Σ g`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        return (grad.mm(weight) if needs[0] else None, None, grad.t().mm(x) if needs[2] else None,
+                grad.sum(0) if ctx.has_bias and needs[3] else None)
+
+
 def _lora_layers(model) -> list | None:
     """The LoRA layers of a peft model when every one is plain LoRA (`W x + s·B A x`), else None."""
     layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
@@ -673,7 +750,8 @@ def prefill_takes_prompt_states(model) -> bool:
 
 def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
                              response_mask_B_T: Tensor, adapters: Sequence[str] | None = None,
-                             prompts: PromptStates | None = None) -> Tensor | None:
+                             prompts: PromptStates | None = None, decoded: DecodedLinears | None = None
+                             ) -> Tensor | None:
     """Final-norm hidden states `[M, D]` at the positions predicting the M masked response tokens (row by row,
     each row's tokens in order), or None when the lean forward does not reproduce `model`.
 
@@ -686,13 +764,18 @@ def predicting_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_
         contiguous). The base layers run once over every row and each adapter over its own rows: one forward
         for several teachers that share a base, none of them activated. Under no_grad only.
     prompts: the rows' prompts already run (`prompt_states`, same weights): only the responses run here.
+    decoded: with `prompts`, the rollout's own projections of these responses (`DecodedLinears`, same weights):
+        the forward takes their values and computes only what lies between them (norms, RoPE, attention, SiLU);
+        the backward is the same. Ignored where a projection is not a plain `nn.Linear` (LoRA).
     """
-    return _packed_forward(model, prompt_ids, response_ids_B_T, response_mask_B_T, adapters, prompts)
+    return _packed_forward(model, prompt_ids, response_ids_B_T, response_mask_B_T, adapters, prompts,
+                           decoded=decoded)
 
 
 def _packed_forward(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor, response_mask_B_T: Tensor,
                     adapters: Sequence[str] | None, prompts: PromptStates | None, ends_C: Tensor | None = None,
-                    keys_values: tuple[list[Tensor], list[Tensor]] | None = None) -> Tensor | None:
+                    keys_values: tuple[list[Tensor], list[Tensor]] | None = None,
+                    decoded: DecodedLinears | None = None) -> Tensor | None:
     """`predicting_hidden_states`; or, with `ends_C` (packed indices), the last layer's output there before the
     final norm (`prompt_states`: responses empty), each layer's keys and values appended to `keys_values`."""
     lm = _causal_lm(model)
@@ -738,17 +821,28 @@ def _packed_forward(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor
 
         rotate = kernels.rope
 
-    def project(module, x):
-        return _project(module, x, slices)
+    # The decoded values stand for every own token's projections: after the prompts, each own token (a response
+    # token but the last) predicts the next, so the last layer keeps all N of them, as the decode ran them.
+    if decoded is not None and (prompts is None or kept.shape[0] != N or len(decoded.layers) != len(decoder.layers)
+                                or any(decoded.layers[0][name].shape[0] != N for name in PROJECTIONS) or any(
+                type(getattr(block.self_attn if name in "qkvo" else block.mlp, f"{name}_proj")) is not torch.nn.Linear
+                for block in decoder.layers for name in PROJECTIONS)):
+        decoded = None  # a LoRA layer's parts are not known: the forward computes them
+
+    def project(module, x, known: Tensor | None = None):
+        if known is None:
+            return _project(module, x, slices)
+        return _KnownLinear.apply(x, known, module.weight, module.bias)
 
     x = embed(ids)  # [N, D]
     last = len(decoder.layers) - 1
     for index, block in enumerate(decoder.layers if N else ()):
         attn, mlp = block.self_attn, block.mlp
+        known = {} if decoded is None else decoded.layers[index]  # the last layer's o/MLP: their kept rows
         h = norm(block.input_layernorm, x)
-        q = rotate(project(attn.q_proj, h).view(N, H, d), cos, sin)
-        k = rotate(project(attn.k_proj, h).view(N, Hkv, d), cos, sin)
-        v = project(attn.v_proj, h).view(N, Hkv, d)
+        q = rotate(project(attn.q_proj, h, known.get("q")).view(N, H, d), cos, sin)
+        k = rotate(project(attn.k_proj, h, known.get("k")).view(N, Hkv, d), cos, sin)
+        v = project(attn.v_proj, h, known.get("v")).view(N, Hkv, d)
         if keys_values is not None:
             keys_values[0].append(k)
             keys_values[1].append(v)
@@ -769,13 +863,14 @@ def _packed_forward(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor
             x, attended, slices = _rows(x, kept), _rows(attended, owner[kept]), layout.adapter_predicting
         else:
             attended = _rows(attended, owner)
-        x = x + project(attn.o_proj, attended)
+        x = x + project(attn.o_proj, attended, known.get("o"))
         h = norm(block.post_attention_layernorm, x)
-        if slices is None and kernels is None:
+        if slices is None and kernels is None and not known:
             x = x + mlp(h)
         else:  # transformers' Llama/Qwen2 MLP, its projections adapter by adapter where several adapters run
-            gate, up = project(mlp.gate_proj, h), project(mlp.up_proj, h)
-            x = x + project(mlp.down_proj, F.silu(gate) * up if kernels is None else kernels.silu_mul_split(gate, up))
+            gate, up = project(mlp.gate_proj, h, known.get("gate")), project(mlp.up_proj, h, known.get("up"))
+            x = x + project(mlp.down_proj, F.silu(gate) * up if kernels is None else kernels.silu_mul_split(gate, up),
+                            known.get("down"))
     if ends_C is not None:
         return x
     if prompts is not None:

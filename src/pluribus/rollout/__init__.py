@@ -25,7 +25,7 @@ import torch
 
 from pluribus.models import (device_of, forward_keeping, pad_batch, position_ids_from_mask, response_logits,
                              set_training)
-from pluribus.models.lean import LeanDecoder, PromptStates, longs
+from pluribus.models.lean import DecodedLinears, LeanDecoder, PromptStates, longs
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class Rollout:
     keep_mask_B_T_V: which tokens the sampler's top-p/top-k left in play at each step, or None when
         there was no truncation.
     finish_reasons: "eos" or "length" per row.
+    decoded: the decode's own projections of the responses (`sample(..., record=True)`), for an update at the
+        weights that sampled them; None when not asked for or not recorded.
     """
 
     prompt_ids: list[list[int]]
@@ -59,6 +61,7 @@ class Rollout:
     keep_mask_B_T_V: torch.Tensor | None
     finish_reasons: list[str]
     texts: list[str] = field(default_factory=list)
+    decoded: DecodedLinears | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -177,7 +180,8 @@ class TokenLog:
 @torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
            seed: int = 0, request_seeds: Sequence[int] | None = None, log_path: str | Path | None = None,
-           stop_after_steps: int | None = None, tokenizer=None, prompts: PromptStates | None = None) -> Rollout:
+           stop_after_steps: int | None = None, tokenizer=None, prompts: PromptStates | None = None,
+           record: bool = False) -> Rollout:
     """Sample one response per prompt with a KV cache.
 
     request_seeds: per-row seeds (default: seed·100003 + row); a row's tokens depend only on them.
@@ -186,6 +190,9 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
     stop_after_steps: stop early (to simulate a crash in tests); the log keeps what was sampled.
     prompts: the prompts already run by the training forward at these weights (`prompt_states`): the lean
         decoder's prefill copies their keys and values (the same ones, computed once) instead of running them.
+    record: keep the decode steps' projections of the responses (`Rollout.decoded`), so that an update at these
+        weights after these `prompts` takes them instead of computing them again (the lean decoder on the native
+        kernels, a rollout that resumes nothing; else None).
     """
     # Dropout off where transformers' forward runs (`_HFForward`, `_prefix_keep_mask`); the lean decoder computes
     # eval mode's logits in either mode, so with it the model's mode is left alone (a switch there and back cost
@@ -204,13 +211,17 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
     log = TokenLog(log_path) if log_path else None
 
     active = [i for i in range(B) if not finished[i]]
+    decoded = None
     if active:
         # Inference mode, not only no_grad: no version counters or autograd bookkeeping on the ~30 small ops of
-        # a decode step (+6-9% tokens/s on the world's model). Nothing it makes leaves the loop but Python lists
-        # and the keep masks, copied below into ordinary tensors.
+        # a decode step (+6-9% tokens/s on the world's model). Nothing it makes leaves the loop but Python lists,
+        # the keep masks and the recorded projections, copied below into ordinary tensors.
         with torch.inference_mode():
-            _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
-                    eos_id, pad_id, greedy, truncating, log, stop_after_steps, prompts)
+            forward = _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
+                              eos_id, pad_id, greedy, truncating, log, stop_after_steps, prompts,
+                              record and not prefixes)
+        if record and not prefixes and isinstance(forward, _LeanForward):
+            decoded = forward.decoded([len(out_tokens[i]) for i in active])
     if log:
         log.close()
 
@@ -235,7 +246,7 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
     set_training(model, was_training)
     reasons = ["eos" if o and o[-1] == eos_id else "length" for o in out_tokens]
     texts = [tokenizer.decode([t for t in o if t != eos_id]) for o in out_tokens] if tokenizer else []
-    return Rollout([list(p) for p in prompt_ids], response, mask, logps, keep, reasons, texts)
+    return Rollout([list(p) for p in prompt_ids], response, mask, logps, keep, reasons, texts, decoded)
 
 
 def _prefix_keep_mask(model, prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor, prefix_lens: list[int],
@@ -258,7 +269,7 @@ class _HFForward:
     def __init__(self, model, pad_id: int):
         self.model, self.pad_id = set_training(model, False), pad_id
 
-    def prefill(self, sequences: list[list[int]], max_new_tokens: int, prompts=None) -> torch.Tensor:
+    def prefill(self, sequences: list[list[int]], max_new_tokens: int, prompts=None, record=False) -> torch.Tensor:
         ids, self.attn = pad_batch(sequences, self.pad_id, side="left", device=device_of(self.model))
         self.position = position_ids_from_mask(self.attn)
         out = forward_keeping(self.model, 1, input_ids=ids, attention_mask=self.attn, position_ids=self.position,
@@ -287,15 +298,29 @@ class _LeanForward:
         self.decoder, self.pad_id = decoder, pad_id
 
     def prefill(self, sequences: list[list[int]], max_new_tokens: int,
-                prompts: PromptStates | None = None) -> torch.Tensor:
+                prompts: PromptStates | None = None, record: bool = False) -> torch.Tensor:
         self.rows = list(range(len(sequences)))  # the cache's rows, as indices of the prefilled sequences
-        return self.decoder.prefill(sequences, max_new_tokens, prompts)
+        logits = self.decoder.prefill(sequences, max_new_tokens, prompts)
+        # each step's first recorded row and the sequence in each of its slots (`decoded`)
+        self.steps: list[tuple[int, list[int]]] | None = \
+            [] if record and self.decoder.record(len(sequences) * max_new_tokens) else None
+        return logits
+
+    def decoded(self, lengths: list[int]) -> DecodedLinears | None:
+        """The recorded projections of each prefilled sequence's fed tokens (`lengths[s]` sampled, all but the
+        last fed), sequence by sequence (`LeanDecoder.decoded_linears`); step k fed each live row's token k."""
+        if self.steps is None:
+            return None
+        slots = [{row: first + slot for slot, row in enumerate(rows)} for first, rows in self.steps]
+        return self.decoder.decoded_linears(longs(slots[k][s] for s, n in enumerate(lengths) for k in range(n - 1)))
 
     def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
         if len(live) <= 0.875 * len(self.rows):
             slot = {row: s for s, row in enumerate(self.rows)}
             self.decoder.keep_rows(torch.tensor([slot[row] for row in live], device=tokens_L.device))
             self.rows = list(live)
+        if self.steps is not None:
+            self.steps.append((self.decoder.recorded_rows, self.rows))
         if len(live) == len(self.rows):
             return self.decoder.step(tokens_L)
         slot = {row: s for s, row in enumerate(self.rows)}
@@ -311,11 +336,11 @@ def _forward_engine(model, pad_id: int):
 
 
 def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
-            eos_id, pad_id, greedy, truncating, log, stop_after_steps, prompts=None):
-    """The decode loop over the unfinished rows; fills the per-row output lists in place."""
+            eos_id, pad_id, greedy, truncating, log, stop_after_steps, prompts=None, record=False):
+    """The decode loop over the unfinished rows; fills the per-row output lists in place. Returns its forward."""
     forward = _forward_engine(model, pad_id)
     logits = forward.prefill([prompt_ids[i] + out_tokens[i] for i in active],
-                             params.max_new_tokens - min(len(out_tokens[i]) for i in active), prompts)
+                             params.max_new_tokens - min(len(out_tokens[i]) for i in active), prompts, record)
     live = list(range(len(active)))  # positions in `active` still decoding: the rows of `logits`
     noise = None if greedy else _GumbelNoise(seeds, logits.shape[-1])
     steps = 0
@@ -350,6 +375,6 @@ def _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finishe
             log.append(steps, logged)
         steps += 1
         if not going_on or (stop_after_steps is not None and steps >= stop_after_steps):
-            return
+            return forward
         live = [live[k] for k in going_on]
         logits = forward.step(tok[going_on], live)

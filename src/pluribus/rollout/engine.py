@@ -29,11 +29,12 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
                  request_seeds: Sequence[int], tokenizer=None, log_path: str | Path | None = None,
-                 stop_after_steps: int | None = None, prompts=None) -> Rollout:
+                 stop_after_steps: int | None = None, prompts=None, record: bool = False) -> Rollout:
         """One response per prompt, with the sampler's log-probs (see `Rollout`); a row's tokens depend on its
         prompt, the weights and its request seed only. log_path: the token log to resume from and write.
         prompts: the prompts' `pluribus.models.lean.PromptStates` at these weights, if the loop has them (an
-        engine may use them in place of running the prompts, or ignore them)."""
+        engine may use them in place of running the prompts, or ignore them). record: keep the decode's
+        projections of the responses in `Rollout.decoded` where the engine can (else it leaves it None)."""
         ...
 
     def sync_weights(self, model) -> None:
@@ -53,9 +54,10 @@ class HFEngine:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
                  request_seeds: Sequence[int], tokenizer=None, log_path: str | Path | None = None,
-                 stop_after_steps: int | None = None, prompts=None) -> Rollout:
+                 stop_after_steps: int | None = None, prompts=None, record: bool = False) -> Rollout:
         return sample(self.model, prompt_ids, params, eos_id=eos_id, pad_id=pad_id, request_seeds=request_seeds,
-                      tokenizer=tokenizer, log_path=log_path, stop_after_steps=stop_after_steps, prompts=prompts)
+                      tokenizer=tokenizer, log_path=log_path, stop_after_steps=stop_after_steps, prompts=prompts,
+                      record=record)
 
     def sync_weights(self, model) -> None:
         self.model = model

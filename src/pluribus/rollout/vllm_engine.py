@@ -101,8 +101,8 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
                  request_seeds: Sequence[int], tokenizer=None, log_path: str | Path | None = None,
-                 stop_after_steps: int | None = None, prompts=None) -> Rollout:
-        del prompts  # vLLM runs its own prefill, in its own process memory
+                 stop_after_steps: int | None = None, prompts=None, record: bool = False) -> Rollout:
+        del prompts, record  # vLLM runs its own prefill and decode, in its own process memory
         B = len(prompt_ids)
         logged = TokenLog.replay(log_path) if log_path else {}
         tokens = [[t for t, _ in logged.get(i, [])] for i in range(B)]

@@ -164,10 +164,12 @@ class Checkpointer:
                 log.unlink()
 
     def sample(self, step: int, model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id: int,
-               pad_id: int, request_seeds: Sequence[int], tokenizer, engine=None, prompts=None) -> Rollout:
+               pad_id: int, request_seeds: Sequence[int], tokenizer, engine=None, prompts=None,
+               record: bool = False) -> Rollout:
         """`pluribus.rollout.sample` (or `engine.generate`, a `pluribus.rollout.engine.RolloutEngine`) through
         step `step`'s token log: an interrupted batch resumes, a finished one replays. prompts: the prompts'
-        `PromptStates` at these weights, for the sampler's prefill."""
+        `PromptStates` at these weights, for the sampler's prefill; record: keep the decode's projections
+        (`Rollout.decoded`)."""
 
         cut = CRASH_AFTER_TOKENS if armed(self.out, f"rollout@{step}") else None
         log = self.rollout_log(step)
@@ -175,7 +177,7 @@ class Checkpointer:
             print(f"[{self.out}] step {step}: rollout resumed from its token log")
         generate = engine.generate if engine is not None else functools.partial(sample, model)
         rollout = generate(prompt_ids, params, eos_id=eos_id, pad_id=pad_id, request_seeds=request_seeds,
-                           tokenizer=tokenizer, log_path=log, stop_after_steps=cut, prompts=prompts)
+                           tokenizer=tokenizer, log_path=log, stop_after_steps=cut, prompts=prompts, record=record)
         if cut is not None:
             kill()
         return rollout

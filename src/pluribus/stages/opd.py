@@ -148,9 +148,12 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
                 set_training(model)
                 prompt_run = prompt_states(model, prompt_ids)
             rewarded = bool(cfg.reward_every) and step % cfg.reward_every == 0
+            # ... and the decode's projections of the responses serve the update's forward (full weights: a LoRA
+            # layer's parts are not recorded)
             rollout = ckpt.sample(step, model, prompt_ids, params, eos_id=eos_id, pad_id=pad_id,
                                   tokenizer=tokenizer if rewarded else None,  # texts only to score them (~1.5 ms)
                                   engine=engine, prompts=prompt_run,
+                                  record=prompt_run is not None and not hasattr(model, "disable_adapter"),
                                   request_seeds=[(cfg.seed * 1_000_003 + step) * 4096 + world.rank * len(batch) + i
                                                  for i in range(len(batch))])
             dist.reshard(model)
@@ -161,6 +164,7 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
             loss, kl_mean_E, tokens_E, grad_norm, stepped = distill_step(
                 model, trainer, rollout, states, pool.weights_E, optimizer, scheduler, cfg, pad_id, prompt_run)
             del states, prompt_run
+            rollout.decoded = None  # its projections served the update: freed before the next rollout records
             t_end = time.time()
             tokens = int(tokens_E.sum())
             record = dict(step=step, loss=float(loss), grad_norm=grad_norm, skipped=int(not stepped),
@@ -194,7 +198,8 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
     """One OPD update from this rank's rollouts and their teachers' cached states: `(loss, kl_mean_E, tokens_E,
     grad norm, stepped)`, the first three over the global batch. A non-finite loss skips the step.
-    prompts: the rollout's prompts already run by the student's forward at these weights (one process).
+    prompts: the rollout's prompts already run by the student's forward at these weights (one process); with them,
+    `rollout.decoded` (when recorded) stands for the projections of its responses.
 
     `trainer` is `dist.wrap(model, ..., trunk=True)` (the model itself with one process). Under torchrun
     each teacher's weight is scaled by this rank's share of that teacher's global tokens, so the summed
@@ -207,7 +212,8 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
     if world.size == 1:
         head, bias = output_head(model)
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
-                                        rollout.response_mask_B_T, pad_id, prompts=prompts)
+                                        rollout.response_mask_B_T, pad_id, prompts=prompts,
+                                        decoded=None if prompts is None else rollout.decoded)
         loss, kl_mean_E, tokens_E = distill_backward(hidden, head, states, weights_E, cfg.chunk_size, bias)
     else:
         tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])

@@ -35,7 +35,7 @@ def output_head(model) -> tuple[Tensor, Tensor | None]:
 
 
 def response_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor,
-                           response_mask_B_T: Tensor, pad_id: int, trunk=None, prompts=None) -> Tensor:
+                           response_mask_B_T: Tensor, pad_id: int, trunk=None, prompts=None, decoded=None) -> Tensor:
     """Final-norm hidden states `[N, D]` at the positions predicting the N masked response tokens.
 
     Responses are right-padded (as `Rollout` holds them). Rows come sample by sample, each sample's
@@ -45,10 +45,12 @@ def response_hidden_states(model, prompt_ids: list[list[int]], response_ids_B_T:
     the model's own (a data-parallel wrapper's forward, `pluribus.dist.trunk_forward`).
     prompts: the prompts already run at these weights (`pluribus.models.lean.PromptStates`): the lean forward then
     runs the responses only (unused where it does not apply).
+    decoded: with `prompts`, the rollout's own projections of the responses (`Rollout.decoded`, same weights): the
+    lean forward takes their values instead of computing them.
     """
     if trunk is None:  # the lean forward: each distinct token once, no padding (None where it does not apply)
         hidden_N_D = predicting_hidden_states(model, prompt_ids, response_ids_B_T, response_mask_B_T,
-                                              prompts=prompts)
+                                              prompts=prompts, decoded=decoded)
         if hidden_N_D is not None:
             return hidden_N_D
     mask_B_T = response_mask_B_T.bool()
