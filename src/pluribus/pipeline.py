@@ -206,7 +206,7 @@ def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any]
 def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
     plan = plan_pipeline(path, smoke)  # before the slow imports: a config mistake fails in a second
     from pluribus.report import write_report
-    from pluribus.stages import evaluate, pretrain, sft
+    from pluribus.stages import pretrain, sft
 
     run_dir = plan.run_dir
     if plan.pretrain is not None:
@@ -214,25 +214,38 @@ def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
     _stage(run_dir, "sft", plan.sft.model_dump() | {"input": _fingerprint_dir(plan.base)}, lambda d: sft.run(plan.sft))
 
     models = {"base": plan.base, "sft": Path(plan.sft.out)}
-    results: dict[str, Any] = {}
-
-    def do_eval(stage_dir: Path):
-        for label, model_path in models.items():
-            scores = evaluate.run(plan.eval.model_copy(update={"model": str(model_path)}))
-            results[label] = evaluate.as_json(scores)
-            Console(width=120).print(evaluate.table(scores, title=label))
-        durable.write_text(stage_dir / "scores.json", json.dumps(results, indent=2))
-
-    _stage(run_dir, "eval", {"eval": plan.config.eval, "domains": plan.domains,
-                             "inputs": {k: _fingerprint_dir(v) for k, v in models.items()}}, do_eval)
-    if plan.experts is not None:
-        _merge_stages(plan, models)
+    evaluation = (run_dir, {"eval": plan.config.eval, "domains": plan.domains,
+                            "inputs": {k: _fingerprint_dir(v) for k, v in models.items()}}, plan.eval, models)
+    if plan.experts is None:
+        _eval_stage(*evaluation)
+    else:  # nothing before the comparison reads the evaluation: it runs beside the students (below)
+        _merge_stages(plan, models, evaluation)
     print(f"report: {write_report(run_dir)}")
     return run_dir
 
 
-def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
-    """Experts, then the OPD merge and its baselines from the same start, then the headline comparison."""
+def _eval_stage(run_dir: Path, snapshot: dict, eval_cfg: EvalConfig, models: dict[str, Path]) -> None:
+    """The base's and the general SFT model's scores (`eval/scores.json`), each printed as a table."""
+    from pluribus.stages import evaluate
+
+    def do_eval(stage_dir: Path):
+        results: dict[str, Any] = {}
+        for label, model_path in models.items():
+            scores = evaluate.run(eval_cfg.model_copy(update={"model": str(model_path)}))
+            results[label] = evaluate.as_json(scores)
+            Console(width=120).print(evaluate.table(scores, title=label))
+        durable.write_text(stage_dir / "scores.json", json.dumps(results, indent=2))
+
+    _stage(run_dir, "eval", snapshot, do_eval)
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> None:
+    """Experts, then the OPD merge and its baselines from the same start (and the evaluation of the base and the
+    general SFT model, `evaluation`: `_eval_stage`'s arguments), then the headline comparison."""
     from pluribus.report import headline, student_label
     from pluribus.stages import experts
 
@@ -246,9 +259,12 @@ def _merge_stages(plan: Plan, models: dict[str, Path]) -> None:
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
     n, seed = plan.eval.n, plan.config.seed
     scoring = (domains, n, seed)
-    todo = [(run_dir, label, scfg, experts_key, scoring) for label, scfg in plan.students.items()
+    todo = [(_student_stage, run_dir, label, scfg, experts_key, scoring) for label, scfg in plan.students.items()
             if not _done(run_dir, label, _student_snapshot(scfg, experts_key))]  # skipped without a process
-    run_all(_student_stage, todo, workers)
+    # The evaluation last: it fills the worker that the baselines free while the OPD student trains on (the
+    # quickstart: ~50 s idle), instead of holding both cores before the experts.
+    todo += [] if _done(run_dir, "eval", evaluation[1]) else [(_eval_stage, *evaluation)]
+    run_all(_call, todo, workers)
 
     compared = models | {label: Path(scfg.out) for label, scfg in plan.students.items()}
 
