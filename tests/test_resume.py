@@ -24,7 +24,7 @@ from pluribus.crash import armed
 from pluribus.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "eval", "experts", "opd", "mixed_rl", "merge_linear", "merge_ties", "offpolicy", "compare")
+STAGES = ("pretrain", "sft", "experts", "opd", "mixed_rl", "merge_linear", "merge_ties", "offpolicy", "eval", "compare")
 SMOKE = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["smoke"]
 TIMING = ("elapsed_s", "tokens_per_s", "step_s", "sample_s", "teacher_s", "student_s")
 

@@ -28,7 +28,8 @@ from pluribus.crash import crash_point
 from pluribus.errors import ConfigError
 from pluribus.parallel import run_all
 
-STAGES = ("pretrain", "sft", "eval", "experts", "opd", "mixed_rl", "merge_<method>", "offpolicy", "compare")
+# In the order one worker runs them (the evaluation after the students; without experts, right after sft)
+STAGES = ("pretrain", "sft", "experts", "opd", "mixed_rl", "merge_<method>", "offpolicy", "eval", "compare")
 SMOKE_DOMAINS = ["reverse", "max", "case"]
 
 

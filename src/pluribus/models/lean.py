@@ -15,7 +15,9 @@ attention, the SiLU-gated MLP) without either:
   (SDPA; in float32 on a CPU, native kernels for the attention, RMSNorm, RoPE and SiLU·up). It can run in two
   parts (`prompt_states`, then `prompts=`): the prompts first, whose keys and values then also fill the
   decoder's cache, so that on-policy distillation runs each prompt once a step, not twice (prefill, then the
-  student's forward).
+  student's forward). The responses' projections need not run twice either: the decoder can record its own
+  (`LeanDecoder.record`, `DecodedLinears`), and the forward then takes their values (`decoded=`), computing only
+  what lies between them, with the linear's backward for each.
 
 Both equal the HF forward up to float rounding (tests/test_rollout_lean.py, tests/test_models_lean.py: logits
 within 1e-5, gradients within 1e-5 relative): where rounding differs a sampled token can differ only at a
