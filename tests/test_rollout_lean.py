@@ -131,7 +131,8 @@ def test_the_decodes_projections_stand_for_the_updates_forward(request, fixture,
     """OPD's update after its rollout: the decode's own projections of the responses (`record=True`) give the
     prompts-first forward's logits and gradients with no response token projected again; recording samples the
     same tokens to the bit, rows leaving the cache mid-rollout and a prompt shared by two rows included; a rollout
-    that resumes from its token log records nothing (its first tokens were not decoded here)."""
+    that resumes from its token log records nothing (its first tokens were not decoded here), nor one whose record
+    would exceed its memory budget."""
     from pluribus.models.lean import predicting_hidden_states, prompt_states
 
     model, tok = load(request.getfixturevalue(fixture))
@@ -178,6 +179,10 @@ def test_the_decodes_projections_stand_for_the_updates_forward(request, fixture,
     with torch.no_grad():
         resumed = sample(model, prompts, params, log_path=log, record=True, **kw)
     assert torch.equal(resumed.response_ids_B_T, plain.response_ids_B_T) and resumed.decoded is None
+    monkeypatch.setattr(lean_module, "RECORD_MAX_BYTES", 4096)  # more than the budget: nothing kept, same tokens
+    with torch.no_grad():
+        capped = sample(model, prompts, params, prompts=prompt_states(model, prompts), record=True, **kw)
+    assert torch.equal(capped.response_ids_B_T, plain.response_ids_B_T) and capped.decoded is None
 
 
 def test_unsupported_models_fall_back_to_hf(tiny_llama):

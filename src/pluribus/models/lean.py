@@ -50,6 +50,9 @@ MAX_MASK_ELEMENTS = 1 << 25
 PACK_TOKENS = 64
 # Longest cache the native decode kernels take (their scores of one head live on the stack): beyond, PyTorch ops.
 KERNEL_MAX_CONTEXT = 16_384
+# Most bytes `LeanDecoder.record` sets aside for a rollout's projections (its slabs are sized for every row's longest
+# response); beyond, nothing is recorded and the update computes them.
+RECORD_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -425,14 +428,15 @@ class LeanDecoder:
 
     def record(self, rows: int) -> bool:
         """Keep the projections' outputs of the next decode steps, up to `rows` rows in all (`decoded_linears`);
-        False where the steps do not run through the native kernels (the one step that keeps them)."""
+        False where the steps do not run through the native kernels (the one step that keeps them) or the room
+        would take more than RECORD_MAX_BYTES."""
         self.recorded, self.recorded_rows = None, 0
-        if self.kernels is None:
-            return False
         D = self.embed_V_D.shape[1]
+        widths = [(layer.qkv_weight.shape[0], D, layer.gate_up_weight.shape[0], D) for layer in self.layers]
+        if self.kernels is None or rows * sum(map(sum, widths)) * self.embed_V_D.element_size() > RECORD_MAX_BYTES:
+            return False
         self.recorded = [tuple(torch.empty(rows, width, dtype=self.dtype, device=self.embed_V_D.device)
-                               for width in (layer.qkv_weight.shape[0], D, layer.gate_up_weight.shape[0], D))
-                         for layer in self.layers]
+                               for width in layer_widths) for layer_widths in widths]
         return True
 
     def decoded_linears(self, rows_R: Tensor) -> DecodedLinears | None:
