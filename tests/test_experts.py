@@ -54,6 +54,27 @@ def test_report_scores_final_experts_everywhere_and_sft_checkpoints_on_their_own
     assert table.row_count == 3 and [c.header for c in table.columns][4] == "expert GRPO"
 
 
+def test_the_report_takes_the_scores_each_expert_kept_as_it_ended(trained, monkeypatch):
+    """`run` scores each expert in its worker as it ends; `report` scores only what is not kept (the general
+    model here), and again an expert whose kept scores are stale."""
+    cfg, _ = trained
+    kept = {d: json.loads((experts.Path(cfg.out_dir) / d / "scores.json").read_text()) for d in ("max", "describe")}
+    assert set(kept["max"]["final"]) == set(DOMAINS) and set(kept["max"]["sft"]) == {"max"}
+    assert "sft" not in kept["describe"]  # no RL: its one model's scores
+    scored = []
+    monkeypatch.setattr(experts, "run_all", lambda fn, jobs, workers: [
+        scored.append(model) or {d: 0.5 for d in domains} for model, domains, *_ in jobs])
+    rep = experts.report(cfg)
+    assert scored == [cfg.model]
+    assert rep["experts"]["max"]["final"] == kept["max"]["final"] and rep["experts"]["max"]["sft"] == kept["max"]["sft"]
+    assert rep["experts"]["describe"]["sft"] == {"describe": kept["describe"]["final"]["describe"]}
+    (experts.Path(cfg.out_dir) / "max" / "scores.key").write_text("another report's")
+    scored.clear()
+    rep = experts.report(cfg)
+    sft_path, final_path = experts.expert_paths(cfg.out_dir, "max")
+    assert scored == [cfg.model, str(final_path), str(sft_path)] and rep["experts"]["max"]["final"]["max"] == 0.5
+
+
 def test_parallel_workers_train_the_same_experts(trained, tmp_path):
     cfg, _ = trained
     parallel = cfg.model_copy(update={"out_dir": str(tmp_path), "workers": 2})
