@@ -254,8 +254,12 @@ def render_example(tokenizer, messages: list[dict[str, str]], response: str) -> 
     or the model would be trained on one tokenization and sample another.
     """
     prompt_ids = render_prompt(tokenizer, messages)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, len(prompt_ids)
+    return prompt_ids + render_response(tokenizer, response), len(prompt_ids)
+
+
+def render_response(tokenizer, response: str) -> list[int]:
+    """A response's ids as generation produces them: encoded on its own, then EOS."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 # --- batching and log-probs ----------------------------------------------------------------------

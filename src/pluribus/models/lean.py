@@ -463,13 +463,12 @@ class LeanDecoder:
         if self.recorded is not None and self.recorded_rows + B > self.recorded[0][0].shape[0]:
             self.recorded = None  # more rows than `record` made room for: what it holds is not the whole rollout
         at = slice(self.recorded_rows, self.recorded_rows + B)
-        slabs = self.recorded or [(None,) * 4] * len(self.layers)
         x = F.embedding(tokens_B, self.embed_V_D)  # the residual stream [B, D], updated in place
         normed = kernels.add_rms_norm(x, None, self.layers[0].norm_attn_D, self.eps, torch.empty_like(x),
                                       warm=spans[0][0])
         for index, layer in enumerate(self.layers):
             _, o_span, gate_up_span, down_span = spans[index]
-            into = [None if slab is None else slab[at] for slab in slabs[index]]
+            into = _NOWHERE if self.recorded is None else [slab[at] for slab in self.recorded[index]]
             qkv = _linear_into(normed, layer.qkv_weight, layer.qkv_bias, into[0])
             attended = kernels.attention(qkv, self.cos_table, self.sin_table, self.next_position_B,
                                          self.k_cache[index], self.v_cache[index], self.mask_B_K, column, self.heads,
@@ -496,6 +495,9 @@ class LeanDecoder:
         self.v_cache = [cache.index_select(0, rows) for cache in self.v_cache]
         self.mask_B_K = self.mask_B_K.index_select(0, rows)
         self.next_position_B = self.next_position_B.index_select(0, rows)
+
+
+_NOWHERE = (None,) * 4  # a decode step's four matmuls, none recorded
 
 
 def _linear_into(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
@@ -682,6 +684,16 @@ class _KnownLinear(torch.autograd.Function):
                 grad.sum(0) if ctx.has_bias and needs[3] else None)
 
 
+def _decoded_fits(decoded: DecodedLinears, decoder, N: int) -> bool:
+    """Whether `decoded` stands for the projections of the N own tokens of a forward after the prompts (each own
+    token, a response token but the last, predicts the next, so the last layer keeps all N, as the decode ran them):
+    one record a layer, N rows, and every projection a plain `nn.Linear` (a LoRA layer's parts are not recorded)."""
+    return len(decoded.layers) == len(decoder.layers) and all(decoded.layers[0][name].shape[0] == N
+                                                              for name in PROJECTIONS) and all(
+        type(getattr(block.self_attn if name in "qkvo" else block.mlp, f"{name}_proj")) is torch.nn.Linear
+        for block in decoder.layers for name in PROJECTIONS)
+
+
 def _lora_layers(model) -> list | None:
     """The LoRA layers of a peft model when every one is plain LoRA (`W x + s·B A x`), else None."""
     layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
@@ -827,13 +839,8 @@ def _packed_forward(model, prompt_ids: list[list[int]], response_ids_B_T: Tensor
 
         rotate = kernels.rope
 
-    # The decoded values stand for every own token's projections: after the prompts, each own token (a response
-    # token but the last) predicts the next, so the last layer keeps all N of them, as the decode ran them.
-    if decoded is not None and (prompts is None or kept.shape[0] != N or len(decoded.layers) != len(decoder.layers)
-                                or any(decoded.layers[0][name].shape[0] != N for name in PROJECTIONS) or any(
-                type(getattr(block.self_attn if name in "qkvo" else block.mlp, f"{name}_proj")) is not torch.nn.Linear
-                for block in decoder.layers for name in PROJECTIONS)):
-        decoded = None  # a LoRA layer's parts are not known: the forward computes them
+    if decoded is not None and not (prompts is not None and kept.shape[0] == N and _decoded_fits(decoded, decoder, N)):
+        decoded = None  # the forward computes them
 
     def project(module, x, known: Tensor | None = None):
         if known is None:

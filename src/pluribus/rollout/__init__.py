@@ -220,8 +220,7 @@ def sample(model, prompt_ids: list[list[int]], params: SamplingParams, *, eos_id
             forward = _decode(model, prompt_ids, active, out_tokens, out_logps, keep_rows, finished, seeds, params,
                               eos_id, pad_id, greedy, truncating, log, stop_after_steps, prompts,
                               record and not prefixes)
-        if record and not prefixes and isinstance(forward, _LeanForward):
-            decoded = forward.decoded([len(out_tokens[i]) for i in active])
+        decoded = forward.decoded([len(out_tokens[i]) for i in active])
     if log:
         log.close()
 
@@ -276,6 +275,10 @@ class _HFForward:
                               use_cache=True)
         self.cache = out.past_key_values
         return out.logits[:, -1].float()
+
+    def decoded(self, lengths: list[int]) -> None:
+        """Transformers' forward records nothing (`_LeanForward.decoded`)."""
+        return None
 
     def step(self, tokens_L: torch.Tensor, live: list[int]) -> torch.Tensor:
         feed = tokens_L.new_full((self.attn.shape[0],), self.pad_id)

@@ -212,8 +212,7 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
     if world.size == 1:
         head, bias = output_head(model)
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
-                                        rollout.response_mask_B_T, pad_id, prompts=prompts,
-                                        decoded=None if prompts is None else rollout.decoded)
+                                        rollout.response_mask_B_T, pad_id, prompts=prompts, decoded=rollout.decoded)
         loss, kl_mean_E, tokens_E = distill_backward(hidden, head, states, weights_E, cfg.chunk_size, bias)
     else:
         tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pluribus import dist
 from pluribus.config import PretrainConfig
-from pluribus.models import build_tiny, count_parameters, load, render_example, render_prompt
+from pluribus.models import build_tiny, count_parameters, load, render_example, render_prompt, render_response
 from pluribus.stages.checkpoint import Checkpointer
 from pluribus.stages.common import (MetricsLog, global_lm_loss, length_buckets, make_optimizer, optimizer_step,
                                     progress, seed_everything)
@@ -34,7 +34,8 @@ class CorpusRenderer:
     The corpus draws its prompts from fixed pools (each ~8 times over the quickstart's pretraining) and its answers
     from a few per prompt; the chat template and the tokenizer take ~65 µs a text, ~7% of a pretraining step on two
     threads, spent on one core while the other waits. A find-skill prompt (random words, new each time) is rendered
-    as is. The same ids as `render_example`, by construction: the same two calls, remembered.
+    as is. The same ids as `render_example`, by construction: its two parts (`render_prompt`, `render_response`),
+    remembered.
     """
 
     def __init__(self, tokenizer, limit: int = 500_000):  # strings remembered of each kind (the quickstart: ~48,000
@@ -52,8 +53,7 @@ class CorpusRenderer:
                                         render_prompt(self.tokenizer, [{"role": "user", "content": prompt}]))
         answer_ids = self._answers.get(answer)
         if answer_ids is None:
-            answer_ids = self._remember(self._answers, answer, self.tokenizer(answer, add_special_tokens=False)[
-                "input_ids"] + [self.tokenizer.eos_token_id])
+            answer_ids = self._remember(self._answers, answer, render_response(self.tokenizer, answer))
         return prompt_ids + answer_ids
 
     def _remember(self, memo: dict[str, list[int]], text: str, ids: list[int]) -> list[int]:
