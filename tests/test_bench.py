@@ -145,3 +145,14 @@ def test_the_prefetch_bench_prints_both_medians(tmp_path, capsys, one_thread):
     # the ratio is of the unrounded medians: within what rounding each figure to 3 decimals (the ratio to 2) allows
     assert off > 0 and on > 0
     assert (on - 5e-4) / (off + 5e-4) - 5e-3 <= ratio <= (on + 5e-4) / (off - 5e-4) + 5e-3
+
+
+def test_the_bench_help_gives_the_settings_defaults():
+    """The CLI's help says how many processes and steps a side gets; it must not drift from `BenchSettings`."""
+    import re
+
+    from pluribus.bench import BenchSettings
+
+    text = re.sub(r"\s+", " ", CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"}).output)
+    assert f"processes per side (default {BenchSettings.rounds})" in text
+    assert f"timed steps per process (default {BenchSettings.steps})" in text

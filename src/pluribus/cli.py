@@ -198,7 +198,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/qui
 def bench(json_path: Optional[Path] = typer.Option(None, "--json", help="also write the results here as JSON"),
           smoke: bool = typer.Option(False, "--smoke", help="a toy model, 1-2 steps, in this process: seconds"),
           no_trl: bool = typer.Option(False, "--no-trl", help="leave TRL out even when it is installed"),
-          rounds: Optional[int] = typer.Option(None, min=1, help="processes per side (default 2)"),
+          rounds: Optional[int] = typer.Option(None, min=1, help="processes per side (default 3)"),
           steps: Optional[int] = typer.Option(None, min=1, help="timed steps per process (default 5)")) -> None:
     """pluribus side by side with TRL on one tiny model: GRPO and OPD steps, rollout tokens/s, OPD with 1/4/12
     teachers, chunked KL memory (docs/performance.md)."""

@@ -15,7 +15,9 @@ class BenchSettings:
     opd_batch: OPD's prompts per step (one rollout each).
     max_new_tokens: the longest response everywhere.
     warmup, steps, rounds: untimed steps, then timed steps, per process; `rounds` processes per side, the two
-        sides alternating, so the other side's noise falls on both (medians over every timed step).
+        sides alternating, so the other side's noise falls on both (medians over every timed step). Three, so that
+        a slow stretch of a shared host that falls on one process of one side (5 of its 15 steps) cannot set that
+        side's median; with two it set it (session 18: one process at 0.28-0.36 s a step, the other 0.22-0.27).
     teacher_batch, teacher_counts: the many-teacher OPD step (rollouts over the 12 domains; teacher counts).
     kl_*: the chunked KL's memory measurement (positions, vocabulary, hidden size, chunk).
     threads: torch threads in every process, both sides.
@@ -29,7 +31,7 @@ class BenchSettings:
     max_new_tokens: int = 32
     warmup: int = 2
     steps: int = 5
-    rounds: int = 2
+    rounds: int = 3
     teacher_batch: int = 48
     teacher_counts: tuple[int, ...] = (1, 4, 12)
     kl_positions: int = 4096
