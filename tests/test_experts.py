@@ -55,24 +55,32 @@ def test_report_scores_final_experts_everywhere_and_sft_checkpoints_on_their_own
 
 
 def test_the_report_takes_the_scores_each_expert_kept_as_it_ended(trained, monkeypatch):
-    """`run` scores each expert in its worker as it ends; `report` scores only what is not kept (the general
-    model here), and again an expert whose kept scores are stale."""
+    """`run` scores each expert in its worker as it ends, then the general model (and the base, when given) in the
+    same pool; `report` scores only what is not kept (here the base, which `run` was not given), and again what is
+    stale."""
     cfg, _ = trained
-    kept = {d: json.loads((experts.Path(cfg.out_dir) / d / "scores.json").read_text()) for d in ("max", "describe")}
+    out = experts.Path(cfg.out_dir)
+    kept = {d: json.loads((out / d / "scores.json").read_text()) for d in ("max", "describe")}
     assert set(kept["max"]["final"]) == set(DOMAINS) and set(kept["max"]["sft"]) == {"max"}
     assert "sft" not in kept["describe"]  # no RL: its one model's scores
+    general = json.loads((out / "scores.general.json").read_text())
+    assert general == experts.pass1(cfg.model, list(DOMAINS), cfg.report_n, cfg.seed)
+    assert not (out / "scores.base.json").exists()
     scored = []
     monkeypatch.setattr(experts, "run_all", lambda fn, jobs, workers: [
         scored.append(model) or {d: 0.5 for d in domains} for model, domains, *_ in jobs])
-    rep = experts.report(cfg)
-    assert scored == [cfg.model]
+    rep = experts.report(cfg, base="elsewhere/base")
+    assert scored == ["elsewhere/base"] and rep["base"] == {d: 0.5 for d in DOMAINS} and rep["general"] == general
     assert rep["experts"]["max"]["final"] == kept["max"]["final"] and rep["experts"]["max"]["sft"] == kept["max"]["sft"]
     assert rep["experts"]["describe"]["sft"] == {"describe": kept["describe"]["final"]["describe"]}
-    (experts.Path(cfg.out_dir) / "max" / "scores.key").write_text("another report's")
     scored.clear()
+    assert "base" not in experts.report(cfg) and scored == []  # nothing stale
+    (out / "max" / "scores.key").write_text("another report's")
+    (out / "scores.general.key").write_text("another model's")
     rep = experts.report(cfg)
     sft_path, final_path = experts.expert_paths(cfg.out_dir, "max")
     assert scored == [cfg.model, str(final_path), str(sft_path)] and rep["experts"]["max"]["final"]["max"] == 0.5
+    assert rep["general"] == {d: 0.5 for d in DOMAINS}
 
 
 def test_parallel_workers_train_the_same_experts(trained, tmp_path):
@@ -127,6 +135,7 @@ def test_longest_experts_start_first(monkeypatch):
     with_rl = cfg.model_copy(update={"rubric_rl": "hidden_checker"})
     assert experts.expected_cost(with_rl, "describe") > cost["describe"]
     started = []
-    monkeypatch.setattr(experts, "run_all", lambda fn, jobs, workers: [started.append(d) or d for _, d in jobs])
-    assert list(experts.run(cfg)) == cfg.domains
-    assert started == sorted(cfg.domains, key=lambda d: -cost[d])
+    monkeypatch.setattr(experts, "run_all", lambda fn, jobs, workers: [started.append(job[2]) or job[2] for job in jobs])
+    assert list(experts.run(cfg, base="b")) == cfg.domains
+    # then the models the report compares them with: short jobs for the workers the last experts leave idle
+    assert started == sorted(cfg.domains, key=lambda d: -cost[d]) + ["general", "base"]

@@ -314,3 +314,26 @@ def test_a_marker_holds_only_the_key_written_into_it(tmp_path):
     assert holds(marker, "k1")
     (tmp_path / "folder").mkdir()
     assert not holds(tmp_path / "folder", "k1")  # a folder is no marker
+
+
+def test_kept_json_is_computed_once_per_key_and_its_key_written_last(tmp_path, monkeypatch):
+    from pluribus import durable
+
+    path, made = tmp_path / "scores.json", []
+
+    def make():
+        made.append(1)
+        return {"add": 0.25 * len(made)}
+
+    assert durable.kept_json(path, "k1", make, compute=False) is None and not made  # nothing kept, nothing computed
+    assert durable.kept_json(path, "k1", make) == {"add": 0.25} and (tmp_path / "scores.key").read_text() == "k1"
+    assert durable.kept_json(path, "k1", make) == {"add": 0.25} and len(made) == 1  # read back
+    assert durable.kept_json(path, "k2", make, compute=False) is None  # another key: stale
+    writes = []
+    real = durable.write_text
+    monkeypatch.setattr(durable, "write_text", lambda p, text: writes.append(Path(p).name) or real(p, text))
+    assert durable.kept_json(path, "k2", make) == {"add": 0.5}
+    assert writes == ["scores.json", "scores.key"]  # a crash between the two leaves no key that holds
+    assert durable.fingerprint_dir(tmp_path / "nowhere") == "missing"
+    (tmp_path / "DONE").write_text("stage-key\n")
+    assert durable.fingerprint_dir(tmp_path / "model") == "stage-key"  # the stage's DONE beside the folder

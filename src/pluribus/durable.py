@@ -7,9 +7,11 @@ name pointing at files whose data never reached the disk. Plain Python (no torch
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -69,6 +71,35 @@ def holds(marker: str | Path, key: str) -> bool:
 def fingerprint(obj) -> str:
     """A short stable key of a JSON-able value (anything else by its str): what a marker says was written."""
     import hashlib
-    import json
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint_dir(path: str | Path) -> str:
+    """Identity of a saved model folder: the key in the DONE marker beside it where a stage made it, else its files'
+    sizes and mtimes."""
+    path = Path(path)
+    done = path.parent / "DONE"
+    if done.is_file():
+        return done.read_text().strip()
+    if not path.exists():
+        return "missing"
+    files = sorted((str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in path.rglob("*") if p.is_file())
+    return fingerprint(files)
+
+
+def kept_json(path: str | Path, key: str, make: Callable[[], Any], compute: bool = True) -> Any:
+    """The JSON kept at `path` if its key file (`path` with the suffix `.key`, written last) holds `key`; else
+    `make()`, kept there under `key` (None instead, with compute=False). What a stage computes once and reads back:
+    scores of a model under the model's and the evaluation's key."""
+    path = Path(path)
+    key_path = path.with_suffix(".key")
+    if holds(key_path, key):
+        return json.loads(path.read_text())
+    if not compute:
+        return None
+    key_path.unlink(missing_ok=True)
+    value = make()
+    write_text(path, json.dumps(value, indent=2))
+    write_text(key_path, key)
+    return value

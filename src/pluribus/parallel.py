@@ -33,6 +33,12 @@ def run_all(fn: Callable[..., Any], jobs: Iterable[tuple], workers: int) -> list
         return [f.result() for f in futures]
 
 
+def call(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`: `run_all(call, [(fn, *args), (other_fn, *other_args), ...])` runs jobs of different kinds in one
+    pool (module-level functions: a spawned worker unpickles them by name)."""
+    return fn(*args)
+
+
 def _worker_init(threads: int) -> None:
     import torch
 

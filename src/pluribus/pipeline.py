@@ -26,7 +26,7 @@ from pluribus.config import (EvalConfig, ExpertsConfig, GRPOConfig, MergeConfig,
                              validate, validate_section)
 from pluribus.crash import crash_point
 from pluribus.errors import ConfigError
-from pluribus.parallel import run_all
+from pluribus.parallel import call, run_all
 
 # In the order one worker runs them (the evaluation after the students; without experts, right after sft)
 STAGES = ("pretrain", "sft", "experts", "opd", "mixed_rl", "merge_<method>", "offpolicy", "eval", "compare")
@@ -212,11 +212,11 @@ def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
     run_dir = plan.run_dir
     if plan.pretrain is not None:
         _stage(run_dir, "pretrain", plan.pretrain.model_dump(), lambda d: pretrain.run(plan.pretrain))
-    _stage(run_dir, "sft", plan.sft.model_dump() | {"input": _fingerprint_dir(plan.base)}, lambda d: sft.run(plan.sft))
+    _stage(run_dir, "sft", plan.sft.model_dump() | {"input": durable.fingerprint_dir(plan.base)}, lambda d: sft.run(plan.sft))
 
     models = {"base": plan.base, "sft": Path(plan.sft.out)}
     evaluation = (run_dir, {"eval": plan.config.eval, "domains": plan.domains,
-                            "inputs": {k: _fingerprint_dir(v) for k, v in models.items()}}, plan.eval, models)
+                            "inputs": {k: durable.fingerprint_dir(v) for k, v in models.items()}}, plan.eval, models)
     if plan.experts is None:
         _eval_stage(*evaluation)
     else:  # nothing before the comparison reads the evaluation: it runs beside the students (below)
@@ -240,10 +240,6 @@ def _eval_stage(run_dir: Path, snapshot: dict, eval_cfg: EvalConfig, models: dic
     _stage(run_dir, "eval", snapshot, do_eval)
 
 
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
 def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> None:
     """Experts, then the OPD merge and its baselines from the same start (and the evaluation of the base and the
     general SFT model, `evaluation`: `_eval_stage`'s arguments), then the headline comparison."""
@@ -251,11 +247,11 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
     from pluribus.stages import experts
 
     run_dir, domains, ecfg, workers = plan.run_dir, plan.domains, plan.experts, plan.config.workers
-    start = _fingerprint_dir(models["sft"])
+    start = durable.fingerprint_dir(models["sft"])
     # From the same general SFT model, an expert whose own config is unchanged is kept (its DONE holds its key,
     # experts.domain_key): one domain's per_domain change retrains that domain's expert alone.
     _stage(run_dir, "experts", ecfg.model_dump() | {"input": start},
-           lambda d: (experts.run(ecfg), experts.report(ecfg, base=str(models["base"]))),
+           lambda d: (experts.run(ecfg, base=str(models["base"])), experts.report(ecfg, base=str(models["base"]))),
            reusable=lambda previous: previous.get("input") == start)
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
     n, seed = plan.eval.n, plan.config.seed
@@ -265,7 +261,7 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
     # The evaluation last: it fills the worker that the baselines free while the OPD student trains on (the
     # quickstart: ~50 s idle), instead of holding both cores before the experts.
     todo += [] if _done(run_dir, "eval", evaluation[1]) else [(_eval_stage, *evaluation)]
-    run_all(_call, todo, workers)
+    run_all(call, todo, workers)
 
     compared = models | {label: Path(scfg.out) for label, scfg in plan.students.items()}
 
@@ -285,7 +281,7 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
         Console(width=160).print(md.read_text(), markup=False)
 
     _stage(run_dir, "compare", {"n": n, "domains": domains, "experts": experts_key,
-                                "inputs": {k: _fingerprint_dir(v) for k, v in compared.items()}}, compare)
+                                "inputs": {k: durable.fingerprint_dir(v) for k, v in compared.items()}}, compare)
 
 
 def _student_snapshot(scfg: BaseModel, experts_key: str) -> dict:
@@ -311,25 +307,5 @@ def _student_scores(stage_dir: Path, model: Path, domains: list[str], n: int, se
     or stale (None instead with compute=False)."""
     from pluribus.stages import experts
 
-    path, key_path = stage_dir / "scores.json", stage_dir / "scores.key"
-    key = durable.fingerprint({"model": _fingerprint_dir(model), "domains": domains, "n": n, "seed": seed})
-    if durable.holds(key_path, key):
-        return json.loads(path.read_text())
-    if not compute:
-        return None
-    key_path.unlink(missing_ok=True)
-    scores = experts.pass1(model, domains, n, seed)
-    durable.write_text(path, json.dumps(scores, indent=2))
-    durable.write_text(key_path, key)
-    return scores
-
-
-def _fingerprint_dir(path: Path) -> str:
-    """Identity of a saved model: its DONE marker's key if the pipeline made it, else file sizes and mtimes."""
-    done = path.parent / "DONE"
-    if done.is_file():
-        return done.read_text().strip()
-    if not path.exists():
-        return "missing"
-    files = sorted((str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in path.rglob("*") if p.is_file())
-    return durable.fingerprint(files)
+    key = durable.fingerprint({"model": durable.fingerprint_dir(model), "domains": domains, "n": n, "seed": seed})
+    return durable.kept_json(stage_dir / "scores.json", key, lambda: experts.pass1(model, domains, n, seed), compute)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from pluribus.config import EvalConfig, ExpertsConfig, GRMConfig, GRPOConfig, SFTConfig, validate
 from pluribus.dist import resolve_device
-from pluribus.durable import fingerprint, holds, publish_dir, write_text
+from pluribus.durable import fingerprint, fingerprint_dir, holds, kept_json, publish_dir, write_text
 from pluribus.models import load
-from pluribus.parallel import run_all
+from pluribus.parallel import call, run_all
 from pluribus.stages import evaluate, grm, grpo, sft
 from pluribus.world import DOMAINS, generate, with_mistakes
 
@@ -95,13 +95,17 @@ def _train(cfg: ExpertsConfig, domain: str, sft_out: Path, expert_out: Path, rew
     return grpo.run(grpo_cfg, records=records, reward_fn=reward_fn, meta={"domain": domain, "expert_stage": "grpo"})
 
 
-def run(cfg: ExpertsConfig) -> dict[str, Path]:
+def run(cfg: ExpertsConfig, base: str | None = None) -> dict[str, Path]:
     """Every domain's expert; with `workers` > 1, that many at once in spawned processes, the longest first
     (`expected_cost`), so no worker is left with a long one at the end while the others idle. Results do not
-    depend on the order (each expert seeds itself); a failed one fails the stage."""
+    depend on the order (each expert seeds itself); a failed one fails the stage. Each expert is scored for the
+    report as it ends, and the models the report compares them with (the general SFT model, and `base` if given)
+    are scored last, in the same pool: short jobs where a worker would otherwise idle until the last expert ends."""
     domains = cfg.domains or list(DOMAINS)
     order = sorted(domains, key=lambda d: -expected_cost(cfg, d))
-    experts = dict(zip(order, run_all(_train_and_score, [(cfg, d) for d in order], cfg.workers)))
+    jobs = [(_train_and_score, cfg, d) for d in order]
+    jobs += [(_reference_scores, cfg, label, model) for label, model in _references(cfg, base).items()]
+    experts = dict(zip(order, run_all(call, jobs, cfg.workers)))
     return {d: experts[d] for d in domains}
 
 
@@ -114,25 +118,34 @@ def _train_and_score(cfg: ExpertsConfig, domain: str) -> Path:
     return expert
 
 
+def _report_key(cfg: ExpertsConfig, **model: str) -> str:
+    """The key of a model's kept report scores: the model's identity, the report's n, seed and domains."""
+    return fingerprint(model | {"n": cfg.report_n, "seed": cfg.seed, "domains": list(DOMAINS)})
+
+
 def _expert_scores(cfg: ExpertsConfig, domain: str, compute: bool = True) -> dict | None:
     """The final expert's greedy pass@1 on every domain and, where RL followed, its SFT checkpoint's on its own
-    (`report`'s), kept as `<domain>/scores.json` under a key (the expert's, the report's n and seed) written last;
-    computed when missing or stale (None instead with compute=False)."""
+    (`report`'s), kept as `<domain>/scores.json` under a key (the expert's, the report's n and seed); computed
+    when missing or stale (None instead with compute=False)."""
     sft_path, final_path = expert_paths(cfg.out_dir, domain)
-    path, key_path = sft_path.parent / "scores.json", sft_path.parent / "scores.key"
-    key = fingerprint({"expert": domain_key(cfg, domain), "n": cfg.report_n, "seed": cfg.seed,
-                       "domains": list(DOMAINS)})
-    if holds(key_path, key):
-        return json.loads(path.read_text())
-    if not compute:
-        return None
-    key_path.unlink(missing_ok=True)
-    scores = {"final": pass1(final_path, list(DOMAINS), cfg.report_n, cfg.seed)}
-    if has_rl(cfg, domain):
-        scores["sft"] = pass1(sft_path, [domain], cfg.report_n, cfg.seed)
-    write_text(path, json.dumps(scores, indent=2))
-    write_text(key_path, key)
-    return scores
+
+    def scores() -> dict:
+        out = {"final": pass1(final_path, list(DOMAINS), cfg.report_n, cfg.seed)}
+        return out | ({"sft": pass1(sft_path, [domain], cfg.report_n, cfg.seed)} if has_rl(cfg, domain) else {})
+
+    return kept_json(sft_path.parent / "scores.json", _report_key(cfg, expert=domain_key(cfg, domain)), scores, compute)
+
+
+def _references(cfg: ExpertsConfig, base: str | None) -> dict[str, str]:
+    """The models the report compares the experts with: the general SFT model they start from, and the base."""
+    return {"general": cfg.model} | ({"base": base} if base else {})
+
+
+def _reference_scores(cfg: ExpertsConfig, label: str, model: str, compute: bool = True) -> dict | None:
+    """Greedy pass@1 of a model the report compares the experts with (`_references`) on every domain, kept as
+    `scores.<label>.json` in the stage folder under a key (the model's identity, the report's n and seed)."""
+    return kept_json(Path(cfg.out_dir) / f"scores.{label}.json", _report_key(cfg, model=fingerprint_dir(model)),
+                     lambda: pass1(model, list(DOMAINS), cfg.report_n, cfg.seed), compute)
 
 
 def expected_cost(cfg: ExpertsConfig, domain: str, sample: int = 64) -> float:
@@ -174,11 +187,13 @@ def report(cfg: ExpertsConfig, base: str | None = None) -> dict:
     every, domains = list(DOMAINS), cfg.domains or list(DOMAINS)
     paths = {d: expert_paths(cfg.out_dir, d) for d in domains}
     saved = {d: _expert_scores(cfg, d, compute=False) for d in domains}  # scored by `run` as each expert ended
-    jobs = {"general": (cfg.model, every)} | ({"base": (base, every)} if base else {})
+    references = _references(cfg, base)
+    scores = {label: _reference_scores(cfg, label, model, compute=False) for label, model in references.items()}
+    jobs = {label: (model, every) for label, model in references.items() if scores[label] is None}
     jobs |= {f"{d}/final": (str(paths[d][1]), every) for d in domains if saved[d] is None}  # the long jobs first
     jobs |= {f"{d}/sft": (str(paths[d][0]), [d]) for d in domains if saved[d] is None and has_rl(cfg, d)}
-    scores = dict(zip(jobs, run_all(pass1, [(m, ds, cfg.report_n, cfg.seed) for m, ds in jobs.values()],
-                                    cfg.workers)))
+    scores |= dict(zip(jobs, run_all(pass1, [(m, ds, cfg.report_n, cfg.seed) for m, ds in jobs.values()],
+                                     cfg.workers)))
     for d, kept in saved.items():
         scores |= {} if kept is None else {f"{d}/{stage}": value for stage, value in kept.items()}
     out: dict = {"n": cfg.report_n, "general": scores["general"], "experts": {}}
