@@ -135,7 +135,8 @@ def test_longest_experts_start_first(monkeypatch):
     with_rl = cfg.model_copy(update={"rubric_rl": "hidden_checker"})
     assert experts.expected_cost(with_rl, "describe") > cost["describe"]
     started = []
-    monkeypatch.setattr(experts, "run_all", lambda fn, jobs, workers: [started.append(job[2]) or job[2] for job in jobs])
+    monkeypatch.setattr(experts, "run_all",
+                        lambda fn, jobs, workers: [started.append(job[2]) or job[2] for job in jobs])
     assert list(experts.run(cfg, base="b")) == cfg.domains
     # then the models the report compares them with: short jobs for the workers the last experts leave idle
     assert started == sorted(cfg.domains, key=lambda d: -cost[d]) + ["general", "base"]

@@ -212,7 +212,8 @@ def run_pipeline(path: str | Path, smoke: bool = False) -> Path:
     run_dir = plan.run_dir
     if plan.pretrain is not None:
         _stage(run_dir, "pretrain", plan.pretrain.model_dump(), lambda d: pretrain.run(plan.pretrain))
-    _stage(run_dir, "sft", plan.sft.model_dump() | {"input": durable.fingerprint_dir(plan.base)}, lambda d: sft.run(plan.sft))
+    _stage(run_dir, "sft", plan.sft.model_dump() | {"input": durable.fingerprint_dir(plan.base)},
+           lambda d: sft.run(plan.sft))
 
     models = {"base": plan.base, "sft": Path(plan.sft.out)}
     evaluation = (run_dir, {"eval": plan.config.eval, "domains": plan.domains,
