@@ -81,6 +81,11 @@ def test_the_report_takes_the_scores_each_expert_kept_as_it_ended(trained, monke
     sft_path, final_path = experts.expert_paths(cfg.out_dir, "max")
     assert scored == [cfg.model, str(final_path), str(sft_path)] and rep["experts"]["max"]["final"]["max"] == 0.5
     assert rep["general"] == {d: 0.5 for d in DOMAINS}
+    monkeypatch.setattr(experts, "pass1", lambda model, domains, n, seed: {d: 0.25 for d in domains})
+    assert experts._reference_scores(cfg, "base", "org/hub-model") == {d: 0.25 for d in DOMAINS}
+    assert experts._reference_scores(cfg, "base", "org/hub-model", compute=False) == {d: 0.25 for d in DOMAINS}
+    # no folder, so no identity ("missing") for either: another name is another model
+    assert experts._reference_scores(cfg, "base", "org/other-model", compute=False) is None
 
 
 def test_parallel_workers_train_the_same_experts(trained, tmp_path):

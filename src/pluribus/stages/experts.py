@@ -105,7 +105,7 @@ def run(cfg: ExpertsConfig, base: str | None = None) -> dict[str, Path]:
     order = sorted(domains, key=lambda d: -expected_cost(cfg, d))
     jobs = [(_train_and_score, cfg, d) for d in order]
     jobs += [(_reference_scores, cfg, label, model) for label, model in _references(cfg, base).items()]
-    experts = dict(zip(order, run_all(call, jobs, cfg.workers)))
+    experts = dict(zip(order, run_all(call, jobs, cfg.workers)[:len(order)]))  # the references' scores are kept
     return {d: experts[d] for d in domains}
 
 
@@ -119,7 +119,8 @@ def _train_and_score(cfg: ExpertsConfig, domain: str) -> Path:
 
 
 def _report_key(cfg: ExpertsConfig, **model: str) -> str:
-    """The key of a model's kept report scores: the model's identity, the report's n, seed and domains."""
+    """The key of a model's kept report scores: what names the model (an expert's key; a folder's path and identity),
+    the report's n, seed and domains."""
     return fingerprint(model | {"n": cfg.report_n, "seed": cfg.seed, "domains": list(DOMAINS)})
 
 
@@ -143,8 +144,10 @@ def _references(cfg: ExpertsConfig, base: str | None) -> dict[str, str]:
 
 def _reference_scores(cfg: ExpertsConfig, label: str, model: str, compute: bool = True) -> dict | None:
     """Greedy pass@1 of a model the report compares the experts with (`_references`) on every domain, kept as
-    `scores.<label>.json` in the stage folder under a key (the model's identity, the report's n and seed)."""
-    return kept_json(Path(cfg.out_dir) / f"scores.{label}.json", _report_key(cfg, model=fingerprint_dir(model)),
+    `scores.<label>.json` in the stage folder under a key (the model's path and identity, the report's n and seed;
+    the path too, because a model that is no local folder, a hub id, has no identity of its own)."""
+    key = _report_key(cfg, model=fingerprint_dir(model), path=str(model))
+    return kept_json(Path(cfg.out_dir) / f"scores.{label}.json", key,
                      lambda: pass1(model, list(DOMAINS), cfg.report_n, cfg.seed), compute)
 
 
