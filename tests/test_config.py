@@ -149,3 +149,25 @@ def test_teacher_prefetch_is_left_out_of_the_opd_dump_when_off():
     fields = {"model": "m", "out": "o", "data": {"domains": ["add"]}, "teachers": [{"path": "t", "domains": ["add"]}]}
     assert "teacher_prefetch" not in validate(OPDConfig, fields, "opd").model_dump()
     assert validate(OPDConfig, {**fields, "teacher_prefetch": True}, "opd").model_dump()["teacher_prefetch"] is True
+
+
+def test_each_example_stage_config_runs_on_what_the_quickstart_writes():
+    """The stand-alone example YAMLs load, name their data, and start from the quickstart's own paths, so
+    `make quickstart` then `pluribus <stage> examples/<file>` works (opd-long once named no domains and failed)."""
+    from pathlib import Path
+
+    from pluribus.config import ExpertsConfig, OPDConfig
+    from pluribus.pipeline import plan_pipeline
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    stages = {"opd-long.yaml": OPDConfig, "sft-one-domain.yaml": SFTConfig, "grm-describe.yaml": ExpertsConfig}
+    pipelines = {"quickstart.yaml", "real-model.yaml"}
+    assert {p.name for p in examples.glob("*.yaml")} == set(stages) | pipelines  # a new example is checked here
+    plan = plan_pipeline(examples / "quickstart.yaml")
+    opd, sft, grm = (load_yaml(examples / name, cls) for name, cls in stages.items())
+
+    assert sorted(opd.data.domains) == sorted(plan.domains)  # every domain distilled: a domain left out is forgotten
+    assert opd.model == plan.sft.out
+    assert [(t.path, t.domains) for t in opd.teachers] == [(t.path, t.domains) for t in plan.students["opd"].teachers]
+    assert sft.data.domains and sft.model == str(plan.base)
+    assert grm.domains == ["describe"] and grm.model == plan.sft.out
