@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pluribus.errors import PluribusError
-from pluribus.models import (add_lora, load, render_example, render_prompt, response_logprobs, save,
-                             token_logprobs)
+from pluribus.models import (add_lora, count_parameters, expand_depth, load, render_example, render_prompt,
+                             response_logprobs, save, token_logprobs)
 from pluribus.models.tokenizer import CHARS, build_char_tokenizer
 
 TEXT = "add 12 345 -> Hello, World! f=lambda x:x*x+1 ~`{}[]"
@@ -122,3 +122,39 @@ def test_forward_keeping_cuts_the_logits_of_any_causal_lm(tiny_llama):
         out = forward_keeping(m, 2, input_ids=ids)
         assert out.logits.shape == (2, 2, full.shape[-1])
         torch.testing.assert_close(out.logits, full[:, -2:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_expand_depth_computes_the_same_logits_and_trains_its_copies(fixture, request, tmp_path):
+    small, tok = load(request.getfixturevalue(fixture))
+    with torch.no_grad():
+        for p in small.parameters():  # off the init: zeroed copies must not be mistaken for untouched layers
+            p.add_(0.01 * torch.randn_like(p))
+    grown, _ = load(request.getfixturevalue(fixture))
+    grown.load_state_dict(small.state_dict())
+    layer = sum(p.numel() for p in small.model.layers[0].parameters())
+    expand_depth(grown, copies=2)
+    assert len(grown.model.layers) == grown.config.num_hidden_layers == 3 * len(small.model.layers)
+    assert count_parameters(grown) == count_parameters(small) + 2 * len(small.model.layers) * layer
+    assert [block.self_attn.layer_idx for block in grown.model.layers] == list(range(len(grown.model.layers)))
+    prompts = [render_prompt(tok, [{"role": "user", "content": "sort 3 1 2"}])]
+    response = torch.tensor([tok("1 2 3", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([prompts[0] + response[0].tolist()])
+    small.eval(), grown.eval()
+    assert torch.equal(small(input_ids=ids).logits, grown(input_ids=ids).logits)
+    mask = torch.ones_like(response)
+    with torch.no_grad():  # the packed forward (pluribus.models.lean) runs the grown layers too
+        lean_small = response_logprobs(small, prompts, response, mask, tok.pad_token_id)[0]
+        lean_grown = response_logprobs(grown, prompts, response, mask, tok.pad_token_id)[0]
+    assert torch.allclose(lean_small, lean_grown, atol=1e-6, rtol=0)
+    save(grown, tok, tmp_path / "grown")
+    again, _ = load(tmp_path / "grown")
+    assert len(again.model.layers) == 3 * len(small.model.layers)
+    assert torch.equal(again.eval()(input_ids=ids).logits, grown(input_ids=ids).logits)
+    again.train()
+    again(input_ids=ids, labels=ids).loss.backward()
+    copy = again.model.layers[1]  # the first layer's first copy: zero outputs, live gradients
+    assert float(copy.self_attn.o_proj.weight.abs().max()) == 0.0
+    assert float(copy.self_attn.o_proj.weight.grad.abs().max()) > 0 and float(copy.mlp.down_proj.weight.grad.abs().max()) > 0
+    with pytest.raises(PluribusError, match="copies must be"):
+        expand_depth(grown, copies=0)

@@ -292,6 +292,44 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def expand_depth(model, copies: int = 1):
+    """A deeper model computing the same function (LLaMA Pro's block expansion), in place; returns it.
+
+    Each decoder layer is followed by `copies` copies of itself whose attention output and MLP down
+    projections are zero, so each copy adds nothing to the residual stream until trained: the logits are
+    the original's exactly. A larger student for on-policy distillation that starts where the small one does.
+    """
+    import copy
+
+    lm = _causal_lm(model)
+    layers = lm.get_decoder().layers
+    if copies < 1:
+        raise PluribusError(f"expand_depth: copies must be ≥ 1, got {copies}")
+    if not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj")
+               and hasattr(getattr(layer, "mlp", None), "down_proj") for layer in layers):
+        raise PluribusError("expand_depth: each decoder layer needs self_attn.o_proj and mlp.down_proj (Llama-style)")
+    grown, types = [], []
+    kinds = getattr(lm.config, "layer_types", None)
+    for index, layer in enumerate(layers):
+        for k in range(copies + 1):
+            block = layer if k == 0 else copy.deepcopy(layer)
+            if k:
+                with torch.no_grad():
+                    for linear in (block.self_attn.o_proj, block.mlp.down_proj):
+                        linear.weight.zero_()
+                        if linear.bias is not None:
+                            linear.bias.zero_()
+            grown.append(block)
+            types.append(kinds[index] if kinds else None)
+    for index, block in enumerate(grown):
+        block.self_attn.layer_idx = index
+    lm.get_decoder().layers = torch.nn.ModuleList(grown)
+    lm.config.num_hidden_layers = len(grown)
+    if kinds:
+        lm.config.layer_types = types
+    return model
+
+
 def prompt_response_batch(prompt_ids: list[list[int]], response_ids_B_T: torch.Tensor,
                           response_mask_B_T: torch.Tensor, pad_id: int):
     """Left-padded prompts + right-padded responses: `(ids_B_L, attn_B_L, pos_B_L, P)`.
