@@ -149,6 +149,32 @@ def test_lora_student_is_saved_merged(tiny_llama, teachers, tmp_path):
     assert json.loads((out / "pluribus.json").read_text())["lora_merged"] is True
 
 
+def test_grown_student_starts_from_the_same_logits_and_is_saved_grown(tiny_llama, teachers, tmp_path):
+    """expand_depth: the first step's samples and KL are the ungrown student's (same logits, same seeds); the
+    saved student has twice the layers, and the copies were trained (their zeroed projections moved)."""
+    first = {}
+    for copies in (0, 1):
+        cfg = _config(tmp_path / str(copies), tiny_llama, [TeacherConfig(path=str(teachers["add"]), domains=["add", "max"])],
+                      steps=2, prompts_per_step=4, reward_every=0, expand_depth=copies)
+        out = opd.run(cfg)
+        rows = [json.loads(line) for line in (tmp_path / str(copies) / "opd.metrics.jsonl").read_text().splitlines()]
+        first[copies] = rows[0]
+        model, _ = load(out)
+        layers = model.model.layers
+        assert len(layers) == model.config.num_hidden_layers == (1 + copies) * len(load(tiny_llama)[0].model.layers)
+    assert first[1]["tokens"] == first[0]["tokens"]
+    assert first[1]["kl"] == pytest.approx(first[0]["kl"], rel=1e-5)
+    assert layers[1].self_attn.o_proj.weight.abs().max() > 0 and layers[1].mlp.down_proj.weight.abs().max() > 0
+
+
+def test_config_refuses_a_grown_student_for_a_vllm_engine(tmp_path, monkeypatch):
+    monkeypatch.setattr("pluribus.rollout.vllm_engine.vllm_installed", lambda: True)
+    data = dict(model="m", out="o", data={"domains": ["add"]}, teachers=[{"path": "a", "domains": ["add"]}],
+                expand_depth=1, rollout={"engine": "vllm"})
+    with pytest.raises(ConfigError, match="expand_depth needs rollout.engine 'hf'"):
+        validate(OPDConfig, data, "opd.yaml")
+
+
 def test_every_streamed_domain_needs_a_teacher(tiny_llama, teachers, tmp_path):
     cfg = _config(tmp_path, tiny_llama, [TeacherConfig(path=str(teachers["add"]), domains=["add"])])
     with pytest.raises(PluribusError, match=r"\['max'\] have no teacher.*forgotten"):

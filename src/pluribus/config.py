@@ -502,6 +502,11 @@ class OPDConfig(Distributed):
     chunk_size: int = Field(1024, gt=0, description="positions per chunk when teacher logits are rebuilt from hidden states")
     optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, schedule="cosine")
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter on the student; None: full weights")
+    expand_depth: int = Field(0, ge=0, exclude_if=lambda n: not n,  # left out when 0: earlier stage keys hold
+                              description="grow the student before training (LLaMA Pro block expansion, "
+                                          "pluribus.models.expand_depth): each decoder layer followed by N copies "
+                                          "that add nothing until trained, so it starts from the same logits; "
+                                          "0: the student as loaded")
     save_merged: bool = Field(True, description="with a LoRA student, save its adapter merged into full weights")
     allow_eos_mismatch: bool = Field(False, description="accept a teacher whose EOS differs from the student's")
     teacher_memory_mb: float = Field(0.0, ge=0, description="teachers kept loaded while their weights fit (LRU); "
@@ -522,6 +527,9 @@ class OPDConfig(Distributed):
                 if domain in seen:
                     raise ValueError(f"domain '{domain}' has two teachers (teachers[{seen[domain]}] and teachers[{i}])")
                 seen[domain] = i
+        if self.expand_depth and self.rollout.engine != "hf":
+            raise ValueError(f"expand_depth needs rollout.engine 'hf': a {self.rollout.engine} engine loads the "
+                             "student from its path, without the grown layers")
         bad = {d: w for d, w in self.domain_weights.items() if w < 0}
         if bad:
             raise ValueError(f"domain_weights must be ≥ 0, got {bad}")

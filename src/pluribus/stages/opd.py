@@ -36,7 +36,7 @@ from pluribus import dist
 from pluribus.config import OPDConfig
 from pluribus.data import Record
 from pluribus.errors import PluribusError
-from pluribus.models import add_lora, load, merge_lora, render_prompt, save, set_training
+from pluribus.models import add_lora, expand_depth, load, merge_lora, render_prompt, save, set_training
 from pluribus.models.lean import PromptStates, prefill_takes_prompt_states, prompt_states
 from pluribus.rollout import SamplingParams
 from pluribus.rollout.engine import HFEngine, open_engine
@@ -100,6 +100,8 @@ def run(cfg: OPDConfig, records: list[Record] | None = None, reward_fn: RewardFn
     world.per_rank(cfg.prompts_per_step, "opd prompts_per_step")
     seed_everything(cfg.seed)
     model, tokenizer = load(cfg.model, device=world.device)
+    if cfg.expand_depth:
+        model = expand_depth(model, cfg.expand_depth)
     if cfg.lora is not None and not hasattr(model, "disable_adapter"):
         model = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     student_head, _ = output_head(model)
