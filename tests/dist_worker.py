@@ -97,7 +97,8 @@ def grpo_update(model: str, rollout: str, out: str, mode: str, steps: int = 2, k
     _finish(policy, tokenizer, out, losses, stats=stats)
 
 
-def opd_update(model: str, teachers: list[str], rollout: str, out: str, mode: str, steps: int = 2) -> None:
+def opd_update(model: str, teachers: list[str], rollout: str, out: str, mode: str, steps: int = 2,
+               aggregation: str = "teacher_mean") -> None:
     """`opd.distill_step` on the same rollouts (ordered by teacher), each rank its half, two weighted teachers."""
     from pluribus import dist
     from pluribus.config import DataConfig, OPDConfig, OptimConfig, TeacherConfig
@@ -112,7 +113,8 @@ def opd_update(model: str, teachers: list[str], rollout: str, out: str, mode: st
     cfg = OPDConfig(model=model, out=out, data=DataConfig(domains=["add"]), chunk_size=16,
                     teachers=[TeacherConfig(path=teachers[0], domains=["add"]),
                               TeacherConfig(path=teachers[1], domains=["reverse"], weight=0.5)],
-                    optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), distributed=mode)
+                    optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"), distributed=mode,
+                    aggregation=aggregation)
     student, tokenizer = load(model)
     trainer = dist.wrap(student, mode, trunk=True)
     pool = TeacherPool([TeacherSpec(f"t{i}", Path(t.path), tuple(t.domains), t.weight)

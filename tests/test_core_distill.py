@@ -15,6 +15,7 @@ from pluribus.core import (
     reverse_kl_topk_tail,
     sampled_token_advantages,
     sampled_token_pg_loss,
+    teacher_weights,
     weighted_teacher_loss,
 )
 
@@ -395,3 +396,54 @@ def test_weighted_teacher_loss_rejects_bad_teacher_index():
         weighted_teacher_loss(kl, mask, torch.tensor([0, 1, 2]), torch.ones(2))
     with pytest.raises(ValueError, match="integer"):
         weighted_teacher_loss(kl, mask, torch.tensor([0.0, 1.0, 1.0]), torch.ones(2))
+
+
+def ref_aggregated_loss(kl_per_sequence, teacher_per_sequence, weights_E, aggregation):
+    """Loops over samples and tokens: the objective each `aggregation` names, from first principles."""
+    if aggregation == "teacher_mean":
+        kl = torch.cat(kl_per_sequence)
+        index = torch.tensor([e for e, seq in zip(teacher_per_sequence, kl_per_sequence) for _ in seq])
+        return ref_weighted_teacher_loss(kl, torch.ones_like(kl, dtype=torch.bool), index, weights_E)[0]
+    total = torch.zeros((), dtype=F64)
+    for e, seq in zip(teacher_per_sequence, kl_per_sequence):
+        for value in seq:
+            total = total + weights_E[e] * value
+    if aggregation == "sequence_sum":
+        return total / len(kl_per_sequence)
+    return total / sum(len(seq) for seq in kl_per_sequence)
+
+
+@pytest.mark.parametrize("aggregation", ["teacher_mean", "sequence_sum", "token_mean"])
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_teacher_weights_make_each_aggregation_over_ranks(aggregation, ranks):
+    """The batch's samples split over `ranks`: the per-rank `weighted_teacher_loss` under `teacher_weights`, summed,
+    is the loop reference over the whole batch, in value and gradient; a teacher may have no sample on a rank."""
+    generator = torch.Generator().manual_seed(60)
+    lengths = [int(n) for n in torch.randint(0, 7, (10,), generator=generator)]  # an empty response included
+    lengths[3] = 0
+    teachers = [int(e) for e in torch.randint(0, 3, (10,), generator=generator)] + [0]
+    lengths.append(5)
+    kl = _randn(sum(lengths), seed=61).abs().detach().requires_grad_()
+    per_sequence = list(torch.split(kl, lengths))
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.25], dtype=F64)  # teacher 3 has no samples
+    index = torch.tensor([e for e, n in zip(teachers, lengths) for _ in range(n)])
+    global_tokens = torch.bincount(index, minlength=4)
+    shards = [list(range(len(lengths)))[r::ranks] for r in range(ranks)]
+    loss = torch.zeros((), dtype=F64)
+    for shard in shards:
+        rank_kl = torch.cat([per_sequence[i] for i in shard])
+        rank_index = torch.tensor([teachers[i] for i in shard for _ in range(lengths[i])], dtype=torch.long)
+        rank_tokens = torch.bincount(rank_index, minlength=4)
+        w = teacher_weights(weights, rank_tokens, global_tokens, len(lengths), aggregation)
+        loss = loss + weighted_teacher_loss(rank_kl, torch.ones_like(rank_kl, dtype=torch.bool), rank_index, w)[0]
+    _assert_values_and_grads(loss, ref_aggregated_loss(per_sequence, teachers, weights, aggregation), [kl])
+
+
+def test_teacher_weights_hand_worked():
+    """Two samples: teacher 0 three tokens, teacher 1 one token; w = (1, 2)."""
+    weights, tokens = torch.tensor([1.0, 2.0], dtype=F64), torch.tensor([3, 1])
+    _close(teacher_weights(weights, tokens, tokens, 2, "teacher_mean"), torch.tensor([1.0, 2.0], dtype=F64))
+    _close(teacher_weights(weights, tokens, tokens, 2, "sequence_sum"), torch.tensor([1.5, 1.0], dtype=F64))
+    _close(teacher_weights(weights, tokens, tokens, 2, "token_mean"), torch.tensor([0.75, 0.5], dtype=F64))
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        teacher_weights(weights, tokens, tokens, 2, "mean")

@@ -120,6 +120,8 @@ def runs(tmp_path_factory, models, one_thread):
                                  "out": f"{tmp}/{where}/grpo-skip", "mode": mode, "steps": 3, "kl_coef": 0.0}],
                 ["opd_update", {"model": models["student"], "teachers": models["teachers"],
                                 "rollout": f"{tmp}/opd.pt", "out": f"{tmp}/{where}/opd", "mode": mode}],
+                ["opd_update", {"model": models["student"], "teachers": models["teachers"], "rollout": f"{tmp}/opd.pt",
+                                "out": f"{tmp}/{where}/opd-sequence-sum", "mode": mode, "aggregation": "sequence_sum"}],
                 ["grm_update", {"model": models["student"], "batch": f"{tmp}/grm.pt", "out": f"{tmp}/{where}/grm",
                                 "mode": mode}],
                 ["grm_update", {"model": models["student"], "batch": f"{tmp}/grm.pt", "out": f"{tmp}/{where}/grm64",
@@ -173,7 +175,7 @@ def test_sft_two_processes_half_batch_each_equal_one_process(runs, models):
     assert _max_param_diff(trained, saved_weights(runs / "ddp/sft/model")) < TOL
 
 
-@pytest.mark.parametrize("scenario", ["grpo", "opd"])
+@pytest.mark.parametrize("scenario", ["grpo", "opd", "opd-sequence-sum"])
 def test_rl_updates_on_the_same_rollouts_equal_one_process(runs, models, scenario):
     from pluribus.models import saved_weights
 
@@ -189,6 +191,8 @@ def test_rl_updates_on_the_same_rollouts_equal_one_process(runs, models, scenari
         assert one["stats"]["kl"] > 0  # the reference and the KL term are exercised
     else:
         assert one["tokens_E"] == two["tokens_E"] and min(one["tokens_E"]) > 0  # both teachers scored
+        if scenario != "opd":  # another objective on the same rollouts: another loss
+            assert abs(one["losses"][0] - _result(runs, "one", "opd")["losses"][0]) > 1e-3
         assert max(abs(a - b) for x, y in zip(one["kl_E"], two["kl_E"]) for a, b in zip(x, y)) < TOL
 
 

@@ -500,6 +500,11 @@ class OPDConfig(Distributed):
                                      description="full-vocabulary KL needs no top-p/top-k: leave them off")
     rollout: RolloutConfig = rollout_field()
     chunk_size: int = Field(1024, gt=0, description="positions per chunk when teacher logits are rebuilt from hidden states")
+    aggregation: Literal["teacher_mean", "sequence_sum", "token_mean"] = Field(
+        "teacher_mean", exclude_if=lambda a: a == "teacher_mean",  # left out when default: earlier stage keys hold
+        description="how the per-token KLs make the loss (pluribus.core.teacher_weights): teacher_mean is Eq. 29 "
+                    "(each teacher's mean KL, weighted); sequence_sum is the KL over whole responses (a long "
+                    "response weighs its length); token_mean weighs every token alike")
     optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, schedule="cosine")
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter on the student; None: full weights")
     expand_depth: int = Field(0, ge=0, exclude_if=lambda n: not n,  # left out when 0: earlier stage keys hold

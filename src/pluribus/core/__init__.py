@@ -9,6 +9,7 @@ from pluribus.core.distill import (
     reverse_kl_topk_tail,
     sampled_token_advantages,
     sampled_token_pg_loss,
+    teacher_weights,
     weighted_teacher_loss,
 )
 from pluribus.core.grpo import (
@@ -38,5 +39,6 @@ __all__ = [
     "sampled_token_pg_loss",
     "task_arithmetic",
     "ties_merge",
+    "teacher_weights",
     "weighted_teacher_loss",
 ]

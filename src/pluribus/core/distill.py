@@ -318,3 +318,31 @@ def weighted_teacher_loss(
     counts_E = kl_N.new_zeros(E).index_add(0, index_N, mask_N.to(kl_N.dtype))
     means_E = sums_E / counts_E.clamp_min(1)
     return (weights_E.to(means_E.dtype) * means_E).sum(), means_E.detach()
+
+
+AGGREGATIONS = ("teacher_mean", "sequence_sum", "token_mean")
+
+
+def teacher_weights(
+    weights_E: Tensor, tokens_E: Tensor, global_tokens_E: Tensor, global_sequences: int, aggregation: str = "teacher_mean"
+) -> Tensor:
+    """The `[E]` weights that make `weighted_teacher_loss` over this rank's tokens, summed over ranks, the objective.
+
+    tokens_E / global_tokens_E: each teacher's tokens on this rank / on every rank (equal with one process);
+    global_sequences: the samples of the global batch.
+
+    - `teacher_mean` (Eq. 29 as written): `Σ_E w_E · mean(KL over the tokens routed to E)`; every teacher weighs
+      w_E however many tokens its samples have.
+    - `sequence_sum`: `Σ_E w_E · Σ(KL over E's tokens) / global_sequences`, the mean over samples of each
+      sample's summed per-token KL: the KL between the student's and the teacher's distributions over whole
+      responses (exact: the per-token KLs are full-vocabulary and the tokens are the student's), so a long
+      response weighs its length.
+    - `token_mean`: `Σ_E w_E · Σ(KL over E's tokens) / (all tokens of the global batch)`: every token alike.
+    """
+    _require(aggregation in AGGREGATIONS, f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    _require(weights_E.shape == tokens_E.shape == global_tokens_E.shape, "weights_E, tokens_E and global_tokens_E must all be [E]")
+    tokens_E = tokens_E.to(weights_E.dtype)
+    if aggregation == "teacher_mean":
+        return weights_E * tokens_E / global_tokens_E.to(weights_E.dtype).clamp_min(1)
+    total = max(global_sequences, 1) if aggregation == "sequence_sum" else max(int(global_tokens_E.sum()), 1)
+    return weights_E * tokens_E / total
