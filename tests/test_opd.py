@@ -167,6 +167,14 @@ def test_grown_student_starts_from_the_same_logits_and_is_saved_grown(tiny_llama
     assert layers[1].self_attn.o_proj.weight.abs().max() > 0 and layers[1].mlp.down_proj.weight.abs().max() > 0
 
 
+def test_config_offers_the_aggregations_the_maths_knows():
+    from typing import get_args
+
+    from pluribus.core.distill import AGGREGATIONS
+
+    assert get_args(OPDConfig.model_fields["aggregation"].annotation) == AGGREGATIONS
+
+
 def test_config_refuses_a_grown_student_for_a_vllm_engine(tmp_path, monkeypatch):
     monkeypatch.setattr("pluribus.rollout.vllm_engine.vllm_installed", lambda: True)
     data = dict(model="m", out="o", data={"domains": ["add"]}, teachers=[{"path": "a", "domains": ["add"]}],

@@ -311,16 +311,15 @@ def expand_depth(model, copies: int = 1):
     grown, types = [], []
     kinds = getattr(lm.config, "layer_types", None)
     for index, layer in enumerate(layers):
-        for k in range(copies + 1):
-            block = layer if k == 0 else copy.deepcopy(layer)
-            if k:
-                with torch.no_grad():
-                    for linear in (block.self_attn.o_proj, block.mlp.down_proj):
-                        linear.weight.zero_()
-                        if linear.bias is not None:
-                            linear.bias.zero_()
-            grown.append(block)
-            types.append(kinds[index] if kinds else None)
+        blocks = [layer] + [copy.deepcopy(layer) for _ in range(copies)]
+        with torch.no_grad():
+            for block in blocks[1:]:
+                for linear in (block.self_attn.o_proj, block.mlp.down_proj):
+                    linear.weight.zero_()
+                    if linear.bias is not None:
+                        linear.bias.zero_()
+        grown += blocks
+        types += [kinds[index] if kinds else None] * len(blocks)
     for index, block in enumerate(grown):
         block.self_attn.layer_idx = index
     lm.get_decoder().layers = torch.nn.ModuleList(grown)

@@ -212,24 +212,20 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
     """
     world = dist.world()
     set_training(model)
+    tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])
+    global_E = dist.all_sum(tokens_E)  # this rank's own counts with one process
+    step_weights_E = teacher_weights(weights_E, tokens_E, global_E,
+                                     int(dist.all_sum(torch.tensor(len(rollout.prompt_ids)))), cfg.aggregation)
     if world.size == 1:
         head, bias = output_head(model)
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
                                         rollout.response_mask_B_T, pad_id, prompts=prompts, decoded=rollout.decoded)
-        tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])
-        loss, kl_mean_E, tokens_E = distill_backward(
-            hidden, head, states, teacher_weights(weights_E, tokens_E, tokens_E, len(rollout.prompt_ids), cfg.aggregation),
-            cfg.chunk_size, bias)
+        loss, kl_mean_E, tokens_E = distill_backward(hidden, head, states, step_weights_E, cfg.chunk_size, bias)
     else:
-        tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])
-        global_E = dist.all_sum(tokens_E)
-        global_B = int(dist.all_sum(torch.tensor(len(rollout.prompt_ids))))
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
                                         rollout.response_mask_B_T, pad_id, trunk=dist.trunk_forward(trainer, model))
         head, bias = (_detached(p) for p in output_head(model))  # after the forward: fsdp2 holds them whole
-        loss, kl_mean_E, _ = distill_backward(
-            hidden, head, states, teacher_weights(weights_E, tokens_E, global_E, global_B, cfg.aggregation),
-            cfg.chunk_size, bias)
+        loss, kl_mean_E, _ = distill_backward(hidden, head, states, step_weights_E, cfg.chunk_size, bias)
         if not (torch.isfinite(loss) and hidden.shape[0] > 0):  # no backward reached the trunk: join the reduction
             (hidden.sum() * 0).backward()
         for param, copy in zip(output_head(model), (head, bias)):
