@@ -214,8 +214,9 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
     set_training(model)
     tokens_E = torch.bincount(states.teacher_index_N, minlength=weights_E.shape[0])
     global_E = dist.all_sum(tokens_E)  # this rank's own counts with one process
-    step_weights_E = teacher_weights(weights_E, tokens_E, global_E,
-                                     int(dist.all_sum(torch.tensor(len(rollout.prompt_ids)))), cfg.aggregation)
+    samples = len(rollout.prompt_ids)
+    global_B = samples if world.size == 1 else int(dist.all_sum(torch.tensor(samples, device="cpu")))
+    step_weights_E = teacher_weights(weights_E, tokens_E, global_E, global_B, cfg.aggregation)
     if world.size == 1:
         head, bias = output_head(model)
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
