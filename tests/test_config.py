@@ -118,6 +118,9 @@ def test_cli_pipeline_error_names_file_and_dotted_field_before_anything_runs(tmp
     ("baselines: {offpolicy: {sft: {optim: {warmup_steps: -1}}}}\n",
      "baselines.offpolicy.sft.optim.warmup_steps: Input should be greater than or equal to 0"),
     ("domains: [add, nope]\n", "domains: unknown domain(s) ['nope']"),
+    ("opd_start: offpolicy\n", "opd_start: offpolicy: the OPD student would start from the off-policy baseline's "
+                                "student, and baselines.offpolicy is not set"),
+    ("opd_start: rl\n", "opd_start: Input should be 'sft' or 'offpolicy'"),
 ])
 def test_pipeline_sections_are_validated_with_their_dotted_path(tmp_path, extra, message):
     from pluribus.pipeline import plan_pipeline
@@ -126,6 +129,28 @@ def test_pipeline_sections_are_validated_with_their_dotted_path(tmp_path, extra,
     with pytest.raises(ConfigError) as info:
         plan_pipeline(path)
     assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_opd_started_from_the_offpolicy_student_runs_after_it_and_is_keyed_on_it(tmp_path):
+    """`opd_start: offpolicy`: the OPD student's model is the off-policy baseline's, the two run in one worker in
+    that order (the OPD chain first, the longest), and a change to the baseline changes the OPD stage's key."""
+    from pluribus.pipeline import _chains, _student_inputs, plan_pipeline
+
+    base = "baselines: {mixed_rl: {}, offpolicy: {n_per_domain: 8}, merge: [{method: linear}]}\n"
+    plan = plan_pipeline(_pipeline_yaml(tmp_path, base + "opd_start: offpolicy\n"))
+    assert plan.students["opd"].model == plan.students["offpolicy"].out != plan.sft.out
+    assert plan.students["mixed_rl"].model == plan.sft.out
+    assert _chains(plan) == [["offpolicy", "opd"], ["mixed_rl"], ["merge_linear"]]
+    inputs = _student_inputs(plan, "experts-key")
+    assert inputs["offpolicy"] == inputs["mixed_rl"] == "experts-key" != inputs["opd"]
+    changed = plan_pipeline(_pipeline_yaml(tmp_path, base.replace("8}", "9}") + "opd_start: offpolicy\n"))
+    assert _student_inputs(changed, "experts-key")["opd"] != inputs["opd"]
+    assert _student_inputs(changed, "other-experts")["opd"] != _student_inputs(changed, "experts-key")["opd"]
+
+    recipe = plan_pipeline(_pipeline_yaml(tmp_path, base))  # the default: every student from the general SFT model
+    assert recipe.students["opd"].model == plan.sft.out and recipe.after == {}
+    assert _chains(recipe) == [["opd"], ["mixed_rl"], ["merge_linear"], ["offpolicy"]]
+    assert set(_student_inputs(recipe, "experts-key").values()) == {"experts-key"}
 
 
 def test_stage_config_sections_and_missing_data_file(tmp_path):

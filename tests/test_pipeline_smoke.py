@@ -97,3 +97,21 @@ def test_one_domains_per_domain_change_retrains_that_expert_alone(smoke_run, cap
     assert (run_dir / "opd" / "DONE").read_text() != opd_done  # its teachers changed: it ran again (in a worker)
     after = {d: (run_dir / "experts" / d / "expert" / "config.json").stat().st_mtime_ns for d in mtimes}
     assert after["reverse"] == mtimes["reverse"] and after["case"] == mtimes["case"] and after["max"] > mtimes["max"]
+
+
+def test_opd_started_from_the_offpolicy_student_reruns_alone_from_that_model(smoke_run, capsys):
+    """After the test above (it reads the config that one left): `opd_start: offpolicy` re-runs the OPD stage alone,
+    from the off-policy baseline's saved student; the baselines and the experts are kept."""
+    config, run_dir = smoke_run
+    opd_done = (run_dir / "opd" / "DONE").read_text()
+    config.write_text(config.read_text().replace("\nworkers: 2 ", "\nopd_start: offpolicy\nworkers: 2 "))
+    assert "opd_start: offpolicy" in config.read_text()
+    run_pipeline(config, smoke=True)
+    out = capsys.readouterr().out
+    for stage in ("experts", "offpolicy", "mixed_rl", "merge_linear", "merge_ties", "eval"):
+        assert f"[{stage}] done earlier, skipped" in out, stage
+    assert (run_dir / "opd" / "DONE").read_text() != opd_done and "[opd] finished in" in out
+    ran = json.loads((run_dir / "opd" / "config.json").read_text())
+    assert ran["model"] == str(run_dir / "offpolicy" / "model")
+    compared = json.loads((run_dir / "compare" / "scores.json").read_text())
+    assert json.loads((run_dir / "opd" / "scores.json").read_text()) == compared["opd"]

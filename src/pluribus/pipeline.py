@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from rich.console import Console
@@ -34,7 +34,8 @@ SMOKE_DOMAINS = ["reverse", "max", "case"]
 
 
 class BaselinesConfig(Strict):
-    """The merge's rivals, each from the general SFT model like the OPD student; each optional."""
+    """The merge's rivals, each from the general SFT model like the OPD student (unless `opd_start` says it
+    starts from the off-policy student); each optional."""
 
     mixed_rl: dict[str, Any] | None = Field(None, description="GRPOConfig fields: one RL run on every domain")
     merge: list[dict[str, Any]] = Field(default_factory=list, description="MergeConfig fields, one per merge")
@@ -54,6 +55,9 @@ class PipelineConfig(Strict):
     eval: dict[str, Any] = Field(default_factory=dict)
     experts: dict[str, Any] | None = Field(None, description="ExpertsConfig fields; absent: stop after eval")
     opd: dict[str, Any] | None = Field(None, description="OPDConfig fields (teachers: each domain's expert)")
+    opd_start: Literal["sft", "offpolicy"] = Field(
+        "sft", description="the OPD student's start: the general SFT model (the recipe), or the off-policy baseline's "
+                           "student, SFT on the experts' answers (distilled off-policy, then on-policy; docs/merge.md)")
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     smoke: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --smoke")
 
@@ -72,7 +76,8 @@ class Plan:
     sft: SFTConfig
     eval: EvalConfig  # evaluates the base; each evaluated model swaps in its folder
     experts: ExpertsConfig | None  # None: stop after eval
-    students: dict[str, BaseModel]  # stage folder -> config: OPD and the baselines, all from the general SFT model
+    students: dict[str, BaseModel]  # stage folder -> config: OPD and the baselines, from the general SFT model
+    after: dict[str, str] = field(default_factory=dict)  # student -> the student whose model it starts from
 
 
 def load_pipeline(path: str | Path, smoke: bool = False) -> PipelineConfig:
@@ -134,10 +139,15 @@ def _plan(cfg: PipelineConfig, where: str) -> Plan:
                           out_dir=str(run_dir / "experts"))
     final = {d: str(Path(experts_cfg.out_dir) / d / "expert") for d in domains}  # stages.experts.expert_paths
     students: dict[str, BaseModel] = {}
-    if cfg.opd is not None:
-        students["opd"] = section(OPDConfig, "opd", cfg.opd, {**seed, "data": data}, **start, out=out("opd"),
-                                  teachers=[{"path": final[d], "domains": [d]} for d in domains])
     baselines = cfg.baselines
+    after = {"opd": "offpolicy"} if cfg.opd is not None and cfg.opd_start == "offpolicy" else {}
+    if after and baselines.offpolicy is None:
+        raise config_error(where, "opd_start", "offpolicy: the OPD student would start from the off-policy "
+                                               "baseline's student, and baselines.offpolicy is not set")
+    if cfg.opd is not None:
+        opd_start = {"model": out("offpolicy")} if after else start
+        students["opd"] = section(OPDConfig, "opd", cfg.opd, {**seed, "data": data}, **opd_start, out=out("opd"),
+                                  teachers=[{"path": final[d], "domains": [d]} for d in domains])
     if baselines.mixed_rl is not None:
         students["mixed_rl"] = section(GRPOConfig, "baselines.mixed_rl", baselines.mixed_rl, {**seed, "data": data},
                                        **start, out=out("mixed_rl"))
@@ -150,7 +160,7 @@ def _plan(cfg: PipelineConfig, where: str) -> Plan:
     if baselines.offpolicy is not None:
         students["offpolicy"] = section(OffPolicyConfig, "baselines.offpolicy", baselines.offpolicy, seed, **start,
                                         experts=final, out=out("offpolicy"))
-    return Plan(cfg, run_dir, domains, base, pre, sft_cfg, eval_cfg, experts_cfg, students)
+    return Plan(cfg, run_dir, domains, base, pre, sft_cfg, eval_cfg, experts_cfg, students, after)
 
 
 HOW_NOT_WHAT = ("checkpoint_every", "workers", "distributed")  # how a stage runs, never what it computes
@@ -257,8 +267,10 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
     experts_key = (run_dir / "experts" / "DONE").read_text().strip()
     n, seed = plan.eval.n, plan.config.seed
     scoring = (domains, n, seed)
-    todo = [(_student_stage, run_dir, label, scfg, experts_key, scoring) for label, scfg in plan.students.items()
-            if not _done(run_dir, label, _student_snapshot(scfg, experts_key))]  # skipped without a process
+    inputs = _student_inputs(plan, experts_key)
+    todo = [(_student_stages, run_dir, [(label, plan.students[label], inputs[label]) for label in chain], scoring)
+            for chain in _chains(plan)  # a chain whose every stage is done: skipped without a process
+            if not all(_done(run_dir, label, _student_snapshot(plan.students[label], inputs[label])) for label in chain)]
     # The evaluation last: it fills the worker that the baselines free while the OPD student trains on (the
     # quickstart: ~50 s idle), instead of holding both cores before the experts.
     todo += [] if _done(run_dir, "eval", evaluation[1]) else [(_eval_stage, *evaluation)]
@@ -285,20 +297,46 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
                                 "inputs": {k: durable.fingerprint_dir(v) for k, v in compared.items()}}, compare)
 
 
-def _student_snapshot(scfg: BaseModel, experts_key: str) -> dict:
-    return scfg.model_dump() | {"input": experts_key}
+def _student_snapshot(scfg: BaseModel, input_key: str) -> dict:
+    return scfg.model_dump() | {"input": input_key}
 
 
-def _student_stage(run_dir: Path, label: str, scfg: BaseModel, experts_key: str,
-                   scoring: tuple[list[str], int, int]) -> None:
-    """One stage that starts from the general SFT model and the experts: OPD or a baseline; then its scores for
-    the comparison, in the same worker (`scoring`: domains, n, seed): the baselines finish before the OPD
+def _student_inputs(plan: Plan, experts_key: str) -> dict[str, str]:
+    """What each student's stage is keyed on besides its config: the experts, and for a student that starts from
+    another's model (`plan.after`), that one's key too, so a changed off-policy baseline re-runs the OPD after it."""
+    def key(label: str) -> str:
+        source = plan.after.get(label)
+        return experts_key if source is None else durable.fingerprint([key(source),
+                                                                        _identity(plan.students[source].model_dump())])
+
+    return {label: key(label) for label in plan.students}
+
+
+def _chains(plan: Plan) -> list[list[str]]:
+    """The students as runs of stages, each run in one worker: a student that starts from another's model right
+    after it. The runs in the order of their earliest student (the OPD student's first: the longest)."""
+    order = list(plan.students)
+    chains = []
+    for label in order:
+        if label not in plan.after:
+            chain = [label]
+            while follower := next((f for f, source in plan.after.items() if source == chain[-1]), None):
+                chain.append(follower)
+            chains.append(chain)
+    return sorted(chains, key=lambda chain: min(order.index(label) for label in chain))
+
+
+def _student_stages(run_dir: Path, stages: list[tuple[str, BaseModel, str]], scoring: tuple[list[str], int, int]):
+    """Students in turn (`stages`: label, config, input key; each after the one it starts from), each stage scored
+    for the comparison in the same worker (`scoring`: domains, n, seed): the baselines finish before the OPD
     student, and their scoring takes time their worker would otherwise idle."""
     from pluribus.stages import grpo, merge, offpolicy, opd
 
-    run = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run, OffPolicyConfig: offpolicy.run}[type(scfg)]
-    _stage(run_dir, label, _student_snapshot(scfg, experts_key), lambda d: run(scfg))
-    _student_scores(run_dir / label, Path(scfg.out), *scoring)
+    for label, scfg, input_key in stages:
+        run = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run,
+               OffPolicyConfig: offpolicy.run}[type(scfg)]
+        _stage(run_dir, label, _student_snapshot(scfg, input_key), lambda d, run=run, scfg=scfg: run(scfg))
+        _student_scores(run_dir / label, Path(scfg.out), *scoring)
 
 
 def _student_scores(stage_dir: Path, model: Path, domains: list[str], n: int, seed: int,
