@@ -304,25 +304,19 @@ def _student_snapshot(scfg: BaseModel, input_key: str) -> dict:
 def _student_inputs(plan: Plan, experts_key: str) -> dict[str, str]:
     """What each student's stage is keyed on besides its config: the experts, and for a student that starts from
     another's model (`plan.after`), that one's key too, so a changed off-policy baseline re-runs the OPD after it."""
-    def key(label: str) -> str:
-        source = plan.after.get(label)
-        return experts_key if source is None else durable.fingerprint([key(source),
-                                                                        _identity(plan.students[source].model_dump())])
-
-    return {label: key(label) for label in plan.students}
+    inputs = dict.fromkeys(plan.students, experts_key)
+    for label, source in plan.after.items():
+        inputs[label] = durable.fingerprint([inputs[source], _identity(plan.students[source].model_dump())])
+    return inputs
 
 
 def _chains(plan: Plan) -> list[list[str]]:
     """The students as runs of stages, each run in one worker: a student that starts from another's model right
     after it. The runs in the order of their earliest student (the OPD student's first: the longest)."""
     order = list(plan.students)
-    chains = []
-    for label in order:
-        if label not in plan.after:
-            chain = [label]
-            while follower := next((f for f, source in plan.after.items() if source == chain[-1]), None):
-                chain.append(follower)
-            chains.append(chain)
+    chains = [[label] for label in order if label not in plan.after]
+    for follower, source in plan.after.items():
+        next(chain for chain in chains if chain[-1] == source).append(follower)
     return sorted(chains, key=lambda chain: min(order.index(label) for label in chain))
 
 
@@ -332,10 +326,9 @@ def _student_stages(run_dir: Path, stages: list[tuple[str, BaseModel, str]], sco
     student, and their scoring takes time their worker would otherwise idle."""
     from pluribus.stages import grpo, merge, offpolicy, opd
 
+    runs = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run, OffPolicyConfig: offpolicy.run}
     for label, scfg, input_key in stages:
-        run = {OPDConfig: opd.run, GRPOConfig: grpo.run, MergeConfig: merge.run,
-               OffPolicyConfig: offpolicy.run}[type(scfg)]
-        _stage(run_dir, label, _student_snapshot(scfg, input_key), lambda d, run=run, scfg=scfg: run(scfg))
+        _stage(run_dir, label, _student_snapshot(scfg, input_key), lambda d, scfg=scfg: runs[type(scfg)](scfg))
         _student_scores(run_dir / label, Path(scfg.out), *scoring)
 
 
