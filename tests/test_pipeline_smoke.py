@@ -115,3 +115,10 @@ def test_opd_started_from_the_offpolicy_student_reruns_alone_from_that_model(smo
     assert ran["model"] == str(run_dir / "offpolicy" / "model")
     compared = json.loads((run_dir / "compare" / "scores.json").read_text())
     assert json.loads((run_dir / "opd" / "scores.json").read_text()) == compared["opd"]
+    assert out.count("[offpolicy] done earlier, skipped") == 1  # said by its stage in the chain, not twice
+    headline = (run_dir / "compare" / "headline.md").read_text()
+    assert "opd starts from offpolicy's model, not sft's" in headline
+    run_pipeline(config, smoke=True)  # everything done: each stage of the chain skipped once, without a process
+    out = capsys.readouterr().out
+    assert out.count("[offpolicy] done earlier, skipped") == 1 and out.count("[opd] done earlier, skipped") == 1
+    assert "finished in" not in out

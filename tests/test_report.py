@@ -10,8 +10,8 @@ import pytest
 from matplotlib.image import imread
 
 from pluribus.errors import PluribusError
-from pluribus.report import (grpo_panels, headline, judge_panels, read_metrics, series, smooth, teacher_panels,
-                             write_report)
+from pluribus.report import (grpo_panels, headline, judge_panels, read_metrics, series, smooth, started_from,
+                             teacher_panels, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,6 +52,31 @@ def test_target_met_and_no_baseline_above(tmp_path):
     assert "min 98.0% (sort), mean 99.0%" in text and "on every domain: met." in text
     assert "No model beats opd on any domain." in text
     assert table(text)["add"] == ["80.0", "**80.0**", "30.0", "100.0%"]
+
+
+def test_a_student_started_from_a_baseline_says_so(tmp_path):
+    default = headline(SCORES, out_dir=tmp_path / "a")[0].read_text()
+    assert "starts from" not in default
+    text = headline(SCORES, out_dir=tmp_path / "b", start="merge_ties")[0].read_text()
+    assert "opd starts from merge_ties's model, not sft's: merge_ties is its starting point as well as a baseline." in text
+    assert text.replace("opd starts from merge_ties's model, not sft's: merge_ties is its starting point as well as a "
+                        "baseline.\n", "") == default  # the table and the rest as before
+
+
+def test_started_from_reads_the_stages_configs(tmp_path):
+    def stage(name, **config):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    stage("sft", out=str(tmp_path / "sft" / "model"))
+    stage("offpolicy", model=str(tmp_path / "sft" / "model"), out=str(tmp_path / "offpolicy" / "model"))
+    stage("opd", model=str(tmp_path / "sft" / "model"), out=str(tmp_path / "opd" / "model"))
+    (tmp_path / "eval").mkdir()  # a stage folder without its config yet
+    (tmp_path / "mixed_rl").mkdir()
+    (tmp_path / "mixed_rl" / "config.json").write_text("[1, 2]")  # no dict: not the start
+    assert started_from(tmp_path, "opd") == "sft"
+    (tmp_path / "opd" / "config.json").write_text(json.dumps({"model": str(tmp_path / "offpolicy" / "model")}))
+    assert started_from(tmp_path, "opd") == "offpolicy"
+    assert started_from(tmp_path, "missing") == "sft"
 
 
 def test_other_labels_an_expert_at_zero_and_a_missing_score(tmp_path):

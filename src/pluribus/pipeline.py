@@ -175,12 +175,12 @@ def _identity(snapshot: Any) -> Any:
     return snapshot
 
 
-def _done(run_dir: Path, name: str, snapshot: dict) -> bool:
-    """Whether the stage's DONE marker says this snapshot finished (and say so)."""
-    if durable.holds(run_dir / name / "DONE", durable.fingerprint(_identity(snapshot))):
+def _done(run_dir: Path, name: str, snapshot: dict, say: bool = True) -> bool:
+    """Whether the stage's DONE marker says this snapshot finished (and, with `say`, say so)."""
+    done = durable.holds(run_dir / name / "DONE", durable.fingerprint(_identity(snapshot)))
+    if done and say:
         print(f"[{name}] done earlier, skipped")
-        return True
-    return False
+    return done
 
 
 def _stage(run_dir: Path, name: str, snapshot: dict, body: Callable[[Path], Any],
@@ -254,7 +254,7 @@ def _eval_stage(run_dir: Path, snapshot: dict, eval_cfg: EvalConfig, models: dic
 def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> None:
     """Experts, then the OPD merge and its baselines from the same start (and the evaluation of the base and the
     general SFT model, `evaluation`: `_eval_stage`'s arguments), then the headline comparison."""
-    from pluribus.report import headline, student_label
+    from pluribus.report import headline, started_from, student_label
     from pluribus.stages import experts
 
     run_dir, domains, ecfg, workers = plan.run_dir, plan.domains, plan.experts, plan.config.workers
@@ -268,9 +268,14 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
     n, seed = plan.eval.n, plan.config.seed
     scoring = (domains, n, seed)
     inputs = _student_inputs(plan, experts_key)
-    todo = [(_student_stages, run_dir, [(label, plan.students[label], inputs[label]) for label in chain], scoring)
-            for chain in _chains(plan)  # a chain whose every stage is done: skipped without a process
-            if not all(_done(run_dir, label, _student_snapshot(plan.students[label], inputs[label])) for label in chain)]
+    todo = []
+    for chain in _chains(plan):  # a chain whose every stage is done: skipped without a process
+        stages = [(label, plan.students[label], inputs[label]) for label in chain]
+        if all(_done(run_dir, label, _student_snapshot(scfg, key), say=False) for label, scfg, key in stages):
+            for label, scfg, key in stages:
+                _done(run_dir, label, _student_snapshot(scfg, key))  # say so, once
+        else:
+            todo.append((_student_stages, run_dir, stages, scoring))  # its stages say which of them are done
     # The evaluation last: it fills the worker that the baselines free while the OPD student trains on (the
     # quickstart: ~50 s idle), instead of holding both cores before the experts.
     todo += [] if _done(run_dir, "eval", evaluation[1]) else [(_eval_stage, *evaluation)]
@@ -290,7 +295,8 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
                                                                  *scoring) for label in missing], workers)))
         scores |= students
         durable.write_text(stage_dir / "scores.json", json.dumps(scores, indent=2))
-        md, _ = headline(scores, "expert", student_label(scores), out_dir=stage_dir)
+        student = student_label(scores)
+        md, _ = headline(scores, "expert", student, out_dir=stage_dir, start=started_from(run_dir, student))
         Console(width=160).print(md.read_text(), markup=False)
 
     _stage(run_dir, "compare", {"n": n, "domains": domains, "experts": experts_key,

@@ -62,7 +62,7 @@ def _student_vs_expert(rows, expert: str, student: str) -> tuple[dict[str, float
     return ratios, beaten
 
 
-def _markdown(scores: dict[str, dict[str, float]], expert: str, student: str, png_name: str) -> str:
+def _markdown(scores: dict[str, dict[str, float]], expert: str, student: str, png_name: str, start: str) -> str:
     rows = _rows(scores)
     ratios, beaten = _student_vs_expert(rows, expert, student)
     mean_ratio = _mean(list(ratios.values()))
@@ -86,6 +86,9 @@ def _markdown(scores: dict[str, dict[str, float]], expert: str, student: str, pn
     skipped = [d for d in rows if d != "mean" and d not in ratios]
     if skipped:
         lines.append(f"No ratio where the expert scores 0 or a score is missing: {', '.join(skipped)}.")
+    if start != "sft":
+        lines.append(f"{student} starts from {start}'s model, not sft's: {start} is its starting point as well as a "
+                     "baseline.")
     lines.append(f"Bold: the best model other than {expert} on each row.")
     if beaten:
         lines += ["", f"Models that beat {student} (points ahead; base and sft are its starting points, not baselines):"]
@@ -122,12 +125,13 @@ def _bar_chart(scores: dict[str, dict[str, float]], path: Path, title: str = "Gr
 
 
 def headline(scores: dict[str, dict[str, float]], expert_label: str = "expert", student_label: str = "opd", *,
-             out_dir: str | Path) -> tuple[Path, Path]:
+             out_dir: str | Path, start: str = "sft") -> tuple[Path, Path]:
     """Write out_dir/headline.md and out_dir/headline.png; return their paths.
 
     scores: model label → {domain: greedy pass@1 in [0, 1]}; columns and bars keep the order of the
     labels, rows the order in which domains first appear. The expert column is the per-domain expert
-    (each domain scored by its own expert); the student is the merged model under test.
+    (each domain scored by its own expert); the student is the merged model under test, trained from the
+    model labelled `start` (said under the table when it is not the general SFT model, `started_from`).
     """
     for label in (expert_label, student_label):
         if label not in scores:
@@ -138,7 +142,7 @@ def headline(scores: dict[str, dict[str, float]], expert_label: str = "expert", 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, png = out_dir / "headline.md", out_dir / "headline.png"
-    text = _markdown(scores, expert_label, student_label, png.name)
+    text = _markdown(scores, expert_label, student_label, png.name, start)
     _write_atomic(md, lambda tmp: tmp.write_text(text))
     _write_atomic(png, lambda tmp: _bar_chart(scores, tmp))
     return md, png
@@ -147,6 +151,19 @@ def headline(scores: dict[str, dict[str, float]], expert_label: str = "expert", 
 def student_label(scores: dict[str, dict[str, float]]) -> str:
     """The merged model under test: `opd` where the run has it, else the last label compared."""
     return "opd" if "opd" in scores else list(scores)[-1]
+
+
+def started_from(run_dir: Path, student: str) -> str:
+    """The stage of `run_dir` whose model the student's stage started from (`offpolicy` under `opd_start:
+    offpolicy`), read from the stages' configs; `sft` where no other stage's output is its model."""
+    model = (_read_json(run_dir / student / "config.json") or {}).get("model")
+    for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name not in (student, "sft")):
+        try:
+            if model and (_read_json(folder / "config.json") or {}).get("out") == model:
+                return folder.name
+        except (ValueError, AttributeError):  # a half-written or foreign config.json: not the start
+            continue
+    return "sft"
 
 
 # ---- The run report: `pluribus report RUN_DIR` ------------------------------------------------------------------
@@ -286,7 +303,8 @@ def stage_status(run_dir: Path) -> dict[str, str]:
 def _headline_section(run_dir: Path, fig_dir: Path) -> list[str]:
     scores = _read_json(run_dir / "compare" / "scores.json")
     if scores is not None:
-        md, _ = headline(scores, "expert", student_label(scores), out_dir=fig_dir)
+        student = student_label(scores)
+        md, _ = headline(scores, "expert", student, out_dir=fig_dir, start=started_from(run_dir, student))
         text = md.read_text().replace("](headline.png)", f"]({fig_dir.name}/headline.png)")
         return ["#" + text, ""]  # its title becomes a section of this report
     lines = ["## Headline", "", "Not run yet: the compare stage writes it once OPD and the baselines are done.", ""]
