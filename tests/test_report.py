@@ -2,7 +2,9 @@
 the run report (`pluribus report RUN_DIR`) on small synthetic run folders."""
 
 import json
+import random
 import re
+import statistics
 import subprocess
 import sys
 
@@ -10,8 +12,8 @@ import pytest
 from matplotlib.image import imread
 
 from pluribus.errors import PluribusError
-from pluribus.report import (grpo_panels, headline, judge_panels, read_metrics, series, smooth, started_from,
-                             teacher_panels, write_report)
+from pluribus.report import (grpo_panels, headline, judge_panels, ratio_error, read_metrics, series, smooth,
+                             started_from, teacher_panels, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,6 +63,27 @@ def test_a_student_started_from_a_baseline_says_so(tmp_path):
     assert "opd starts from merge_ties's model, not sft's: merge_ties is its starting point as well as a baseline." in text
     assert text.replace("opd starts from merge_ties's model, not sft's: merge_ties is its starting point as well as a "
                         "baseline.\n", "") == default  # the table and the rest as before
+
+
+def test_ratio_error_is_the_binomial_spread_of_the_ratio():
+    assert ratio_error(0.5, 0.5, 200) == pytest.approx(0.1)  # sqrt(0.00125/0.25 + 0.25·0.00125/0.0625)
+    assert ratio_error(0.0, 0.5, 200) == 0.0 and ratio_error(1.0, 1.0, 200) == 0.0
+    rng = random.Random(0)  # the spread of the ratio of two binomial pass rates, drawn
+    for s, e, n in ((0.44, 0.51, 200), (0.77, 0.85, 200), (0.36, 0.405, 2000)):
+        draws = [sum(rng.random() < s for _ in range(n)) / max(1, sum(rng.random() < e for _ in range(n)))
+                 for _ in range(2000)]
+        assert ratio_error(s, e, n) == pytest.approx(statistics.pstdev(draws), rel=0.08), (s, e, n)
+
+
+def test_the_noise_line_names_the_domains_short_by_more_than_two_errors(tmp_path):
+    scores = {"expert": {"add": 0.5, "sort": 0.5, "case": 0.9}, "opd": {"add": 0.45, "sort": 0.25, "case": 0.9}}
+    assert "standard error" not in headline(scores, out_dir=tmp_path / "a")[0].read_text()  # without n: no line
+    text = headline(scores, out_dir=tmp_path / "b", n=200)[0].read_text()
+    # sort: 50.0% ± 7.1, short; add: 90.0% ± 9.5 is within two errors of 95%
+    assert ("One standard error at n = 200 prompts a domain (binomial): sort 50.0% ± 7.1, the mean 80.0% ± 4.1; "
+            "short of 95% by more than two standard errors: sort.") in text
+    scores["opd"]["sort"] = 0.45
+    assert "two standard errors: none." in headline(scores, out_dir=tmp_path / "c", n=200)[0].read_text()
 
 
 def test_started_from_reads_the_stages_configs(tmp_path):

@@ -296,7 +296,7 @@ def _merge_stages(plan: Plan, models: dict[str, Path], evaluation: tuple) -> Non
         scores |= students
         durable.write_text(stage_dir / "scores.json", json.dumps(scores, indent=2))
         student = student_label(scores)
-        md, _ = headline(scores, "expert", student, out_dir=stage_dir, start=started_from(run_dir, student))
+        md, _ = headline(scores, "expert", student, out_dir=stage_dir, start=started_from(run_dir, student), n=n)
         Console(width=160).print(md.read_text(), markup=False)
 
     _stage(run_dir, "compare", {"n": n, "domains": domains, "experts": experts_key,

@@ -62,7 +62,28 @@ def _student_vs_expert(rows, expert: str, student: str) -> tuple[dict[str, float
     return ratios, beaten
 
 
-def _markdown(scores: dict[str, dict[str, float]], expert: str, student: str, png_name: str, start: str) -> str:
+def ratio_error(student: float, expert: float, n: int) -> float:
+    """One standard error of student / expert, each a pass rate over n independent prompts (binomial variances,
+    first-order propagation: Var(s)/e² + s²·Var(e)/e⁴); the expert above 0."""
+    def var(p: float) -> float:
+        return p * (1 - p) / n
+    return math.sqrt(var(student) / expert**2 + student**2 * var(expert) / expert**4)
+
+
+def _noise_line(rows, ratios: dict[str, float], expert: str, student: str, n: int) -> str:
+    """How far the ratios can be trusted at n prompts a domain, and which domains are short of the target by more
+    than the noise."""
+    errors = {d: ratio_error(rows[d][student], rows[d][expert], n) for d in ratios}
+    worst = min(ratios, key=ratios.get)
+    mean_error = math.sqrt(sum(e * e for e in errors.values())) / len(errors)
+    short = [d for d, r in ratios.items() if r + 2 * errors[d] < TARGET_RATIO]
+    return (f"One standard error at n = {n} prompts a domain (binomial): {worst} {_pct(ratios[worst])}% ± "
+            f"{_pct(errors[worst])}, the mean {_pct(_mean(list(ratios.values())))}% ± {_pct(mean_error)}; short of "
+            f"{100 * TARGET_RATIO:.0f}% by more than two standard errors: {', '.join(short) or 'none'}.")
+
+
+def _markdown(scores: dict[str, dict[str, float]], expert: str, student: str, png_name: str, start: str,
+              n: int | None) -> str:
     rows = _rows(scores)
     ratios, beaten = _student_vs_expert(rows, expert, student)
     mean_ratio = _mean(list(ratios.values()))
@@ -83,6 +104,8 @@ def _markdown(scores: dict[str, dict[str, float]], expert: str, student: str, pn
         verdict = f"not met on {', '.join(below)}" if below else "met"
         lines.append(f"{ratio_col}: min {_pct(ratios[worst])}% ({worst}), mean {_pct(mean_ratio)}% "
                      f"(of the per-domain ratios); target ≥ {100 * TARGET_RATIO:.0f}% on every domain: {verdict}.")
+        if n:
+            lines.append(_noise_line(rows, ratios, expert, student, n))
     skipped = [d for d in rows if d != "mean" and d not in ratios]
     if skipped:
         lines.append(f"No ratio where the expert scores 0 or a score is missing: {', '.join(skipped)}.")
@@ -125,13 +148,15 @@ def _bar_chart(scores: dict[str, dict[str, float]], path: Path, title: str = "Gr
 
 
 def headline(scores: dict[str, dict[str, float]], expert_label: str = "expert", student_label: str = "opd", *,
-             out_dir: str | Path, start: str = "sft") -> tuple[Path, Path]:
+             out_dir: str | Path, start: str = "sft", n: int | None = None) -> tuple[Path, Path]:
     """Write out_dir/headline.md and out_dir/headline.png; return their paths.
 
     scores: model label → {domain: greedy pass@1 in [0, 1]}; columns and bars keep the order of the
     labels, rows the order in which domains first appear. The expert column is the per-domain expert
     (each domain scored by its own expert); the student is the merged model under test, trained from the
     model labelled `start` (said under the table when it is not the general SFT model, `started_from`).
+    n: the test prompts a domain; given, the summary adds the ratios' standard errors and the domains short of the
+    target by more than two of them (200 prompts: ±3.5 points on a score near 50%).
     """
     for label in (expert_label, student_label):
         if label not in scores:
@@ -142,7 +167,7 @@ def headline(scores: dict[str, dict[str, float]], expert_label: str = "expert", 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, png = out_dir / "headline.md", out_dir / "headline.png"
-    text = _markdown(scores, expert_label, student_label, png.name, start)
+    text = _markdown(scores, expert_label, student_label, png.name, start, n)
     _write_atomic(md, lambda tmp: tmp.write_text(text))
     _write_atomic(png, lambda tmp: _bar_chart(scores, tmp))
     return md, png
@@ -304,7 +329,8 @@ def _headline_section(run_dir: Path, fig_dir: Path) -> list[str]:
     scores = _read_json(run_dir / "compare" / "scores.json")
     if scores is not None:
         student = student_label(scores)
-        md, _ = headline(scores, "expert", student, out_dir=fig_dir, start=started_from(run_dir, student))
+        n = (_read_json(run_dir / "compare" / "config.json") or {}).get("n")
+        md, _ = headline(scores, "expert", student, out_dir=fig_dir, start=started_from(run_dir, student), n=n)
         text = md.read_text().replace("](headline.png)", f"]({fig_dir.name}/headline.png)")
         return ["#" + text, ""]  # its title becomes a section of this report
     lines = ["## Headline", "", "Not run yet: the compare stage writes it once OPD and the baselines are done.", ""]
