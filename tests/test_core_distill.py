@@ -66,6 +66,15 @@ def ref_reverse_kl(student_B_T_V: torch.Tensor, teacher_B_T_V: torch.Tensor) -> 
     return torch.stack(rows)
 
 
+def ref_forward_kl(student_B_T_V: torch.Tensor, teacher_B_T_V: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) per position, loops over the vocabulary."""
+    B, T, V = student_B_T_V.shape
+    return torch.stack([torch.stack([
+        sum(torch.exp(logp_t[v]) * (logp_t[v] - logp_s[v]) for v in range(V))
+        for logp_s, logp_t in ((ref_log_softmax(student_B_T_V[b, t]), ref_log_softmax(teacher_B_T_V[b, t].detach()))
+                               for t in range(T))]) for b in range(B)])
+
+
 def ref_topk_tail(student_B_T_V: torch.Tensor, teacher_B_T_V: torch.Tensor, k: int) -> torch.Tensor:
     B, T, V = student_B_T_V.shape
     rows = []
@@ -235,6 +244,50 @@ def test_chunked_matches_loop_reference():
     chunked = reverse_kl_chunked(student_hidden, student_head, teacher_hidden, teacher_head, chunk_size=4)
     expected = ref_reverse_kl((student_hidden @ student_head.T)[None], (teacher_hidden @ teacher_head.T)[None])[0]
     _assert_values_and_grads(chunked, expected, [student_hidden, student_head])
+
+
+@pytest.mark.parametrize("forward_weight", [0.3, 1.0])
+def test_chunked_with_a_forward_share_matches_loop_references(forward_weight):
+    student_hidden, student_head, _, teacher_hidden, teacher_head, _ = _heads(N=6, V=7, bias=False)
+    mixed = reverse_kl_chunked(student_hidden, student_head, teacher_hidden, teacher_head, chunk_size=4,
+                               forward_weight=forward_weight)
+    student, teacher = (student_hidden @ student_head.T)[None], (teacher_hidden @ teacher_head.T)[None]
+    expected = ((1 - forward_weight) * ref_reverse_kl(student, teacher) + forward_weight * ref_forward_kl(student, teacher))[0]
+    _assert_values_and_grads(mixed, expected, [student_hidden, student_head])
+    assert ref_forward_kl(student, teacher).sub(ref_reverse_kl(student, teacher)).abs().max() > 1e-2  # two divergences
+
+
+def test_chunked_forward_share_with_bias_temperature_and_small_row_blocks(monkeypatch):
+    import pluribus.core.distill as distill
+
+    monkeypatch.setattr(distill, "_BLOCK_ELEMENTS", 25)  # 2 rows of V=11 per block
+    inputs = _heads()
+    student_hidden, student_head, student_bias, teacher_hidden, teacher_head, teacher_bias = inputs
+    mixed = reverse_kl_chunked(student_hidden, student_head, teacher_hidden, teacher_head, 7, student_bias_V=student_bias,
+                               teacher_bias_V=teacher_bias, temperature=0.7, forward_weight=0.6)
+    student = ((student_hidden @ student_head.T + student_bias) / 0.7)[None]
+    teacher = ((teacher_hidden @ teacher_head.T + teacher_bias) / 0.7)[None]
+    expected = (0.4 * ref_reverse_kl(student, teacher) + 0.6 * ref_forward_kl(student, teacher))[0]
+    _assert_values_and_grads(mixed, expected, [student_hidden, student_head, student_bias])
+    with pytest.raises(ValueError, match="forward_weight must be in"):
+        reverse_kl_chunked(student_hidden, student_head, teacher_hidden, teacher_head, forward_weight=1.5)
+
+
+def test_chunked_forward_kl_ignores_tokens_the_teacher_rules_out():
+    # A vocabulary entry the teacher gives -inf: its forward term is 0·(−∞) and must add 0, as the tokens the
+    # student rules out do in the reverse KL; the reverse KL there is +inf and must take no part at α = 1.
+    student_hidden, student_head, _, teacher_hidden, teacher_head, _ = _heads(N=5, V=6, bias=False)
+    teacher_bias = torch.zeros(6, dtype=F64)
+    teacher_bias[0] = float("-inf")
+    forward = reverse_kl_chunked(student_hidden, student_head, teacher_hidden, teacher_head, 2,
+                                 teacher_bias_V=teacher_bias, forward_weight=1.0)
+    assert torch.isfinite(forward).all()
+    (grad,) = torch.autograd.grad(forward.sum(), [student_hidden], retain_graph=True)
+    assert torch.isfinite(grad).all()
+    student = (student_hidden @ student_head.T)[None]
+    teacher = (teacher_hidden @ teacher_head.T)[None].detach().clone()
+    teacher[..., 0] = -1e4  # probability 0 in float64: the same terms
+    _assert_values_and_grads(forward, ref_forward_kl(student, teacher)[0], [student_hidden, student_head])
 
 
 def test_chunked_gives_teacher_no_gradient():

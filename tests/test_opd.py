@@ -40,10 +40,13 @@ def perturbed_student(path, seed=7):
     return student.train(), tok
 
 
-@pytest.mark.parametrize("names,passes", [(("add", "max", "sort"), 3), (("add", "sort", "max"), 2)])
-def test_scheduled_loss_equals_naive_loss_in_value_and_gradient(tiny_llama, teachers, names, passes, monkeypatch):
+@pytest.mark.parametrize("names,passes,forward_weight", [(("add", "max", "sort"), 3, 0.0), (("add", "sort", "max"), 2, 0.0),
+                                                         (("add", "max", "sort"), 3, 0.75)])
+def test_scheduled_loss_equals_naive_loss_in_value_and_gradient(tiny_llama, teachers, names, passes, forward_weight,
+                                                                monkeypatch):
     """Two LoRA teachers over one base and a full one; in the second order the LoRA teachers are neighbours,
-    share their base's head, and are scored in one chunked pass."""
+    share their base's head, and are scored in one chunked pass. forward_weight α: each position's divergence is
+    (1 − α)·KL(s ‖ t) + α·KL(t ‖ s), the forward KL taken here in an independent form."""
     student, tok = perturbed_student(tiny_llama)
     weights = {"add": 1.0, "max": 0.5, "sort": 2.0}
     teachers = {d: teachers[d] for d in names}
@@ -65,7 +68,13 @@ def test_scheduled_loss_equals_naive_loss_in_value_and_gradient(tiny_llama, teac
         with torch.no_grad():
             teacher_logits[rows] = response_logits(model.eval(), [prompts[b] for b in rows], ids[rows], mask[rows],
                                                    tok.pad_token_id)
-    kl_B_T = reverse_kl(response_logits(student, prompts, ids, mask, tok.pad_token_id), teacher_logits)
+    student_logits = response_logits(student, prompts, ids, mask, tok.pad_token_id)
+    kl_B_T = reverse_kl(student_logits, teacher_logits)
+    if forward_weight:
+        log_s, log_t = student_logits.log_softmax(-1), teacher_logits.log_softmax(-1)
+        forward_B_T = (log_t.exp() * (log_t - log_s)).sum(-1)
+        assert float((forward_B_T - kl_B_T)[mask].abs().max()) > 1e-3  # 100× the tolerance: two divergences
+        kl_B_T = (1 - forward_weight) * kl_B_T + forward_weight * forward_B_T
     index_B_T = torch.tensor(index)[:, None].expand_as(mask)
     naive_loss, naive_means = weighted_teacher_loss(kl_B_T[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
                                                     index_B_T[mask], pool.weights_E)
@@ -76,7 +85,8 @@ def test_scheduled_loss_equals_naive_loss_in_value_and_gradient(tiny_llama, teac
     states = pool.teacher_states(prompts, ids, mask, index, tok.pad_token_id)
     hidden = response_hidden_states(student, prompts, ids, mask, tok.pad_token_id)
     head, bias = output_head(student)
-    loss, means, tokens = distill_backward(hidden, head, states, pool.weights_E, chunk_size=5, student_bias_V=bias)
+    loss, means, tokens = distill_backward(hidden, head, states, pool.weights_E, chunk_size=5, student_bias_V=bias,
+                                           forward_weight=forward_weight)
 
     assert float(naive_loss) > 0.01  # the teachers differ from the student: a real comparison
     torch.testing.assert_close(loss.float(), naive_loss.detach(), rtol=1e-5, atol=1e-5)
@@ -165,6 +175,23 @@ def test_grown_student_starts_from_the_same_logits_and_is_saved_grown(tiny_llama
     assert first[1]["tokens"] == first[0]["tokens"]
     assert first[1]["kl"] == pytest.approx(first[0]["kl"], rel=1e-5)
     assert layers[1].self_attn.o_proj.weight.abs().max() > 0 and layers[1].mlp.down_proj.weight.abs().max() > 0
+
+
+def test_forward_kl_weight_reaches_the_loss_and_leaves_the_default_key_alone(tiny_llama, teachers, tmp_path):
+    """The same first rollout (sampled before any update) scored by the reverse KL and by the forward KL: the
+    tokens agree and the logged divergences differ; α = 0 is left out of the stage's config dump."""
+    first = {}
+    for alpha in (0.0, 1.0):
+        cfg = _config(tmp_path / str(alpha), tiny_llama, [TeacherConfig(path=str(teachers["add"]), domains=["add", "max"])],
+                      steps=1, prompts_per_step=4, reward_every=0, forward_kl_weight=alpha)
+        opd.run(cfg)
+        first[alpha] = json.loads((tmp_path / str(alpha) / "opd.metrics.jsonl").read_text().splitlines()[0])
+        assert ("forward_kl_weight" in cfg.model_dump()) == bool(alpha)
+    assert first[1.0]["tokens"] == first[0.0]["tokens"] > 0
+    assert abs(first[1.0]["kl"] - first[0.0]["kl"]) > 1e-3 * first[0.0]["kl"] > 0
+    with pytest.raises(ConfigError, match="forward_kl_weight"):
+        validate(OPDConfig, dict(model="m", out="o", data={"domains": ["add"]}, teachers=[{"path": "a", "domains": ["add"]}],
+                                 forward_kl_weight=1.5), "opd.yaml")
 
 
 def test_config_offers_the_aggregations_the_maths_knows():

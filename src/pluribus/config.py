@@ -505,6 +505,11 @@ class OPDConfig(Distributed):
         description="how the per-token KLs make the loss (pluribus.core.teacher_weights): teacher_mean is Eq. 29 "
                     "(each teacher's mean KL, weighted); sequence_sum is the KL over whole responses (a long "
                     "response weighs its length); token_mean weighs every token alike")
+    forward_kl_weight: float = Field(
+        0.0, ge=0, le=1, exclude_if=lambda w: not w,  # left out when 0: earlier stage keys hold
+        description="α: each position's divergence is (1 − α)·KL(student ‖ teacher) + α·KL(teacher ‖ student), both "
+                    "exact over the vocabulary on the student's samples (pluribus.core.reverse_kl_chunked); 0 is "
+                    "Eq. 29, 1 GKD's on-policy forward KL (β = 0)")
     optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, schedule="cosine")
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter on the student; None: full weights")
     expand_depth: int = Field(0, ge=0, exclude_if=lambda n: not n,  # left out when 0: earlier stage keys hold

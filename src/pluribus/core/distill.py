@@ -106,23 +106,32 @@ def _chunk_kl_terms(
     teacher_head_V_D: Tensor,
     teacher_bias_V: Tensor | None,
     temperature: float,
-) -> tuple[Tensor, Tensor]:
-    """`(p_s, p_s ⊙ (log p_s − log p_t))`, both `[C, V]`, built in place in two buffers."""
+    forward: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """`(p_s, p_s ⊙ (log p_s − log p_t), p_t, KL(t ‖ s) [C])`, the first two `[C, V]` built in place in two
+    buffers; the last two only with `forward` (a third `[C, V]` buffer), else None."""
     student_C_V = _head_logprobs(student_hidden_C_D, student_head_V_D, student_bias_V, temperature)
     terms_C_V = _head_logprobs(teacher_hidden_C_D, teacher_head_V_D, teacher_bias_V, temperature)
+    teacher_C_V = terms_C_V.exp() if forward else None
     terms_C_V.neg_().add_(student_C_V)
+    rows = _rows_per_block(student_C_V.shape[-1])
+    forward_C = None
+    if teacher_C_V is not None:
+        # Σ p_t (log p_t − log p_s), a token the teacher gives probability 0 adding 0 (not 0·∞); block by block,
+        # so the temporaries stay small.
+        forward_C = torch.cat([(teacher_block * diff_block.masked_fill(teacher_block == 0, 0.0)).sum(-1).neg_()
+                               for teacher_block, diff_block in zip(teacher_C_V.split(rows), terms_C_V.split(rows))])
     student_C_V.exp_()
     terms_C_V.mul_(student_C_V)
     # Same guard as _kl_from_logprobs; here the product is already formed, and no autograd runs
     # through it, so the fill after the product is safe. NaN logits give NaN p_s and stay NaN.
     # Block by block, so the bool mask is never a third [C, V] buffer.
-    rows = _rows_per_block(student_C_V.shape[-1])
     for probs_block, terms_block in zip(student_C_V.split(rows), terms_C_V.split(rows)):
         terms_block.masked_fill_(probs_block == 0, 0.0)
-    return student_C_V, terms_C_V
+    return student_C_V, terms_C_V, teacher_C_V, forward_C
 
 
-class _ChunkedReverseKL(torch.autograd.Function):
+class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
@@ -134,6 +143,7 @@ class _ChunkedReverseKL(torch.autograd.Function):
         teacher_bias_V: Tensor | None,
         chunk_size: int,
         temperature: float,
+        forward_weight: float,
     ) -> Tensor:
         dtype = _compute_dtype(student_hidden_N_D.dtype)
         student_head = student_head_V_D.to(dtype)
@@ -141,21 +151,25 @@ class _ChunkedReverseKL(torch.autograd.Function):
         teacher_head = teacher_head_V_Dt.to(dtype)
         teacher_bias = None if teacher_bias_V is None else teacher_bias_V.to(dtype)
         N = student_hidden_N_D.shape[0]
-        kl_N = torch.empty(N, dtype=dtype, device=student_hidden_N_D.device)
+        kl_N = torch.empty(N, dtype=dtype, device=student_hidden_N_D.device)  # KL(s ‖ t): the backward needs it
+        out_N = kl_N if not forward_weight else torch.empty_like(kl_N)
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
-            student_probs_C_V, terms_C_V = _chunk_kl_terms(
+            student_probs_C_V, terms_C_V, teacher_probs_C_V, forward_C = _chunk_kl_terms(
                 student_hidden_N_D[rows].to(dtype), student_head, student_bias,
-                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature,
+                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature, bool(forward_weight),
             )
-            del student_probs_C_V
+            del student_probs_C_V, teacher_probs_C_V
             kl_N[rows] = terms_C_V.sum(-1)
             del terms_C_V
+            if forward_C is not None:  # at α = 1 the reverse KL takes no part (an infinite one would give 0·∞)
+                out_N[rows] = forward_C if forward_weight == 1 else (1 - forward_weight) * kl_N[rows] + forward_weight * forward_C
         ctx.save_for_backward(student_hidden_N_D, student_head_V_D, student_bias_V,
                               teacher_hidden_N_Dt, teacher_head_V_Dt, teacher_bias_V, kl_N)
         ctx.chunk_size = chunk_size
         ctx.temperature = temperature
-        return kl_N
+        ctx.forward_weight = forward_weight
+        return out_N
 
     @staticmethod
     @once_differentiable
@@ -164,10 +178,10 @@ class _ChunkedReverseKL(torch.autograd.Function):
         need_hidden, need_head, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = grad_head = grad_bias = None
         if not (need_hidden or need_head or need_bias):
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
 
         dtype = kl_N.dtype
-        temperature = ctx.temperature
+        temperature, forward_weight = ctx.temperature, ctx.forward_weight
         student_head = student_head_V_D.to(dtype)
         student_bias = None if student_bias_V is None else student_bias_V.to(dtype)
         teacher_head = teacher_head_V_Dt.to(dtype)
@@ -184,13 +198,20 @@ class _ChunkedReverseKL(torch.autograd.Function):
         for start in range(0, kl_N.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             student_hidden_C_D = student_hidden_N_D[rows].to(dtype)
-            student_probs_C_V, grad_logits_C_V = _chunk_kl_terms(
+            student_probs_C_V, grad_logits_C_V, teacher_probs_C_V, _ = _chunk_kl_terms(
                 student_hidden_C_D, student_head, student_bias,
-                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature,
+                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature, bool(forward_weight),
             )
-            # d KL / d z_s = p_s ⊙ (log p_s − log p_t − KL); the buffer already holds the first part.
+            # d KL(s ‖ t) / d z_s = p_s ⊙ (log p_s − log p_t − KL); the buffer already holds the first part.
             grad_logits_C_V.addcmul_(student_probs_C_V, kl_N[rows].unsqueeze(-1), value=-1.0)
-            del student_probs_C_V
+            if teacher_probs_C_V is not None:  # d KL(t ‖ s) / d z_s = p_s − p_t
+                forward_grad_C_V = student_probs_C_V.sub_(teacher_probs_C_V)
+                if forward_weight == 1:
+                    grad_logits_C_V.copy_(forward_grad_C_V)
+                else:
+                    grad_logits_C_V.mul_(1 - forward_weight).add_(forward_grad_C_V, alpha=forward_weight)
+                del forward_grad_C_V
+            del student_probs_C_V, teacher_probs_C_V
             grad_logits_C_V.mul_(grad_kl_N[rows].unsqueeze(-1))
             if need_hidden:
                 torch.mm(grad_logits_C_V, student_head, out=grad_hidden[rows])
@@ -206,7 +227,7 @@ class _ChunkedReverseKL(torch.autograd.Function):
             grad_head = grad_head.to(student_head_V_D.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(student_bias_V.dtype)
-        return grad_hidden, grad_head, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_head, grad_bias, None, None, None, None, None, None
 
 
 def reverse_kl_chunked(
@@ -218,6 +239,7 @@ def reverse_kl_chunked(
     student_bias_V: Tensor | None = None,
     teacher_bias_V: Tensor | None = None,
     temperature: float = 1.0,
+    forward_weight: float = 0.0,
 ) -> Tensor:
     """Exact per-position KL(student ‖ teacher) `[N]`, logits rebuilt from hidden states `chunk_size` rows at a time.
 
@@ -226,6 +248,12 @@ def reverse_kl_chunked(
     none. The teacher's hidden size may differ from the student's; the vocabularies must match.
     Peak extra memory: about two `[chunk_size, V]` buffers in the compute dtype (float32 at least)
     plus one `[V, D]` gradient of the head, in forward and in backward alike.
+
+    forward_weight α (an extension, not V4's Eq. 29, which is α = 0): the per-position divergence becomes
+    `(1 − α)·KL(s ‖ t) + α·KL(t ‖ s)`, both exact over the vocabulary at the student's own positions (α = 1:
+    GKD's on-policy forward KL, β = 0). The reverse KL's gradient into a token the student gives probability
+    p_s is at most ~p_s, so a token the teacher wants and the student rarely samples is learnt slowly; the
+    forward KL's is `p_s − p_t`. With α > 0 a third `[chunk_size, V]` buffer holds p_t.
     """
     _require(student_hidden_N_D.dim() == 2 and teacher_hidden_N_D.dim() == 2, "hidden states must be 2-D [N, D]")
     _require(student_head_V_D.dim() == 2 and teacher_head_V_D.dim() == 2, "output heads must be 2-D [V, D]")
@@ -238,11 +266,12 @@ def reverse_kl_chunked(
         _require(bias is None or bias.shape == (V,), f"{name} must have shape [{V}]")
     _require(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     _require(temperature > 0, f"temperature must be > 0, got {temperature}")
-    return _ChunkedReverseKL.apply(
+    _require(0 <= forward_weight <= 1, f"forward_weight must be in [0, 1], got {forward_weight}")
+    return _ChunkedKL.apply(
         student_hidden_N_D, student_head_V_D, student_bias_V,
         teacher_hidden_N_D.detach(), teacher_head_V_D.detach(),
         None if teacher_bias_V is None else teacher_bias_V.detach(),
-        chunk_size, float(temperature),
+        chunk_size, float(temperature), float(forward_weight),
     )
 
 

@@ -221,12 +221,14 @@ def distill_step(model, trainer, rollout, states, weights_E: torch.Tensor, optim
         head, bias = output_head(model)
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
                                         rollout.response_mask_B_T, pad_id, prompts=prompts, decoded=rollout.decoded)
-        loss, kl_mean_E, tokens_E = distill_backward(hidden, head, states, step_weights_E, cfg.chunk_size, bias)
+        loss, kl_mean_E, tokens_E = distill_backward(hidden, head, states, step_weights_E, cfg.chunk_size, bias,
+                                                     cfg.forward_kl_weight)
     else:
         hidden = response_hidden_states(model, rollout.prompt_ids, rollout.response_ids_B_T,
                                         rollout.response_mask_B_T, pad_id, trunk=dist.trunk_forward(trainer, model))
         head, bias = (_detached(p) for p in output_head(model))  # after the forward: fsdp2 holds them whole
-        loss, kl_mean_E, _ = distill_backward(hidden, head, states, step_weights_E, cfg.chunk_size, bias)
+        loss, kl_mean_E, _ = distill_backward(hidden, head, states, step_weights_E, cfg.chunk_size, bias,
+                                              cfg.forward_kl_weight)
         if not (torch.isfinite(loss) and hidden.shape[0] > 0):  # no backward reached the trunk: join the reduction
             (hidden.sum() * 0).backward()
         for param, copy in zip(output_head(model), (head, bias)):

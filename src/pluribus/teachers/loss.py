@@ -20,14 +20,15 @@ from pluribus.teachers.pool import TeacherGroup, TeacherHead, TeacherStates
 
 
 def distill_backward(student_hidden_N_D: Tensor, student_head_V_D: Tensor, states: TeacherStates,
-                     weights_E: Tensor, chunk_size: int = 1024,
-                     student_bias_V: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                     weights_E: Tensor, chunk_size: int = 1024, student_bias_V: Tensor | None = None,
+                     forward_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Backpropagate Eq. 29 into the student; return `(loss, kl_mean_E, tokens_E)`, detached.
 
     student_hidden_N_D: the student's final-norm hidden states at the N response positions, in the
         batch's order (samples ordered by teacher), attached to the student's graph.
     student_head_V_D / student_bias_V: the student's output head (parameters: their gradient
         accumulates in `.grad`).
+    forward_weight: α of `reverse_kl_chunked` (0: Eq. 29's reverse KL; the means are then of the mixed divergence).
     A teacher with no positions has mean 0 and 0 tokens. When a teacher's term is not finite the
     loss comes back non-finite and nothing reaches the trunk; gradients already accumulated in the
     head must then be discarded by the caller (`optimizer.zero_grad`).
@@ -45,7 +46,7 @@ def distill_backward(student_hidden_N_D: Tensor, student_head_V_D: Tensor, state
         kl_n = reverse_kl_chunked(student_n_D, student_head_V_D,
                                   _cat([group.hidden_N_D.to(cut_N_D.device) for group in groups]),
                                   teacher_weight_V_D, chunk_size, student_bias_V=student_bias_V,
-                                  teacher_bias_V=teacher_bias_V)
+                                  teacher_bias_V=teacher_bias_V, forward_weight=forward_weight)
         del teacher_weight_V_D, teacher_bias_V
         index_n = _cat([states.teacher_index_N[group.rows] for group in groups]).to(kl_n.device)
         term, means_E = weighted_teacher_loss(kl_n, torch.ones_like(kl_n, dtype=torch.bool), index_n,
