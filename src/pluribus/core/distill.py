@@ -24,6 +24,8 @@ Where this departs from the report, and why:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -106,17 +108,18 @@ def _chunk_kl_terms(
     teacher_head_V_D: Tensor,
     teacher_bias_V: Tensor | None,
     temperature: float,
-    forward: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """`(p_s, p_s ⊙ (log p_s − log p_t), p_t, KL(t ‖ s) [C])`, the first two `[C, V]` built in place in two
-    buffers; the last two only with `forward` (a third `[C, V]` buffer), else None."""
+    forward: Literal["", "kl", "probs"] = "",
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`(p_s, p_s ⊙ (log p_s − log p_t), extra)`, the first two `[C, V]` built in place in two buffers; extra:
+    with `forward="kl"` KL(t ‖ s) `[C]` (the forward pass's value), with `"probs"` p_t `[C, V]` (the backward's
+    gradient; a third buffer), else None."""
     student_C_V = _head_logprobs(student_hidden_C_D, student_head_V_D, student_bias_V, temperature)
     terms_C_V = _head_logprobs(teacher_hidden_C_D, teacher_head_V_D, teacher_bias_V, temperature)
     teacher_C_V = terms_C_V.exp() if forward else None
     terms_C_V.neg_().add_(student_C_V)
     rows = _rows_per_block(student_C_V.shape[-1])
     forward_C = None
-    if teacher_C_V is not None:
+    if forward == "kl":
         # Σ p_t (log p_t − log p_s), a token the teacher gives probability 0 adding 0 (not 0·∞); block by block,
         # so the temporaries stay small.
         forward_C = torch.cat([(teacher_block * diff_block.masked_fill(teacher_block == 0, 0.0)).sum(-1).neg_()
@@ -128,7 +131,7 @@ def _chunk_kl_terms(
     # Block by block, so the bool mask is never a third [C, V] buffer.
     for probs_block, terms_block in zip(student_C_V.split(rows), terms_C_V.split(rows)):
         terms_block.masked_fill_(probs_block == 0, 0.0)
-    return student_C_V, terms_C_V, teacher_C_V, forward_C
+    return student_C_V, terms_C_V, teacher_C_V if forward == "probs" else forward_C
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -155,15 +158,17 @@ class _ChunkedKL(torch.autograd.Function):
         out_N = kl_N if not forward_weight else torch.empty_like(kl_N)
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
-            student_probs_C_V, terms_C_V, teacher_probs_C_V, forward_C = _chunk_kl_terms(
+            student_probs_C_V, terms_C_V, forward_C = _chunk_kl_terms(
                 student_hidden_N_D[rows].to(dtype), student_head, student_bias,
-                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature, bool(forward_weight),
+                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature,
+                "kl" if forward_weight else "",
             )
-            del student_probs_C_V, teacher_probs_C_V
+            del student_probs_C_V
             kl_N[rows] = terms_C_V.sum(-1)
             del terms_C_V
             if forward_C is not None:  # at α = 1 the reverse KL takes no part (an infinite one would give 0·∞)
-                out_N[rows] = forward_C if forward_weight == 1 else (1 - forward_weight) * kl_N[rows] + forward_weight * forward_C
+                out_N[rows] = (forward_C if forward_weight == 1
+                               else (1 - forward_weight) * kl_N[rows] + forward_weight * forward_C)
         ctx.save_for_backward(student_hidden_N_D, student_head_V_D, student_bias_V,
                               teacher_hidden_N_Dt, teacher_head_V_Dt, teacher_bias_V, kl_N)
         ctx.chunk_size = chunk_size
@@ -198,9 +203,10 @@ class _ChunkedKL(torch.autograd.Function):
         for start in range(0, kl_N.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             student_hidden_C_D = student_hidden_N_D[rows].to(dtype)
-            student_probs_C_V, grad_logits_C_V, teacher_probs_C_V, _ = _chunk_kl_terms(
+            student_probs_C_V, grad_logits_C_V, teacher_probs_C_V = _chunk_kl_terms(
                 student_hidden_C_D, student_head, student_bias,
-                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature, bool(forward_weight),
+                teacher_hidden_N_Dt[rows].to(dtype), teacher_head, teacher_bias, temperature,
+                "probs" if forward_weight else "",
             )
             # d KL(s ‖ t) / d z_s = p_s ⊙ (log p_s − log p_t − KL); the buffer already holds the first part.
             grad_logits_C_V.addcmul_(student_probs_C_V, kl_N[rows].unsqueeze(-1), value=-1.0)
