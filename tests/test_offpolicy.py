@@ -90,6 +90,32 @@ def test_records_are_routed_to_their_domains_expert_and_passed_to_sft(monkeypatc
     assert not stage.data_path(cfg.out).exists()
 
 
+def test_a_rerun_reads_the_answers_back_and_new_sampling_arguments_draw_again(monkeypatch, tiny_llama, experts,
+                                                                                tmp_path):
+    """A resumed stage must not pay the experts' sampling twice (at 40x it is ~15 minutes), and must not reuse
+    answers drawn under other arguments."""
+    cfg = config(tiny_llama, experts, tmp_path / "student")
+    jsonl = stage.data_path(cfg.out)
+    written = []
+    monkeypatch.setattr(stage.sft, "run", lambda cfg, records, meta: written.append(records) or Path(cfg.out))
+    stage.run(cfg)
+    first = jsonl.read_text()
+    assert jsonl.with_suffix(".key").read_text() == stage.data_key(cfg)
+
+    def no_sampling(*args):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(stage, "expert_records", no_sampling)
+    stage.run(cfg)
+    assert [r.to_json() for r in written[1]] == [r.to_json() for r in written[0]]  # the same records reach SFT
+    assert jsonl.read_text() == first
+    for changed in ({"n_per_domain": 2}, {"sampling": {**SAMPLING, "temperature": 0.5}}, {"seed": 6}):
+        with pytest.raises(AssertionError, match="sampled again"):
+            stage.run(config(tiny_llama, experts, tmp_path / "student", **changed))
+    stage.run(cfg)  # the first set and its key stay together until a new set is written whole
+    assert jsonl.read_text() == first and len(written) == 3
+
+
 def test_an_sft_typo_fails_before_any_generation(tmp_path):
     cfg = config(tmp_path / "start", {"add": str(tmp_path / "missing")}, tmp_path / "student", sft={"stepz": 3})
     with pytest.raises(ConfigError, match=r"^offpolicy\.sft: stepz: unknown field$"):
