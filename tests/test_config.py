@@ -185,14 +185,18 @@ def test_each_example_stage_config_runs_on_what_the_quickstart_writes():
     from pluribus.pipeline import plan_pipeline
 
     examples = Path(__file__).resolve().parents[1] / "examples"
-    stages = {"opd-long.yaml": OPDConfig, "sft-one-domain.yaml": SFTConfig, "grm-describe.yaml": ExpertsConfig}
+    stages = {"opd-long.yaml": OPDConfig, "opd-full.yaml": OPDConfig, "sft-one-domain.yaml": SFTConfig,
+              "grm-describe.yaml": ExpertsConfig}
     pipelines = {"quickstart.yaml", "real-model.yaml"}
     assert {p.name for p in examples.glob("*.yaml")} == set(stages) | pipelines  # a new example is checked here
     plan = plan_pipeline(examples / "quickstart.yaml")
-    opd, sft, grm = (load_yaml(examples / name, cls) for name, cls in stages.items())
+    opd, opd_full, sft, grm = (load_yaml(examples / name, cls) for name, cls in stages.items())
 
-    assert sorted(opd.data.domains) == sorted(plan.domains)  # every domain distilled: a domain left out is forgotten
-    assert opd.model == plan.sft.out
-    assert [(t.path, t.domains) for t in opd.teachers] == [(t.path, t.domains) for t in plan.students["opd"].teachers]
+    for o in (opd, opd_full):
+        assert sorted(o.data.domains) == sorted(plan.domains)  # every domain distilled: a domain left out is forgotten
+        assert o.model == plan.sft.out
+        assert [(t.path, t.domains) for t in o.teachers] == [(t.path, t.domains) for t in plan.students["opd"].teachers]
+        assert set(o.domain_weights) <= set(plan.domains)
+    assert opd.out != opd_full.out
     assert sft.data.domains and sft.model == str(plan.base)
     assert grm.domains == ["describe"] and grm.model == plan.sft.out
