@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pluribus.config import OffPolicyConfig, SamplingConfig, SFTConfig, validate
 from pluribus.data import Record, read_jsonl, write_jsonl
-from pluribus.durable import fingerprint, fingerprint_dir, holds, write_text
+from pluribus.durable import fingerprint, fingerprint_dir, fsync_tree, holds, write_text
 from pluribus.models import load
 from pluribus.rollout import SamplingParams
 from pluribus.stages import sft
@@ -84,5 +84,6 @@ def run(cfg: OffPolicyConfig) -> Path:
         if cfg.save_data:
             key_path.unlink(missing_ok=True)
             write_jsonl(records, jsonl)
+            fsync_tree(jsonl)  # on disk before the key that vouches for it, power loss included
             write_text(key_path, key)  # last: a key file says its answers were written whole
     return sft.run(sft_cfg, records=records, meta={"stage": "offpolicy", "experts": cfg.experts})
