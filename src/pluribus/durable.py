@@ -88,18 +88,26 @@ def fingerprint_dir(path: str | Path) -> str:
     return fingerprint(files)
 
 
-def kept_json(path: str | Path, key: str, make: Callable[[], Any], compute: bool = True) -> Any:
-    """The JSON kept at `path` if its key file (`path` with the suffix `.key`, written last) holds `key`; else
-    `make()`, kept there under `key` (None instead, with compute=False). What a stage computes once and reads back:
-    scores of a model under the model's and the evaluation's key."""
+def kept(path: str | Path, key: str, make: Callable[[], Any], write: Callable[[Any, Path], None],
+         read: Callable[[Path], Any], compute: bool = True) -> Any:
+    """The value kept at `path` if its key file (`path` with the suffix `.key`, written last) holds `key`; else
+    `make()`, written there by `write(value, path)` (which must leave it durable) and kept under `key` (None
+    instead, with compute=False). What a stage computes once and reads back after a restart. Until a new value is
+    made, an old value and its key stay together; a crash while the new one is written leaves no key that holds."""
     path = Path(path)
     key_path = path.with_suffix(".key")
     if holds(key_path, key):
-        return json.loads(path.read_text())
+        return read(path)
     if not compute:
         return None
-    key_path.unlink(missing_ok=True)
     value = make()
-    write_text(path, json.dumps(value, indent=2))
+    key_path.unlink(missing_ok=True)
+    write(value, path)
     write_text(key_path, key)
     return value
+
+
+def kept_json(path: str | Path, key: str, make: Callable[[], Any], compute: bool = True) -> Any:
+    """`kept` for a JSON value: scores of a model under the model's and the evaluation's key."""
+    return kept(path, key, make, lambda value, p: write_text(p, json.dumps(value, indent=2)),
+                lambda p: json.loads(p.read_text()), compute)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pluribus.config import OffPolicyConfig, SamplingConfig, SFTConfig, validate
 from pluribus.data import Record, read_jsonl, write_jsonl
-from pluribus.durable import fingerprint, fingerprint_dir, fsync_tree, holds, write_text
+from pluribus.durable import fingerprint, fingerprint_dir, fsync_tree, kept
 from pluribus.models import load
 from pluribus.rollout import SamplingParams
 from pluribus.stages import sft
@@ -63,6 +63,11 @@ def data_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".data.jsonl")
 
 
+def _write_durably(records: list[Record], path: Path) -> None:
+    write_jsonl(records, path)
+    fsync_tree(path)  # on disk before the key that vouches for it, power loss included
+
+
 def data_key(cfg: OffPolicyConfig) -> str:
     """What the written answers depend on: each expert's identity, the prompts drawn and the sampling (not the
     batch size: each response is seeded on its own)."""
@@ -76,14 +81,10 @@ def run(cfg: OffPolicyConfig) -> Path:
     # Validated before any generation: a typo in `sft` must not cost the experts' sampling time.
     sft_cfg = validate(SFTConfig, {"seed": cfg.seed, **cfg.sft, "model": cfg.model, "out": cfg.out, "data": data},
                        "offpolicy.sft")
-    key, key_path = data_key(cfg), jsonl.with_suffix(".key")
-    if cfg.save_data and holds(key_path, key):
-        records = read_jsonl(jsonl)  # a resumed run: the same answers, not sampled again
-    else:
-        records = expert_records(cfg.experts, cfg.n_per_domain, cfg.sampling, cfg.seed, cfg.generate_batch_size)
-        if cfg.save_data:
-            key_path.unlink(missing_ok=True)
-            write_jsonl(records, jsonl)
-            fsync_tree(jsonl)  # on disk before the key that vouches for it, power loss included
-            write_text(key_path, key)  # last: a key file says its answers were written whole
+
+    def sample() -> list[Record]:
+        return expert_records(cfg.experts, cfg.n_per_domain, cfg.sampling, cfg.seed, cfg.generate_batch_size)
+
+    # A resumed run reads the same answers back instead of sampling them again.
+    records = kept(jsonl, data_key(cfg), sample, _write_durably, read_jsonl) if cfg.save_data else sample()
     return sft.run(sft_cfg, records=records, meta={"stage": "offpolicy", "experts": cfg.experts})
