@@ -158,3 +158,21 @@ def test_expand_depth_computes_the_same_logits_and_trains_its_copies(fixture, re
     assert float(copy.self_attn.o_proj.weight.grad.abs().max()) > 0 and float(copy.mlp.down_proj.weight.grad.abs().max()) > 0
     with pytest.raises(PluribusError, match="copies must be"):
         expand_depth(grown, copies=0)
+
+
+def test_the_tiny_preset_takes_an_init_std_and_keeps_transformers_default_without_one(tmp_path):
+    """`init_std` sets the random init's spread (weights and embeddings); None keeps transformers' 0.02, and an
+    old pretraining stage's key (its config dump) holds when the field is left out."""
+    from pluribus.config import PretrainConfig
+    from pluribus.models import build_tiny
+
+    default, _ = load(build_tiny(tmp_path / "default", size=2, seed=0))
+    wide, _ = load(build_tiny(tmp_path / "wide", size=2, seed=0, init_std=0.088))
+    for model, std in ((default, 0.02), (wide, 0.088)):
+        for weight in (model.model.layers[0].self_attn.q_proj.weight, model.model.layers[3].mlp.down_proj.weight,
+                       model.model.embed_tokens.weight):
+            assert abs(weight.std().item() - std) < 0.05 * std
+    assert "init_std" not in PretrainConfig(out="x").model_dump()
+    assert PretrainConfig(out="x", init_std=0.088).model_dump()["init_std"] == 0.088
+    with pytest.raises(ValueError):
+        PretrainConfig(out="x", init_std=0)

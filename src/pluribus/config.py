@@ -136,6 +136,10 @@ class PretrainConfig(Distributed):
     p_find: float = Field(0.0, ge=0, lt=1, exclude_if=lambda p: p == 0,  # left out at 0: earlier stage keys hold
                           description="share of the corpus that practises a general skill, word membership "
                                       "(pluribus.world.skills.find_example), instead of a world task")
+    init_std: float | None = Field(None, gt=0, exclude_if=lambda std: std is None,  # left out when None: earlier
+                                   # stage keys hold
+                                   description="standard deviation of the random init's weights (None: "
+                                               "transformers' initializer_range, 0.02)")
     checkpoint_every: int = Field(250, gt=0, description="steps between checkpoints (one more after the last)")
     seed: int = 0
 

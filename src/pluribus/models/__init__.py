@@ -30,10 +30,12 @@ META_FILE = "pluribus.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_config(size: int = 2, vocab_size: int = 103, arch: str = "llama", max_positions: int = 128):
+def tiny_config(size: int = 2, vocab_size: int = 103, arch: str = "llama", max_positions: int = 128,
+                init_std: float | None = None):
     """A tiny standard HF config; `size` is the one dial (hidden = 64·size, 4 layers).
 
     size=2 is a ~0.8M-parameter Llama (hidden 128), which learns the world's domains in minutes.
+    init_std: the random init's standard deviation (`initializer_range`); None keeps transformers' 0.02.
     """
     from transformers import LlamaConfig, Qwen2Config
 
@@ -44,6 +46,8 @@ def tiny_config(size: int = 2, vocab_size: int = 103, arch: str = "llama", max_p
                   num_hidden_layers=4, num_attention_heads=max(2, hidden // 32),
                   num_key_value_heads=max(2, hidden // 32), max_position_embeddings=max_positions,
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if init_std is not None:
+        common["initializer_range"] = init_std
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
@@ -51,15 +55,21 @@ def tiny_config(size: int = 2, vocab_size: int = 103, arch: str = "llama", max_p
     raise PluribusError(f"unknown tiny architecture '{arch}' (use llama or qwen2)")
 
 
-def build_tiny(out_dir: str | Path, size: int = 2, seed: int = 0, arch: str = "llama") -> Path:
-    """Build the randomly initialised tiny preset with the char tokenizer and save it as an HF folder."""
+def build_tiny(out_dir: str | Path, size: int = 2, seed: int = 0, arch: str = "llama",
+               init_std: float | None = None) -> Path:
+    """Build the randomly initialised tiny preset with the char tokenizer and save it as an HF folder.
+
+    init_std: the weights' standard deviation (None: transformers' `initializer_range`, 0.02). At hidden 128,
+    0.02 leaves attention near uniform for a long time: content-matching attention (is this word in that
+    passage?) stays at chance for thousands of steps, while 1/√hidden (0.088) learns it within hundreds
+    (docs/grm.md, session 26)."""
     from transformers import AutoModelForCausalLM
 
     from pluribus.models.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(size, len(tokenizer), arch))
+    model = AutoModelForCausalLM.from_config(tiny_config(size, len(tokenizer), arch, init_std=init_std))
     return save(model, tokenizer, out_dir, {"preset": "tiny", "size": size, "arch": arch})
 
 

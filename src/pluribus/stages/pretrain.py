@@ -78,7 +78,7 @@ def run(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     init_dir = out.with_name(out.name + ".init")
     if world.is_main:
-        build_tiny(init_dir, size=cfg.size, seed=cfg.seed, arch=cfg.arch)
+        build_tiny(init_dir, size=cfg.size, seed=cfg.seed, arch=cfg.arch, init_std=cfg.init_std)
     dist.barrier()
     model, tokenizer = load(init_dir, device=world.device)
     trainer = dist.wrap(model, cfg.distributed)
