@@ -176,3 +176,18 @@ def test_the_tiny_preset_takes_an_init_std_and_keeps_transformers_default_withou
     assert PretrainConfig(out="x", init_std=0.088).model_dump()["init_std"] == 0.088
     with pytest.raises(ValueError):
         PretrainConfig(out="x", init_std=0)
+
+
+def test_the_pretraining_stage_starts_from_its_configured_init_std(tmp_path):
+    """`pretrain.init_std` reaches the random init the stage trains from (its `.init` folder)."""
+    import json
+
+    from pluribus.config import PretrainConfig
+    from pluribus.stages import pretrain
+
+    out = tmp_path / "base"
+    pretrain.run(PretrainConfig(out=str(out), size=1, domains=["add"], steps=1, batch_size=4, init_std=0.3))
+    init_dir = out.with_name(out.name + ".init")
+    assert json.loads((init_dir / "config.json").read_text())["initializer_range"] == 0.3
+    init, _ = load(init_dir)
+    assert abs(init.model.layers[0].mlp.up_proj.weight.std().item() - 0.3) < 0.015

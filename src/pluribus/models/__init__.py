@@ -60,9 +60,9 @@ def build_tiny(out_dir: str | Path, size: int = 2, seed: int = 0, arch: str = "l
     """Build the randomly initialised tiny preset with the char tokenizer and save it as an HF folder.
 
     init_std: the weights' standard deviation (None: transformers' `initializer_range`, 0.02). At hidden 128,
-    0.02 leaves attention near uniform for a long time: content-matching attention (is this word in that
-    passage?) stays at chance for thousands of steps, while 1/√hidden (0.088) learns it within hundreds
-    (docs/grm.md, session 26)."""
+    0.02 leaves attention logits near 0 for a long time: looking one letter up in a list of letters stays at
+    chance for ~1,500 steps, where 1/√hidden (0.088) learns it within 500, and the quickstart's models all score
+    higher from it (docs/grm.md, docs/recipe.md; words of several characters stay out of reach either way)."""
     from transformers import AutoModelForCausalLM
 
     from pluribus.models.tokenizer import build_char_tokenizer
